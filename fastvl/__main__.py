@@ -1,0 +1,3 @@
+from fastvl.cli import main
+
+raise SystemExit(main())

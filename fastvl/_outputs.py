@@ -1,0 +1,31 @@
+"""Output allocation shared by every kernel launcher, with optional poisoning for tests.
+
+Kernels allocate their outputs through :func:`empty_output`. Inside
+:func:`fastvl.testing.poison_outputs` the buffers are pre-filled with NaN (floating) or a
+sentinel (integer), so any element a kernel fails to write shows up in the comparison.
+"""
+
+import contextlib
+
+import torch
+
+_poison_depth = 0
+
+
+@contextlib.contextmanager
+def poison_outputs():
+    """Pre-fill every output fastvl allocates with NaN / -1 while the context is active."""
+    global _poison_depth
+    _poison_depth += 1
+    try:
+        yield
+    finally:
+        _poison_depth -= 1
+
+
+def empty_output(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.empty`` unless poisoning is on, then filled with NaN (floats) or -1 (ints)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if _poison_depth:
+        out.fill_(float("nan") if out.is_floating_point() else -1)
+    return out

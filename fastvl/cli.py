@@ -1,0 +1,29 @@
+"""``python -m fastvl info | bench``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastvl", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    info = commands.add_parser("info", help="versions, device, extension build, op x backend table")
+    info.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    bench = commands.add_parser("bench", help="compare fastvl with PyTorch and peers on this device")
+    from fastvl.bench.runner import add_arguments
+
+    add_arguments(bench)
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        from fastvl.info import print_info
+
+        return print_info(as_json=args.json)
+    from fastvl.bench.runner import run
+
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

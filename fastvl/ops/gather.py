@@ -1,0 +1,146 @@
+"""``gather_tokens``: pick K tokens per sample, out[b, k] = x[b, index[b, k]], with backward.
+
+The primitive that token pruning and MAE masking build on. Three backends:
+``torch`` (``torch.gather``), ``triton`` (``fastvl::gather_tokens_triton``, a
+``torch.library.triton_op``) and ``cuda`` (``fastvl::gather_tokens_cuda`` from ``fastvl._C``).
+The backward of a gather is a scatter-add into zeros, and the backward of that is a gather
+again, so both directions are registered ops with gradients (double backward works).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastvl import _extension, reference
+from fastvl.ops.registry import TRITON_IMPORT_ERROR, dtype_reasons, register_op
+
+GATHER_TOKENS = register_op("gather_tokens")
+
+
+def _gather_tokens_fake(x, index):
+    return x.new_empty(x.shape[0], index.shape[1], x.shape[2])
+
+
+def _scatter_add_tokens_fake(src, index, num_tokens):
+    return src.new_empty(src.shape[0], num_tokens, src.shape[2])
+
+
+def _register_kernel_pair(gather, scatter_add) -> None:
+    """Attach fake impls and gradients to a backend's gather / scatter-add op pair.
+
+    Each op is the other's adjoint, so double backward works. The explicit fake impls
+    (rather than tracing a triton_op's body) also serve the Triton interpreter, where
+    ``wrap_triton`` cannot capture kernels.
+    """
+
+    def gather_setup(ctx, inputs, output):
+        x, index = inputs
+        ctx.save_for_backward(index)
+        ctx.num_tokens = x.shape[1]
+
+    def gather_backward(ctx, grad_out):
+        (index,) = ctx.saved_tensors
+        return scatter_add(grad_out, index, ctx.num_tokens), None
+
+    def scatter_setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+
+    def scatter_backward(ctx, grad_out):
+        (index,) = ctx.saved_tensors
+        return gather(grad_out, index), None, None
+
+    torch.library.register_fake(gather, _gather_tokens_fake)
+    torch.library.register_fake(scatter_add, _scatter_add_tokens_fake)
+    torch.library.register_autograd(gather, gather_backward, setup_context=gather_setup)
+    torch.library.register_autograd(scatter_add, scatter_backward, setup_context=scatter_setup)
+
+
+def _kernel_call_reasons(x: torch.Tensor, index: torch.Tensor) -> list[str]:
+    return dtype_reasons("x", x)
+
+
+GATHER_TOKENS.implement("torch", reference.gather_tokens)
+
+if TRITON_IMPORT_ERROR is None:
+    from fastvl.kernels import gather as _triton_gather
+
+    @torch.library.triton_op("fastvl::gather_tokens_triton", mutates_args=())
+    def gather_tokens_triton(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return _triton_gather.gather_tokens(x, index)
+
+    @torch.library.triton_op("fastvl::scatter_add_tokens_triton", mutates_args=())
+    def scatter_add_tokens_triton(
+        src: torch.Tensor, index: torch.Tensor, num_tokens: int
+    ) -> torch.Tensor:
+        return _triton_gather.scatter_add_tokens(src, index, num_tokens)
+
+    _register_kernel_pair(gather_tokens_triton, scatter_add_tokens_triton)
+    GATHER_TOKENS.implement("triton", gather_tokens_triton, _kernel_call_reasons)
+
+if _extension.is_built():
+
+    _register_kernel_pair("fastvl::gather_tokens_cuda", "fastvl::scatter_add_tokens_cuda")
+    GATHER_TOKENS.implement(
+        "cuda", torch.ops.fastvl.gather_tokens_cuda.default, _kernel_call_reasons
+    )
+
+
+def _validate(x, index) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"gather_tokens: x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"gather_tokens: index must be a torch.Tensor, got {type(index).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"gather_tokens: x must be (B, N, C), got shape {tuple(x.shape)}")
+    if index.dim() != 2:
+        raise ValueError(f"gather_tokens: index must be (B, K), got shape {tuple(index.shape)}")
+    if index.dtype != torch.int64:
+        raise TypeError(f"gather_tokens: index must be torch.int64, got {index.dtype}")
+    if index.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"gather_tokens: index batch size {index.shape[0]} does not match x's {x.shape[0]}"
+        )
+    if index.device != x.device:
+        raise ValueError(
+            f"gather_tokens: x is on {x.device} but index is on {index.device}; "
+            "put both on the same device"
+        )
+
+
+def check_index_range(index: torch.Tensor, num_tokens: int, op: str) -> None:
+    """Raise ValueError unless every index is in [0, num_tokens).
+
+    Costs one reduction and one host sync, so it is skipped while torch.compile traces and
+    while a CUDA graph is being captured.
+    """
+    if index.numel() == 0 or torch.compiler.is_compiling():
+        return
+    if index.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    low, high = torch.stack(torch.aminmax(index)).tolist()
+    if low < 0 or high >= num_tokens:
+        raise ValueError(
+            f"{op}: index values must lie in [0, {num_tokens}) (the token axis of x), "
+            f"found values from {low} to {high}"
+        )
+
+
+def gather_tokens(
+    x: torch.Tensor,
+    index: torch.Tensor,
+    *,
+    backend: str = "auto",
+    check_bounds: bool = True,
+) -> torch.Tensor:
+    """Gather tokens: x (B, N, C), index (B, K) int64 -> (B, K, C), out[b, k] = x[b, index[b, k]].
+
+    Differentiable in x (the gradient is a scatter-add, so repeated indices accumulate).
+    ``backend``: "auto", "cuda", "triton" or "torch" (see ``python -m fastvl info``).
+    ``check_bounds``: verify 0 <= index < N first (one host sync); pass False in hot loops
+    or CUDA graphs. The kernels never read out of bounds, but an unchecked bad index gives a
+    zero row (triton/cuda) or a device-side error (torch), not an exception.
+    """
+    _validate(x, index)
+    if check_bounds:
+        check_index_range(index, x.shape[1], "gather_tokens")
+    return GATHER_TOKENS.select(backend, x.device, x, index)(x, index)

@@ -1,0 +1,80 @@
+"""Helpers for testing kernels: random inputs, odd sizes, output poisoning, error rules.
+
+The error rule follows flash-attn's: a kernel's error against a float64 reference must be at
+most ``factor`` times the error of the same math done by PyTorch in the low-precision dtype
+(2 for forward, 3 for gradients), plus a small absolute floor for exact-in-both cases.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastvl._outputs import poison_outputs
+
+__all__ = [
+    "ODD_TOKEN_COUNTS",
+    "HEAD_DIMS",
+    "poison_outputs",
+    "random_tensor",
+    "random_index",
+    "max_error",
+    "assert_within_reference_error",
+]
+
+# Token counts of real ViTs that are never multiples of a block size, plus the edge cases.
+ODD_TOKEN_COUNTS = (1, 7, 197, 577)
+HEAD_DIMS = (32, 64, 80, 128)
+
+
+def random_tensor(*shape, dtype=torch.float32, device="cpu", generator=None, requires_grad=False):
+    """Standard-normal values (never zeros) in ``dtype``."""
+    values = torch.randn(*shape, generator=generator, dtype=torch.float64, device=device)
+    return values.to(dtype).requires_grad_(requires_grad)
+
+
+def random_index(batch, num_kept, num_tokens, *, unique=True, device="cpu", generator=None):
+    """(batch, num_kept) int64 token indices in [0, num_tokens), each row shuffled.
+
+    ``unique=True`` draws without replacement (masking, pruning); else with repeats.
+    """
+    if unique:
+        if num_kept > num_tokens:
+            raise ValueError(f"num_kept={num_kept} > num_tokens={num_tokens} with unique=True")
+        noise = torch.rand(batch, num_tokens, generator=generator, device=device)
+        return noise.argsort(dim=1)[:, :num_kept].contiguous()
+    return torch.randint(
+        0, num_tokens, (batch, num_kept), generator=generator, device=device, dtype=torch.int64
+    )
+
+
+def max_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |actual - reference| in float64; NaN anywhere (e.g. an unwritten poisoned element) -> inf."""
+    diff = (actual.double() - reference.double()).abs()
+    if diff.isnan().any():
+        return float("inf")
+    return diff.max().item() if diff.numel() else 0.0
+
+
+def assert_within_reference_error(
+    actual: torch.Tensor,
+    reference64: torch.Tensor,
+    low_precision: torch.Tensor,
+    *,
+    factor: float = 2.0,
+    atol: float = 1e-6,
+    name: str = "output",
+) -> None:
+    """Assert err(actual) <= factor * err(low_precision) + atol, errors taken against reference64.
+
+    ``low_precision``: the same computation done by plain PyTorch in the kernel's dtype.
+    """
+    if actual.shape != reference64.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != reference {tuple(reference64.shape)}")
+    kernel_error = max_error(actual, reference64)
+    torch_error = max_error(low_precision, reference64)
+    bound = factor * torch_error + atol
+    if not kernel_error <= bound:
+        raise AssertionError(
+            f"{name}: max error {kernel_error:.3g} exceeds {factor} x PyTorch's {torch_error:.3g} "
+            f"+ {atol:.1g} = {bound:.3g}"
+        )

@@ -1,0 +1,270 @@
+"""gather_tokens on every backend against a float64 reference, plus errors, autograd, compile.
+
+On a CPU machine the Triton kernels run in the interpreter (shapes kept small); the cuda
+backend and bf16 are covered by the `gpu` tests.
+"""
+
+import pytest
+import torch
+
+from fastvl import reference
+from fastvl.ops import BackendNotSupportedError, gather_tokens
+from fastvl.testing import (
+    ODD_TOKEN_COUNTS,
+    assert_within_reference_error,
+    poison_outputs,
+    random_index,
+    random_tensor,
+)
+from tests.conftest import DEVICE, require_backend
+
+KERNEL_BACKENDS = ("triton", "cuda")
+ALL_BACKENDS = ("torch",) + KERNEL_BACKENDS
+CPU_DTYPES = (torch.float32, torch.float16, torch.float64)
+GPU_DTYPES = CPU_DTYPES + (torch.bfloat16,)
+OPCHECK_INTERPRETER_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
+
+
+def _gen(seed):
+    return torch.Generator(device=DEVICE).manual_seed(seed)
+
+
+def _check_forward(backend, batch, num_tokens, num_kept, channels, dtype, seed, unique=True):
+    g = _gen(seed)
+    x = random_tensor(batch, num_tokens, channels, dtype=dtype, device=DEVICE, generator=g)
+    index = random_index(batch, num_kept, num_tokens, unique=unique, device=DEVICE, generator=g)
+    with poison_outputs():
+        out = gather_tokens(x, index, backend=backend)
+    expected = reference.gather_tokens(x.double(), index)
+    assert out.dtype == dtype and out.shape == (batch, num_kept, channels)
+    assert out.is_contiguous()
+    # A gather copies values: it must be exact, and poisoned (NaN) leftovers fail equality.
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("num_tokens", ODD_TOKEN_COUNTS)
+@pytest.mark.parametrize("channels", [1, 24, 80])
+def test_forward_odd_sizes(backend, num_tokens, channels):
+    require_backend("gather_tokens", backend)
+    for seed, num_kept in enumerate(sorted({1, max(1, num_tokens // 4), num_tokens})):
+        _check_forward(backend, 2, num_tokens, num_kept, channels, torch.float32, seed)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", GPU_DTYPES if DEVICE.type == "cuda" else CPU_DTYPES)
+def test_forward_dtypes_and_repeated_indices(backend, dtype):
+    require_backend("gather_tokens", backend)
+    _check_forward(backend, 3, 37, 50, 96, dtype, seed=1, unique=False)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_forward_channels_larger_than_one_block(backend):
+    require_backend("gather_tokens", backend)
+    # 4096 bytes per block in the Triton kernel: 1100 fp32 channels span two blocks.
+    _check_forward(backend, 1, 9, 5, 1100, torch.float32, seed=3)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_non_contiguous_inputs(backend):
+    require_backend("gather_tokens", backend)
+    g = _gen(4)
+    base = random_tensor(3, 40, 19, dtype=torch.float32, device=DEVICE, generator=g)
+    x = base.transpose(1, 2).contiguous().transpose(1, 2)[:, 5:, 2:]  # (3, 35, 17), strided
+    index = random_index(6, 3, 35, device=DEVICE, generator=g).t()  # (3, 6), strided
+    assert not x.is_contiguous() and not index.is_contiguous()
+    with poison_outputs():
+        out = gather_tokens(x, index, backend=backend)
+    torch.testing.assert_close(out, reference.gather_tokens(x, index), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 5, 4, 3), (2, 5, 0, 3), (2, 5, 4, 0)])
+def test_empty(backend, shape):
+    require_backend("gather_tokens", backend)
+    batch, num_tokens, num_kept, channels = shape
+    x = random_tensor(batch, num_tokens, channels, device=DEVICE, requires_grad=True)
+    index = random_index(batch, num_kept, num_tokens, device=DEVICE)
+    out = gather_tokens(x, index, backend=backend)
+    assert out.shape == (batch, num_kept, channels)
+    out.sum().backward()
+    assert torch.count_nonzero(x.grad) == 0
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", GPU_DTYPES if DEVICE.type == "cuda" else CPU_DTYPES)
+def test_backward_against_float64(backend, dtype):
+    """Repeated indices make the gradient a real sum; kernels accumulate in fp32."""
+    require_backend("gather_tokens", backend)
+    g = _gen(5)
+    batch, num_tokens, num_kept, channels = 2, 23, 90, 40
+    x = random_tensor(batch, num_tokens, channels, dtype=dtype, device=DEVICE, generator=g)
+    index = random_index(batch, num_kept, num_tokens, unique=False, device=DEVICE, generator=g)
+    grad_out = random_tensor(batch, num_kept, channels, dtype=dtype, device=DEVICE, generator=g)
+    x.requires_grad_(True)
+    (grad,) = torch.autograd.grad(gather_tokens(x, index, backend=backend), x, grad_out)
+    expected = reference.scatter_add_tokens(grad_out.double(), index, num_tokens)
+    low_precision = reference.scatter_add_tokens(grad_out, index, num_tokens)
+    assert grad.dtype == dtype
+    assert_within_reference_error(grad, expected, low_precision, factor=3, name="grad x")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_gradcheck_and_double_backward(backend):
+    require_backend("gather_tokens", backend)
+    g = _gen(6)
+    x = random_tensor(2, 6, 3, dtype=torch.float64, device=DEVICE, generator=g, requires_grad=True)
+    index = random_index(2, 8, 6, unique=False, device=DEVICE, generator=g)
+
+    def fn(inp):
+        return gather_tokens(inp, index, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, (x,))
+    assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+def _kernel_ops(backend):
+    ops = torch.ops.fastvl
+    if backend == "triton":
+        return ops.gather_tokens_triton.default, ops.scatter_add_tokens_triton.default
+    return ops.gather_tokens_cuda.default, ops.scatter_add_tokens_cuda.default
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_opcheck(backend):
+    require_backend("gather_tokens", backend)
+    g = _gen(7)
+    x = random_tensor(2, 11, 6, device=DEVICE, generator=g, requires_grad=True)
+    index = random_index(2, 5, 11, device=DEVICE, generator=g)
+    src = random_tensor(2, 5, 6, device=DEVICE, generator=g, requires_grad=True)
+    # wrap_triton cannot capture interpreted kernels, so AOT tracing is checked on GPU only.
+    utils = OPCHECK_INTERPRETER_UTILS if DEVICE.type == "cpu" else None
+    gather_op, scatter_op = _kernel_ops(backend)
+    for op, args in ((gather_op, (x, index)), (scatter_op, (src, index, 11))):
+        kwargs = {"test_utils": utils} if utils else {}
+        result = torch.library.opcheck(op, args, **kwargs)
+        assert all(v == "SUCCESS" for v in result.values()), result
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_compiles_without_graph_breaks(backend):
+    require_backend("gather_tokens", backend)
+    torch._dynamo.reset()
+    # On CPU: dynamo only (and aot_eager for torch); inductor is exercised on GPU.
+    if DEVICE.type == "cuda":
+        compiler = "inductor"
+    else:
+        compiler = "aot_eager" if backend == "torch" else "eager"
+    x = random_tensor(2, 13, 8, device=DEVICE, requires_grad=True)
+    index = random_index(2, 4, 13, device=DEVICE)
+
+    @torch.compile(fullgraph=True, backend=compiler)
+    def fn(inp, idx):
+        return gather_tokens(inp, idx, backend=backend) * 2
+
+    out = fn(x, index)
+    torch.testing.assert_close(out, reference.gather_tokens(x, index) * 2)
+    out.sum().backward()
+    expected = reference.scatter_add_tokens(torch.full_like(out, 2.0), index, 13)
+    torch.testing.assert_close(x.grad, expected)
+
+
+def test_auto_uses_torch_on_cpu():
+    from fastvl.ops.registry import OPS
+
+    x = random_tensor(1, 4, 2)
+    index = random_index(1, 2, 4)
+    impl = OPS["gather_tokens"].select("auto", x.device, x, index)
+    assert impl is reference.gather_tokens
+
+
+@pytest.mark.gpu
+def test_auto_uses_a_kernel_on_gpu():
+    from fastvl.ops.registry import OPS
+
+    x = random_tensor(1, 4, 2, device="cuda")
+    index = random_index(1, 2, 4, device="cuda")
+    impl = OPS["gather_tokens"].select("auto", x.device, x, index)
+    assert impl is not reference.gather_tokens
+
+
+# ---- bad input -------------------------------------------------------------------------
+
+
+def _inputs():
+    return random_tensor(2, 5, 3), random_index(2, 4, 5)
+
+
+@pytest.mark.parametrize(
+    "make_args, error, match",
+    [
+        (lambda x, i: (x[0], i), ValueError, r"x must be \(B, N, C\)"),
+        (lambda x, i: (x, i[0]), ValueError, r"index must be \(B, K\)"),
+        (lambda x, i: (x, i.int()), TypeError, r"index must be torch.int64"),
+        (lambda x, i: (x, i.float()), TypeError, r"index must be torch.int64"),
+        (lambda x, i: (x, i[:1]), ValueError, r"index batch size 1 does not match x's 2"),
+        (lambda x, i: (x.tolist(), i), TypeError, r"x must be a torch.Tensor"),
+        (lambda x, i: (x, i.to("meta")), ValueError, r"x is on cpu but index is on meta"),
+        (lambda x, i: (x, i - 1), ValueError, r"index values must lie in \[0, 5\).*from -1"),
+        (lambda x, i: (x, i + 1), ValueError, r"index values must lie in \[0, 5\).*to 5"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_bad_inputs_raise_clear_errors(make_args, error, match, backend):
+    x, index = _inputs()
+    index[:, 0] = 0  # keep min/max predictable for the range messages
+    index[:, 1] = 4
+    with pytest.raises(error, match=match):
+        gather_tokens(*make_args(x, index), backend=backend)
+
+
+def test_unknown_backend():
+    x, index = _inputs()
+    with pytest.raises(ValueError, match=r"backend must be 'auto' or one of"):
+        gather_tokens(x, index, backend="cudnn")
+
+
+def test_unavailable_backend_lists_reasons():
+    x, index = _inputs()
+    if DEVICE.type == "cpu":
+        with pytest.raises(BackendNotSupportedError, match="CUDA device") as info:
+            gather_tokens(x, index, backend="cuda")
+        assert info.value.op == "gather_tokens" and info.value.reasons
+    require_backend("gather_tokens", "triton", x.device)
+    with pytest.raises(BackendNotSupportedError, match=r"x has dtype torch.int64"):
+        gather_tokens(x.long(), index, backend="triton")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_unchecked_out_of_range_rows_are_zero(backend):
+    """With check_bounds=False the kernels stay memory-safe: a bad index reads as zeros."""
+    require_backend("gather_tokens", backend)
+    x = random_tensor(1, 5, 3, device=DEVICE)
+    index = torch.tensor([[0, 5, -1, 4]], device=DEVICE)
+    out = gather_tokens(x, index, backend=backend, check_bounds=False)
+    torch.testing.assert_close(out[0, [0, 3]], x[0, [0, 4]], rtol=0, atol=0)
+    assert torch.count_nonzero(out[0, 1:3]) == 0
+
+
+# ---- GPU ---------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize(
+    "shape", [(64, 196, 49, 768), (32, 577, 288, 1024), (4, 2880, 576, 4096), (3, 197, 100, 77)]
+)
+def test_gpu_large_shapes(backend, dtype, shape):
+    require_backend("gather_tokens", backend)
+    batch, num_tokens, num_kept, channels = shape
+    _check_forward(backend, batch, num_tokens, num_kept, channels, dtype, seed=8)
+    g = _gen(9)
+    x = random_tensor(batch, num_tokens, channels, dtype=dtype, device=DEVICE, generator=g)
+    index = random_index(batch, num_kept, num_tokens, device=DEVICE, generator=g)
+    grad_out = random_tensor(batch, num_kept, channels, dtype=dtype, device=DEVICE, generator=g)
+    x.requires_grad_(True)
+    (grad,) = torch.autograd.grad(gather_tokens(x, index, backend=backend), x, grad_out)
+    expected = reference.scatter_add_tokens(grad_out.double(), index, num_tokens)
+    # Unique indices: every gradient element is one copied value or zero, so exact.
+    torch.testing.assert_close(grad.double(), expected, rtol=0, atol=0)
