@@ -4,7 +4,15 @@
 cannot serve it raises :class:`BackendNotSupportedError` listing the reasons.
 """
 
+from fastvl.ops.attention import attention
 from fastvl.ops.gather import gather_tokens
 from fastvl.ops.registry import BACKENDS, OPS, BackendNotSupportedError, availability
 
-__all__ = ["gather_tokens", "BACKENDS", "OPS", "BackendNotSupportedError", "availability"]
+__all__ = [
+    "attention",
+    "gather_tokens",
+    "BACKENDS",
+    "OPS",
+    "BackendNotSupportedError",
+    "availability",
+]

@@ -79,7 +79,10 @@ if TRITON_IMPORT_ERROR is None:
 
 if _extension.is_built():
 
-    _register_kernel_pair("fastvl::gather_tokens_cuda", "fastvl::scatter_add_tokens_cuda")
+    _register_kernel_pair(
+        torch.ops.fastvl.gather_tokens_cuda.default,
+        torch.ops.fastvl.scatter_add_tokens_cuda.default,
+    )
     GATHER_TOKENS.implement(
         "cuda", torch.ops.fastvl.gather_tokens_cuda.default, _kernel_call_reasons
     )

@@ -1,0 +1,677 @@
+"""``python -m fastvl bench``: fastvl vs PyTorch (and installed peers), side by side.
+
+For every op with registered cases (:mod:`fastvl.bench.suites`), every case, dtype and mode,
+each implementation that can run on the device is checked against the case's baseline
+(results must match) and then timed on the same inputs (:mod:`fastvl.bench.timing`).
+Progress goes to stderr, the comparison table to stdout, and ``results.json``,
+``results.png`` (when matplotlib is installed) and ``table.txt`` to the results directory
+(``fastvl-bench-results/<device>-<timestamp>/`` unless ``--out`` says otherwise).
+
+On CPU the shapes are those of the GPU cases with the batch divided by 8, float32, and only
+PyTorch code is timed (Triton would run in its interpreter, which is not a benchmark).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, TextIO
+
+import torch
+
+from fastvl.bench.cases import SCALES, Built, Case, Scale, all_cases
+from fastvl.bench.timing import Timing, time_callable, warm_up_device
+
+__all__ = ["add_arguments", "run", "Settings", "run_cases", "format_table", "main"]
+
+_DTYPE_NAMES = {
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtypes(text: Optional[str]) -> Optional[tuple[torch.dtype, ...]]:
+    """"fp16,bf16" -> (torch.float16, torch.bfloat16); None or "default" -> None."""
+    if text is None or text.strip().lower() in ("", "default"):
+        return None
+    dtypes = []
+    for part in text.split(","):
+        key = part.strip().lower()
+        if key not in _DTYPE_NAMES:
+            raise ValueError(
+                f"unknown dtype {part.strip()!r}; use float16, bfloat16, float32 or float64"
+            )
+        if _DTYPE_NAMES[key] not in dtypes:
+            dtypes.append(_DTYPE_NAMES[key])
+    return tuple(dtypes)
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``python -m fastvl bench`` (the parser comes from fastvl.cli)."""
+    parser.description = (
+        "Time fastvl against PyTorch (and installed peers) for every op, on this device. "
+        "Prints a table and writes results.json / results.png to a results directory."
+    )
+    parser.add_argument(
+        "--ops", default=None, metavar="OP[,OP...]",
+        help="only these ops (default: every op; ops without cases yet are noted)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="tiny shapes and 3 repeats: a smoke test of the whole pipeline, not a measurement",
+    )
+    parser.add_argument(
+        "--dtype", default=None, metavar="DTYPE[,DTYPE...]",
+        help="float16, bfloat16, float32, float64 "
+        "(default: float16,bfloat16 on GPU, float32 on CPU)",
+    )
+    parser.add_argument(
+        "--out", default=None, metavar="DIR",
+        help="results directory (default: fastvl-bench-results/<device>-<YYYYmmdd-HHMMSS>/)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, metavar="N",
+        help="timed repeats per implementation (default: as many as fit a time budget)",
+    )
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto",
+        help="device to benchmark on (default: cuda when available, else cpu)",
+    )
+    parser.add_argument(
+        "--no-l2-flush", dest="flush_l2", action="store_false",
+        help="CUDA: do not overwrite the L2 cache before each timed call",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, metavar="N",
+        help="CPU: torch.set_num_threads(N) for the run (default: torch's default)",
+    )
+    parser.add_argument(
+        "--list", dest="list_cases", action="store_true",
+        help="list the registered cases and exit",
+    )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Stand-alone entry point (``python -m fastvl bench`` goes through fastvl.cli)."""
+    parser = argparse.ArgumentParser(prog="fastvl bench")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass
+class Settings:
+    device: torch.device
+    scale: Scale
+    dtypes: Optional[tuple[torch.dtype, ...]] = None  # None: each case's defaults
+    repeats: Optional[int] = None
+    warmup: int = 3
+    budget: float = 0.5  # seconds of timing per implementation
+    min_repeats: int = 10
+    flush_l2: bool = True
+    quick: bool = False
+    threads: Optional[int] = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Settings":
+        choice = getattr(args, "device", "auto") or "auto"
+        if choice == "auto":
+            choice = "cuda" if torch.cuda.is_available() else "cpu"
+        if choice == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available")
+        device = torch.device(choice)
+        if device.type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+        quick = bool(getattr(args, "quick", False))
+        repeats = getattr(args, "repeats", None)
+        if repeats is not None and repeats < 1:
+            raise ValueError(f"--repeats must be at least 1, got {repeats}")
+        threads = getattr(args, "threads", None)
+        if threads is not None and threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {threads}")
+        settings = cls(
+            device=device,
+            scale=SCALES["quick" if quick else ("full" if device.type == "cuda" else "cpu")],
+            dtypes=parse_dtypes(getattr(args, "dtype", None)),
+            repeats=repeats,
+            flush_l2=bool(getattr(args, "flush_l2", True)),
+            quick=quick,
+            threads=threads,
+        )
+        if quick:
+            settings.warmup, settings.budget, settings.min_repeats = 1, 0.02, 3
+            settings.repeats = repeats or 3
+        elif device.type == "cuda":
+            settings.warmup, settings.budget, settings.min_repeats = 5, 0.25, 20
+        return settings
+
+    def timing_kwargs(self) -> dict[str, Any]:
+        return {
+            "warmup": self.warmup,
+            "repeats": self.repeats,
+            "budget": self.budget,
+            "min_repeats": self.min_repeats,
+            "flush_l2": self.flush_l2,
+        }
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _compare(actual, expected, built: Built) -> Optional[str]:
+    """None if ``actual`` matches the baseline's ``expected``, else what differs."""
+    if isinstance(expected, torch.Tensor):
+        actual, expected = (actual,), (expected,)
+    actual, expected = tuple(actual), tuple(expected)
+    if len(actual) != len(expected):
+        return f"returned {len(actual)} results, the baseline {len(expected)}"
+    for position, (a, e) in enumerate(zip(actual, expected)):
+        try:
+            tolerance = {}
+            if built.rtol is not None or built.atol is not None:
+                tolerance = {"rtol": built.rtol or 0.0, "atol": built.atol or 0.0}
+            torch.testing.assert_close(a, e, **tolerance)
+        except AssertionError as exc:
+            first = str(exc).strip().splitlines()
+            return f"result {position} differs from the baseline's: " + " ".join(first[:3])
+    return None
+
+
+def _short_error(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _format_seconds(seconds: Optional[float]) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    micro = "µs" if _can_print("µ") else "us"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} {micro}"
+    if seconds < 1.0:
+        return f"{seconds * 1e3:.3f} ms"
+    return f"{seconds:.3f} s"
+
+
+def _can_print(text: str) -> bool:
+    try:
+        text.encode(getattr(sys.stdout, "encoding", None) or "utf-8")
+    except (UnicodeEncodeError, LookupError):
+        return False
+    return True
+
+
+def run_cases(
+    cases: Sequence[Case], settings: Settings, progress: Optional[TextIO] = None
+) -> list[dict[str, Any]]:
+    """Check and time every implementation of every case; one row (dict) per implementation."""
+    progress = sys.stderr if progress is None else progress
+    plan = [
+        (case, dtype, mode)
+        for case in cases
+        for dtype in (settings.dtypes or case.dtypes_for(settings.device))
+        for mode in case.modes
+    ]
+    total = sum(len(case.impls) for case, _, _ in plan)
+    width = len(str(total))
+    rows: list[dict[str, Any]] = []
+    done = 0
+    for case, dtype, mode in plan:
+        built: Optional[Built] = None
+        expected = None
+        build_error = None
+        try:
+            built = case.make(settings.device, dtype, settings.scale, mode)
+            expected = built.impls[case.baseline]()
+            _sync(settings.device)
+        except Exception as exc:  # a broken case must not stop the other cases
+            build_error = f"building the case failed: {_short_error(exc)}"
+        base = {
+            "op": case.op,
+            "case": case.name,
+            "description": case.description,
+            "dtype": dtype_name(dtype),
+            "mode": mode,
+            "shapes": built.shapes if built else None,
+            "bytes": built.bytes if built else None,
+            "flops": built.flops if built else None,
+            "baseline": case.baseline,
+        }
+        group: list[dict[str, Any]] = []
+        for impl in case.impls:
+            done += 1
+            label = f"[{done:>{width}}/{total}] {case.id} {dtype_name(dtype)} {mode} {impl}"
+            row = dict(base, impl=impl, is_baseline=impl == case.baseline,
+                       auto=built is not None and built.auto == impl)
+            row.update(status="ok", reason=None, median_s=None, iqr_s=None, q1_s=None,
+                       q3_s=None, min_s=None, repeats=0, ratio=None, gbps=None, tflops=None)
+            rows.append(row)
+            if build_error is not None:
+                row.update(status="error", reason=build_error)
+            elif impl in built.skipped:
+                row.update(status="skipped", reason=built.skipped[impl])
+            elif impl in built.interpreted:
+                row.update(status="skipped",
+                           reason="runs in the Triton interpreter on CPU: correct, not timed")
+            if row["status"] != "ok":
+                print(f"{label}: {row['status']}: {row['reason']}", file=progress, flush=True)
+                continue
+            print(f"{label} ...", end="", file=progress, flush=True)
+            row.update(_measure(built, impl, case, expected, settings))
+            if row["status"] == "ok":
+                print(f" {_format_seconds(row['median_s'])}", file=progress, flush=True)
+                group.append(row)
+            else:
+                print(f" {row['status'].upper()}: {row['reason']}", file=progress, flush=True)
+        baseline_rows = [row for row in group if row["is_baseline"]]
+        if baseline_rows:
+            reference_time = baseline_rows[0]["median_s"]
+            for row in group:
+                if row["median_s"] > 0:
+                    row["ratio"] = reference_time / row["median_s"]
+        built = expected = None
+        gc.collect()
+        if settings.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _measure(built: Built, impl: str, case: Case, expected, settings: Settings) -> dict:
+    fn = built.impls[impl]
+    try:
+        if impl != case.baseline:
+            mismatch = _compare(fn(), expected, built)
+            if mismatch is not None:
+                return {"status": "mismatch", "reason": mismatch}
+        timing: Timing = time_callable(fn, settings.device, **settings.timing_kwargs())
+    except Exception as exc:  # an impl that fails (OOM, compile error) is reported, not fatal
+        return {"status": "error", "reason": _short_error(exc)}
+    result = {
+        "median_s": timing.median,
+        "iqr_s": timing.iqr,
+        "q1_s": timing.q1,
+        "q3_s": timing.q3,
+        "min_s": timing.min,
+        "repeats": timing.repeats,
+    }
+    if built.bytes:
+        result["gbps"] = built.bytes / timing.median / 1e9
+    if built.flops:
+        result["tflops"] = built.flops / timing.median / 1e12
+    return result
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The comparison table (rows that ran, errors included), then what did not run."""
+    shown = [r for r in rows if r["status"] != "skipped"]
+    with_flops = any(r.get("tflops") for r in shown)
+    headers = ["op", "case", "dtype", "mode", "impl", "median", "IQR", "GB/s"]
+    headers += ["TFLOP/s"] if with_flops else []
+    headers += ["vs baseline"]
+    lines_data = []
+    group_key = None
+    for row in shown:
+        key = (row["op"], row["case"], row["dtype"], row["mode"])
+        if group_key is not None and key != group_key:
+            lines_data.append(None)  # separator between cases
+        group_key = key
+        impl = row["impl"] + (" (auto)" if row.get("auto") else "")
+        if row["status"] != "ok":
+            cells = ["-"] * (len(headers) - 6) + [row["status"].upper()]
+        else:
+            ratio = row["ratio"]
+            if ratio is None:
+                speed = "-"
+            elif row["is_baseline"]:
+                speed = "1.00x (base)"
+            else:
+                speed = f"{ratio:.2f}x" if ratio >= 0.1 else f"{ratio:.2g}x"
+            cells = [
+                _format_seconds(row["median_s"]),
+                _format_seconds(row["iqr_s"]),
+                f"{row['gbps']:.1f}" if row.get("gbps") else "-",
+            ]
+            if with_flops:
+                cells.append(f"{row['tflops']:.2f}" if row.get("tflops") else "-")
+            cells.append(speed)
+        lines_data.append([row["op"], row["case"], row["dtype"], row["mode"], impl, *cells])
+    widths = [len(h) for h in headers]
+    for cells in lines_data:
+        if cells:
+            widths = [max(w, len(c)) for w, c in zip(widths, cells)]
+
+    def fmt(cells):
+        return "  ".join(
+            c.rjust(w) if i >= 5 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        ).rstrip()
+
+    out = [fmt(headers), "  ".join("-" * w for w in widths)]
+    for cells in lines_data:
+        out.append("" if cells is None else fmt(cells))
+    out.append("")
+    out.append(
+        "vs baseline = baseline median / impl median (>1: faster than the baseline); "
+        "(auto) = what backend=\"auto\" uses; GB/s = minimum bytes moved / median."
+    )
+    problems = [r for r in rows if r["status"] not in ("ok", "skipped")]
+    for row in problems:
+        out.append(
+            f"{row['status'].upper()} {row['op']}/{row['case']} {row['dtype']} {row['mode']} "
+            f"{row['impl']}: {row['reason']}"
+        )
+    skipped: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        if row["status"] == "skipped":
+            skipped.setdefault((row["impl"], row["reason"]), []).append(row)
+    if skipped:
+        out.append("Not run:")
+        for (impl, reason), group in skipped.items():
+            ops = sorted({r["op"] for r in group})
+            out.append(f"  {impl} ({len(group)} runs of {', '.join(ops)}): {reason}")
+    return "\n".join(out)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Device and software versions recorded with every result."""
+    import fastvl
+    from fastvl import _extension
+    from fastvl.ops import registry
+
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        device_info = {
+            "type": "cuda",
+            "name": props.name,
+            "capability": f"{props.major}.{props.minor}",
+            "multiprocessors": props.multi_processor_count,
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "l2_cache_mib": round(getattr(props, "L2_cache_size", 0) / 2**20, 1),
+        }
+    else:
+        device_info = {
+            "type": "cpu",
+            "name": _cpu_name(),
+            "capability": None,
+            "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+        }
+    triton_version = None
+    if registry.TRITON_IMPORT_ERROR is None:
+        import triton
+
+        triton_version = triton.__version__
+    built = _extension.is_built()
+    return {
+        "device": device_info,
+        "versions": {
+            "fastvl": fastvl.__version__,
+            "torch": torch.__version__,
+            "torch_cuda": torch.version.cuda,
+            "triton": triton_version,
+            "python": platform.python_version(),
+        },
+        "platform": platform.platform(),
+        "extension": {
+            "built": built,
+            "cuda_archs": _extension.cuda_archs() if built else [],
+            "error": None if built else _extension.LOAD_ERROR,
+        },
+        "triton_interpreter": registry.TRITON_INTERPRETER,
+    }
+
+
+def device_slug(info: dict[str, Any]) -> str:
+    name = info["name"]
+    name = re.sub(r"\((r|tm|c)\)", " ", name, flags=re.IGNORECASE).split("@")[0]
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or info["type"]
+    if info["type"] == "cpu" and not slug.startswith("cpu"):
+        slug = f"cpu-{slug}"
+    return slug[:48].strip("-")
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this run (from the parsed options)."""
+    parts = ["python", "-m", "fastvl", "bench"]
+    for flag, attr in (("--ops", "ops"), ("--dtype", "dtype"), ("--repeats", "repeats"),
+                       ("--threads", "threads"), ("--out", "out")):
+        value = getattr(args, attr, None)
+        if value is not None:
+            parts += [flag, str(value)]
+    if getattr(args, "device", "auto") not in (None, "auto"):
+        parts += ["--device", args.device]
+    if getattr(args, "quick", False):
+        parts.append("--quick")
+    if not getattr(args, "flush_l2", True):
+        parts.append("--no-l2-flush")
+    return shlex.join(parts)
+
+
+def write_plot(rows: Sequence[dict[str, Any]], path: str, title: str) -> Optional[str]:
+    """Bar chart of speed-up vs baseline per case; returns a note instead if impossible."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import FuncFormatter
+    except Exception as exc:  # ImportError, or a broken install
+        return f"matplotlib is not available ({type(exc).__name__}: {exc}); results.png skipped"
+    ops = []
+    for row in rows:
+        if row["op"] not in ops:
+            ops.append(row["op"])
+    panels = []
+    for op in ops:
+        groups: dict[str, dict[str, float]] = {}
+        baselines = []
+        for row in rows:
+            if row["op"] != op or row["status"] != "ok" or row["ratio"] is None:
+                continue
+            if row["baseline"] not in baselines:
+                baselines.append(row["baseline"])
+            if row["is_baseline"]:
+                continue
+            key = f"{row['case']}\n{row['dtype']}, {row['mode']}"
+            groups.setdefault(key, {})[row["impl"]] = row["ratio"]
+        if groups:
+            panels.append((op, baselines, groups))
+    if not panels:
+        return "no timed comparisons to plot; results.png skipped"
+    # Horizontal bars, one band per case x dtype x mode: the figure grows downwards with
+    # the number of cases and the labels stay readable.
+    heights = []
+    for _, _, groups in panels:
+        impls = {name for ratios in groups.values() for name in ratios}
+        heights.append(len(groups) * (0.18 * len(impls) + 0.3) + 1.2)
+    figure = Figure(figsize=(9.0, sum(heights) + 0.6), dpi=110)
+    FigureCanvasAgg(figure)
+    grid = figure.add_gridspec(len(panels), 1, height_ratios=heights)
+    for position, (op, baselines, groups) in enumerate(panels):
+        axes = figure.add_subplot(grid[position, 0])
+        impls = []
+        for ratios in groups.values():
+            impls += [name for name in ratios if name not in impls]
+        bar_height = 0.8 / max(1, len(impls))
+        for i, impl in enumerate(impls):
+            ys, values = [], []
+            for g, ratios in enumerate(groups.values()):
+                if impl in ratios:
+                    ys.append(g - 0.4 + bar_height * (i + 0.5))
+                    values.append(ratios[impl])
+            # Bars grow from 1 (the baseline): right = faster, left = slower.
+            bars = axes.barh(ys, [v - 1.0 for v in values], left=1.0, height=bar_height,
+                             label=impl, color=f"C{i}")
+            for bar, value in zip(bars, values):
+                axes.annotate(
+                    f" {value:.2f} ",
+                    (value, bar.get_y() + bar.get_height() / 2),
+                    ha="left" if value >= 1 else "right", va="center", fontsize=6,
+                )
+        axes.axvline(1.0, color="black", linewidth=0.8)
+        axes.set_xscale("log")
+        values = [v for ratios in groups.values() for v in ratios.values()] + [1.0]
+        axes.set_xlim(min(values) / 1.5, max(values) * 1.5)
+        ticks = FuncFormatter(lambda value, _: f"{value:g}x")
+        axes.xaxis.set_major_formatter(ticks)
+        axes.xaxis.set_minor_formatter(ticks)
+        axes.tick_params(axis="x", which="both", labelsize=7)
+        axes.set_yticks(range(len(groups)))
+        axes.set_yticklabels(list(groups), fontsize=7)
+        axes.set_ylim(len(groups) - 0.5, -0.5)  # first case on top
+        axes.set_xlabel(f"speed-up vs {' / '.join(baselines)} (>1 = faster)", fontsize=8)
+        axes.set_title(op, fontsize=10)
+        axes.legend(fontsize=7, loc="lower right")
+    figure.suptitle(title, fontsize=11)
+    figure.tight_layout()
+    figure.savefig(path)
+    return None
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the comparison; 0 on success, 1 if an implementation failed, 2 on bad options."""
+    try:
+        settings = Settings.from_args(args)
+    except ValueError as exc:
+        print(f"fastvl bench: {exc}", file=sys.stderr)
+        return 2
+    from fastvl.ops import OPS
+
+    cases = all_cases()
+    if getattr(args, "list_cases", False):
+        for case in cases:
+            print(f"{case.id}: {case.description}")
+        return 0
+    known = list(OPS) + sorted({case.op for case in cases} - set(OPS))
+    if getattr(args, "ops", None):
+        wanted = [name.strip() for name in args.ops.split(",") if name.strip()]
+        unknown = [name for name in wanted if name not in known]
+        if unknown:
+            print(f"fastvl bench: unknown op(s) {', '.join(unknown)}; known: {', '.join(known)}",
+                  file=sys.stderr)
+            return 2
+    else:
+        wanted = known
+    notes = []
+    for name in wanted:
+        if not any(case.op == name for case in cases):
+            notes.append(f"{name}: no benchmark cases registered yet")
+        elif name not in OPS:
+            notes.append(f"{name}: has cases but fastvl has no such op (only peers run)")
+    selected = [case for case in cases if case.op in wanted]
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    if not selected:
+        print("fastvl bench: nothing to run", file=sys.stderr)
+        return 2
+
+    previous_threads = torch.get_num_threads()
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    try:
+        env = environment(settings.device)  # after set_num_threads: records the count used
+        started = _dt.datetime.now()
+        out_dir = getattr(args, "out", None) or os.path.join(
+            "fastvl-bench-results", f"{device_slug(env['device'])}-{started:%Y%m%d-%H%M%S}"
+        )
+        dtypes = [dtype_name(d) for d in settings.dtypes] if settings.dtypes else "case defaults"
+        print(
+            f"fastvl bench on {env['device']['name']} ({settings.device}), "
+            f"scale {settings.scale.name}, dtypes: {dtypes}",
+            file=sys.stderr, flush=True,
+        )
+        if settings.device.type == "cuda":
+            warm_up_device(settings.device)  # clocks up before the first measurement
+        clock = time.perf_counter()
+        rows = run_cases(selected, settings)
+        elapsed = time.perf_counter() - clock
+    finally:
+        torch.set_num_threads(previous_threads)
+
+    table = format_table(rows)
+    print(table)
+    os.makedirs(out_dir, exist_ok=True)
+    results = {
+        "schema": 1,
+        "timestamp": started.astimezone().isoformat(timespec="seconds"),
+        "command": command_line(args),
+        "argv": list(sys.argv),
+        **env,
+        "settings": {
+            "device": str(settings.device),
+            "scale": settings.scale.name,
+            "dtypes": [dtype_name(d) for d in settings.dtypes] if settings.dtypes else None,
+            "repeats": settings.repeats,
+            "warmup": settings.warmup,
+            "budget_s": settings.budget,
+            "min_repeats": settings.min_repeats,
+            "flush_l2": settings.flush_l2 if settings.device.type == "cuda" else None,
+            "quick": settings.quick,
+            "timer": "torch.cuda.Event" if settings.device.type == "cuda" else "time.perf_counter",
+        },
+        "notes": notes,
+        "elapsed_s": round(elapsed, 2),
+        "rows": rows,
+    }
+    with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as handle:
+        json.dump(_json_safe(results), handle, indent=2)
+        handle.write("\n")
+    with open(os.path.join(out_dir, "table.txt"), "w", encoding="utf-8") as handle:
+        handle.write(f"# {results['command']}\n# {env['device']['name']}, "
+                     f"torch {env['versions']['torch']}, {results['timestamp']}\n")
+        handle.write(table + "\n")
+    title = (f"fastvl {env['versions']['fastvl']} on {env['device']['name']}, "
+             f"torch {env['versions']['torch']}")
+    note = write_plot(rows, os.path.join(out_dir, "results.png"), title)
+    if note:
+        print(f"note: {note}")
+    print(f"results written to {out_dir} ({elapsed:.1f} s of benchmarking)")
+    failed = [r for r in rows if r["status"] not in ("ok", "skipped")]
+    return 1 if failed else 0

@@ -1,0 +1,197 @@
+"""Scaled dot-product attention with the fastvl masks, in plain PyTorch.
+
+The ``torch`` backend of :func:`fastvl.ops.attention` and the test oracle (run it in float64).
+
+Logits, for batch b, query head h, query i and key j (``offset = Nk - Nq``)::
+
+    s[b, h, i, j] = scale * <q[b, h, i], k[b, h // G, j]>      (G = H // Hkv, MQA/GQA)
+                  + key_bias[b, (h,) j]                         (if given)
+                  + mask(i, j)
+
+``mask(i, j)`` is 0 unless ``causal`` and key j is *in the future* of query i, i.e.
+``j > i + offset`` (bottom-right alignment, as flash-attn) and, with ``prefix_len``, also
+``j >= prefix_len[b]`` (keys of the prefix are visible to every query). A future key gets
+``log(1 - causal_strength)``: ``-inf`` for the hard mask (strength 1), nothing for strength 0.
+
+``out = softmax(s) @ v`` and ``lse = logsumexp_j(s)``. A row without any visible key
+(``lse = -inf``) has output 0, and its gradients are 0 rather than NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def _future_mask(
+    num_queries: int,
+    num_keys: int,
+    prefix_len: Optional[torch.Tensor],
+    device: torch.device,
+) -> torch.Tensor:
+    """Bool (B or 1, 1, Nq, Nk): True where key j is in the future of query i (masked)."""
+    rows = torch.arange(num_queries, device=device).unsqueeze(1)
+    cols = torch.arange(num_keys, device=device).unsqueeze(0)
+    future = cols > rows + (num_keys - num_queries)  # (Nq, Nk)
+    if prefix_len is not None:
+        in_prefix = cols.unsqueeze(0) < prefix_len.to(device).view(-1, 1, 1)  # (B, 1, Nk)
+        future = future.unsqueeze(0) & ~in_prefix  # (B, Nq, Nk)
+        return future.unsqueeze(1)
+    return future.view(1, 1, num_queries, num_keys)
+
+
+def attention_bias(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    causal: bool = False,
+    key_bias: Optional[torch.Tensor] = None,
+    causal_strength: Optional[float] = None,
+    prefix_len: Optional[torch.Tensor] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> Optional[torch.Tensor]:
+    """The additive float bias (broadcastable to (B, H, Nq, Nk)) of the call, or None.
+
+    Carries ``key_bias`` (so autograd reaches it) and the causal / soft / prefix mask.
+    """
+    dtype = dtype or q.dtype
+    batch, heads, num_queries = q.shape[0], q.shape[1], q.shape[2]
+    num_keys = k.shape[2]
+    bias = None
+    if causal:
+        strength = 1.0 if causal_strength is None else float(causal_strength)
+        if strength > 0.0:
+            future_value = -math.inf if strength >= 1.0 else math.log1p(-strength)
+            future = _future_mask(num_queries, num_keys, prefix_len, q.device)
+            zero = torch.zeros((), dtype=dtype, device=q.device)
+            bias = torch.where(future, torch.full_like(zero, future_value), zero)
+    if key_bias is not None:
+        kb = key_bias.to(dtype)
+        kb = kb.view(batch, 1, 1, num_keys) if kb.dim() == 2 else kb.view(batch, heads, 1, num_keys)
+        bias = kb if bias is None else bias + kb
+    return bias
+
+
+def _expand_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
+    group = heads // t.shape[1]
+    return t if group == 1 else t.repeat_interleave(group, dim=1)
+
+
+def attention_math(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    key_bias: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    causal_strength: Optional[float] = None,
+    prefix_len: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Explicit-softmax attention; returns (out, lse). Matmuls run in q's dtype.
+
+    The exponentials and sums run in float32 (float64 for float64 input), as a fused kernel
+    would; the probabilities are cast back to q's dtype for ``p @ v``. ``lse`` is float32
+    (float64 for float64 input). Differentiable in q, k, v, key_bias and lse is too.
+    """
+    heads = q.shape[1]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    k, v = _expand_kv(k, heads), _expand_kv(v, heads)
+    scores = (q @ k.transpose(-1, -2)).to(acc_dtype) * scale
+    bias = attention_bias(
+        q, k, causal=causal, key_bias=key_bias, causal_strength=causal_strength,
+        prefix_len=prefix_len, dtype=acc_dtype,
+    )
+    if bias is not None:
+        scores = scores + bias
+    # Row max without gradient (softmax is shift invariant); a fully masked row has max -inf,
+    # shifted by 0 instead so that every exp is exp(-inf) = 0 and nothing is NaN.
+    row_max = scores.detach().amax(dim=-1, keepdim=True) if scores.shape[-1] else (
+        scores.new_full((*scores.shape[:-1], 1), -math.inf)
+    )
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    exp_scores = torch.exp(scores - row_max)
+    denom = exp_scores.sum(dim=-1, keepdim=True)
+    empty = denom == 0
+    safe_denom = torch.where(empty, torch.ones_like(denom), denom)
+    probs = exp_scores / safe_denom
+    out = probs.to(q.dtype) @ v
+    lse = torch.where(
+        empty, torch.full_like(denom, -math.inf), torch.log(safe_denom) + row_max
+    ).squeeze(-1)
+    return out, lse
+
+
+def _sdpa_can_serve(q, k, causal, key_bias, causal_strength, prefix_len) -> bool:
+    """SDPA is used when no row can be fully masked (SDPA returns NaN for such rows)."""
+    if key_bias is not None or k.shape[2] == 0 or q.shape[2] == 0:
+        return False
+    if not causal:
+        return True
+    hard = causal_strength is None or causal_strength >= 1.0
+    # Bottom-right causal rows all see key 0 when Nq <= Nk; a soft mask masks nothing.
+    return not hard or q.shape[2] <= k.shape[2]
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    key_bias: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    causal_strength: Optional[float] = None,
+    prefix_len: Optional[torch.Tensor] = None,
+    return_lse: bool = False,
+):
+    """Attention in PyTorch: SDPA where it can express the call, :func:`attention_math` otherwise.
+
+    q (B, H, Nq, D), k/v (B, Hkv, Nk, D); see the module docstring for the masks. Returns
+    ``out`` (B, H, Nq, D), or ``(out, lse)`` with ``return_lse`` (lse needs the math path).
+    """
+    if return_lse or not _sdpa_can_serve(q, k, causal, key_bias, causal_strength, prefix_len):
+        out, lse = attention_math(
+            q, k, v, causal=causal, key_bias=key_bias, scale=scale,
+            causal_strength=causal_strength, prefix_len=prefix_len,
+        )
+        return (out, lse) if return_lse else out
+    mask = attention_bias(
+        q, k, causal=causal, causal_strength=causal_strength, prefix_len=prefix_len
+    )
+    if q.shape[1] != k.shape[1]:
+        k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    key_bias: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    causal_strength: Optional[float] = None,
+    prefix_len: Optional[torch.Tensor] = None,
+    grad_lse: Optional[torch.Tensor] = None,
+):
+    """(dq, dk, dv, dkey_bias or None) of :func:`attention_math` by autograd (test helper)."""
+    inputs = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    kb = None if key_bias is None else key_bias.detach().requires_grad_(True)
+    out, lse = attention_math(
+        *inputs, causal=causal, key_bias=kb, scale=scale,
+        causal_strength=causal_strength, prefix_len=prefix_len,
+    )
+    outputs, grads = [out], [grad_out]
+    if grad_lse is not None:
+        outputs.append(lse)
+        grads.append(grad_lse)
+    wrt = inputs + ([kb] if kb is not None else [])
+    result = torch.autograd.grad(outputs, wrt, grads)
+    return (*result[:3], result[3] if kb is not None else None)

@@ -1,0 +1,228 @@
+"""The benchmark machinery: timers, the case registry, and `python -m fastvl bench --quick`.
+
+Runs on CPU in a few seconds. The case test runs every registered case at quick scale and
+checks that all implementations of a case compute the same result (on a CPU machine the
+Triton kernels take part through the interpreter, which tests/conftest.py switches on).
+"""
+
+import contextlib
+import io
+import json
+import math
+import re
+import sys
+import time
+
+import pytest
+import torch
+
+from fastvl.bench import runner
+from fastvl.bench.cases import SCALES, all_cases
+from fastvl.bench.timing import summarize, time_callable, time_cpu, time_cuda
+from fastvl.cli import main as cli_main
+from tests.conftest import DEVICE
+
+try:
+    import matplotlib  # noqa: F401
+
+    HAVE_MATPLOTLIB = True
+except ImportError:
+    HAVE_MATPLOTLIB = False
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def test_summarize_known_samples():
+    timing = summarize([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert timing.median == 3.0
+    assert (timing.q1, timing.q3, timing.iqr) == (2.0, 4.0, 2.0)
+    assert (timing.min, timing.max, timing.repeats) == (1.0, 5.0, 5)
+    single = summarize([0.25])
+    assert single.median == single.q1 == single.q3 == 0.25 and single.iqr == 0.0
+    with pytest.raises(ValueError):
+        summarize([])
+
+
+def _busy_wait(seconds):
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_time_cpu_measures_known_durations():
+    short = time_cpu(lambda: _busy_wait(0.001), warmup=1, repeats=15)
+    long = time_cpu(lambda: _busy_wait(0.004), warmup=1, repeats=15)
+    assert short.repeats == long.repeats == 15
+    assert short.inner == 1
+    # A busy wait never returns early; the upper bounds only allow for a busy machine.
+    assert 0.001 <= short.median < 0.01
+    assert 0.004 <= long.median < 0.04
+    assert long.median > short.median  # more work, more time
+    for timing in (short, long):
+        assert timing.min <= timing.q1 <= timing.median <= timing.q3 <= timing.max
+
+
+def test_time_cpu_budget_and_inner_loops():
+    calls = []
+    timing = time_cpu(lambda: calls.append(1), warmup=2, budget=0.01, max_repeats=50)
+    assert timing.inner > 1  # far below the perf_counter sample floor: calls are batched
+    assert 10 <= timing.repeats <= 50
+    assert len(calls) >= 3 + timing.repeats * timing.inner
+    assert 0 < timing.median < 1e-4
+
+
+def test_time_callable_dispatches_on_device():
+    timing = time_callable(lambda: _busy_wait(1e-4), torch.device("cpu"), repeats=5, flush_l2=True)
+    assert timing.repeats == 5 and timing.median >= 1e-4
+
+
+@pytest.mark.gpu
+def test_time_cuda_orders_work():
+    a = torch.randn(2048, 2048, device="cuda")
+    small = time_cuda(lambda: a[:256, :256] @ a[:256, :256], repeats=20)
+    big = time_cuda(lambda: a @ a, repeats=20)
+    assert small.repeats == big.repeats == 20
+    assert 0 < small.median < big.median
+
+
+# --------------------------------------------------------------------------- cases
+
+
+def _case_params():
+    params = []
+    for case in all_cases():
+        for dtype in case.dtypes_for(DEVICE):
+            for mode in case.modes:
+                dtype_name = str(dtype).removeprefix("torch.")
+                params.append(pytest.param(case, dtype, mode, id=f"{case.id}-{dtype_name}-{mode}"))
+    return params
+
+
+def test_registry_has_gather_cases():
+    names = {case.name for case in all_cases(["gather_tokens"])}
+    assert {"vit-b16-mae-keep25", "vit-l14-prune-keep50", "vlm-image-tokens"} <= names
+    for case in all_cases():
+        assert case.baseline in case.impls and case.description
+        assert len(set(case.impls)) == len(case.impls)
+
+
+def _as_tuple(result):
+    return (result,) if isinstance(result, torch.Tensor) else tuple(result)
+
+
+@pytest.mark.parametrize("case, dtype, mode", _case_params())
+def test_case_impls_compute_the_same(case, dtype, mode):
+    built = case.make(DEVICE, dtype, SCALES["quick"], mode)
+    assert set(built.impls) | set(built.skipped) == set(case.impls)
+    if built.bytes is not None:
+        assert built.bytes > 0
+    expected = _as_tuple(built.impls[case.baseline]())
+    assert expected and all(torch.isfinite(t).all() for t in expected)
+    tolerance = {}
+    if built.rtol is not None or built.atol is not None:
+        tolerance = {"rtol": built.rtol or 0.0, "atol": built.atol or 0.0}
+    for name, fn in built.impls.items():
+        first = _as_tuple(fn())
+        again = _as_tuple(fn())  # callables are re-runnable (nothing accumulates)
+        assert len(first) == len(expected), name
+        for got, second, want in zip(first, again, expected):
+            torch.testing.assert_close(got, want, **tolerance, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(second, want, **tolerance, msg=lambda m: f"{name}: {m}")
+
+
+# --------------------------------------------------------------------------- the runner
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    captured = {}
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        captured["rc"] = cli_main(["bench", "--quick", "--device", "cpu", "--out", str(out)])
+    captured.update(out=out, stdout=stdout.getvalue(), stderr=stderr.getvalue())
+    return captured
+
+
+def test_quick_run_prints_every_case(quick_run):
+    assert quick_run["rc"] == 0, quick_run["stdout"] + quick_run["stderr"]
+    stdout = quick_run["stdout"]
+    for case in all_cases(["gather_tokens"]):
+        assert re.search(rf"^gather_tokens\s+{re.escape(case.name)}\s", stdout, re.MULTILINE), case
+    assert f"results written to {quick_run['out']}" in stdout
+    # progress goes to stderr, one line per case x dtype x mode x impl
+    assert "[" in quick_run["stderr"] and "torch.gather" in quick_run["stderr"]
+    ratios = [float(m) for m in re.findall(r"\s(\d+\.\d+(?:e-\d+)?)x", stdout)]
+    assert ratios and all(math.isfinite(r) and r > 0 for r in ratios)
+
+
+def test_quick_run_writes_results_json(quick_run):
+    data = json.loads((quick_run["out"] / "results.json").read_text())
+    assert data["device"]["type"] == "cpu" and data["device"]["name"]
+    assert "capability" in data["device"]
+    for key in ("torch", "triton", "python", "fastvl"):
+        assert key in data["versions"]
+    assert data["versions"]["torch"] == torch.__version__
+    assert data["command"].startswith("python -m fastvl bench") and "--quick" in data["command"]
+    assert data["timestamp"] and data["settings"]["quick"] is True
+    rows = data["rows"]
+    cases = {case.name for case in all_cases(["gather_tokens"])}
+    assert {row["case"] for row in rows if row["op"] == "gather_tokens"} == cases
+    ran = [row for row in rows if row["status"] == "ok"]
+    assert ran and all(row["status"] in ("ok", "skipped") for row in rows)
+    for row in ran:
+        for key in ("op", "case", "shapes", "dtype", "mode", "impl", "median_s", "iqr_s",
+                    "repeats", "ratio"):
+            assert key in row, key
+        assert row["median_s"] > 0 and row["iqr_s"] >= 0 and row["repeats"] >= 1
+        assert math.isfinite(row["ratio"]) and row["ratio"] > 0
+        if row["is_baseline"]:
+            assert row["ratio"] == 1.0
+    # on CPU: fastvl's auto path (the torch backend) ran against both PyTorch baselines
+    impls = {row["impl"] for row in ran}
+    assert {"fastvl[torch]", "torch.gather", "torch indexing"} <= impls
+    skipped = {row["impl"]: row["reason"] for row in rows if row["status"] == "skipped"}
+    assert "fastvl[cuda]" in skipped and skipped["fastvl[cuda]"]
+
+
+@pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib is not installed")
+def test_quick_run_writes_png(quick_run):
+    png = quick_run["out"] / "results.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_runner_rejects_unknown_op(capsys):
+    assert cli_main(["bench", "--ops", "no_such_op", "--quick"]) == 2
+    assert "unknown op" in capsys.readouterr().err
+
+
+def test_runner_lists_cases(capsys):
+    assert cli_main(["bench", "--list"]) == 0
+    assert "gather_tokens/vit-b16-mae-keep25" in capsys.readouterr().out
+
+
+def test_parse_dtypes():
+    assert runner.parse_dtypes("fp16,bfloat16,fp16") == (torch.float16, torch.bfloat16)
+    assert runner.parse_dtypes(None) is None and runner.parse_dtypes("default") is None
+    with pytest.raises(ValueError):
+        runner.parse_dtypes("int8")
+
+
+def test_format_table_ratio_is_baseline_over_impl():
+    def row(impl, median, baseline=False):
+        return {
+            "op": "op", "case": "case", "dtype": "float32", "mode": "forward", "impl": impl,
+            "is_baseline": baseline, "status": "ok", "median_s": median, "iqr_s": 0.0,
+            "gbps": None, "ratio": 2e-3 / median, "auto": False, "reason": None,
+        }
+
+    table = runner.format_table([row("base", 2e-3, baseline=True), row("fast", 1e-3)])
+    assert "1.00x (base)" in table and re.search(r"fast\s.*\s2\.00x", table)
+
+
+def test_plot_skipped_with_a_note_without_matplotlib(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
+    note = runner.write_plot([], str(tmp_path / "results.png"), "title")
+    assert note and "matplotlib" in note and "skipped" in note
+    assert not (tmp_path / "results.png").exists()
