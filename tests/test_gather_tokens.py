@@ -6,8 +6,9 @@ backend and bf16 are covered by the `gpu` tests.
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
-from fastvl import reference
+from fastvl import _extension, reference
 from fastvl.ops import BackendNotSupportedError, gather_tokens
 from fastvl.testing import (
     ODD_TOKEN_COUNTS,
@@ -144,6 +145,21 @@ def test_opcheck(backend):
         kwargs = {"test_utils": utils} if utils else {}
         result = torch.library.opcheck(op, args, **kwargs)
         assert all(v == "SUCCESS" for v in result.values()), result
+
+
+@pytest.mark.skipif(not _extension.is_built(), reason="fastvl._C is not built")
+def test_cuda_ops_gradients_are_wired_without_a_gpu():
+    """The cuda ops' registered backward runs (on fake cuda tensors, so no GPU is needed)."""
+    gather_op, scatter_op = _kernel_ops("cuda")
+    with FakeTensorMode():
+        x = torch.empty(2, 5, 8, device="cuda", requires_grad=True)
+        index = torch.zeros(2, 3, dtype=torch.int64, device="cuda")
+        gathered = gather_op(x, index)
+        grad_x, *_ = gathered.grad_fn.apply(torch.empty(2, 3, 8, device="cuda"))
+        scattered = scatter_op(gathered, index, 5)
+        grad_src, *_ = scattered.grad_fn.apply(torch.empty(2, 5, 8, device="cuda"))
+    assert grad_x.shape == (2, 5, 8) and grad_x.device.type == "cuda"
+    assert grad_src.shape == (2, 3, 8) and grad_src.device.type == "cuda"
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
