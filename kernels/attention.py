@@ -4,6 +4,13 @@ Shapes: q (B, H, Nq, D), k/v (B, Hkv, Nk, D), query head h reads kv head h // (H
 Any batch/head/token strides are served; the last dim must be contiguous (the launchers copy
 otherwise). D is padded to a power of two (>= 16) in registers, with masks.
 
+Packed variable-length batches (``VARLEN``): q (total_q, H, D), k/v (total_k, Hkv, D) and int32
+``cu_seqlens_q`` / ``cu_seqlens_k`` (B + 1,). Each program reads the first token and length of
+its sequence from them (:func:`_sequence`); the grid covers the longest sequence, and blocks
+past the end of a shorter one return at once. Everything below then holds per sequence, with
+that sequence's ``Nq`` and ``Nk``. Per-row outputs are token-major: lse (total_q, H), the
+key-bias gradient (total_k, H).
+
 Logits are kept in base 2: ``s2 = log2(e) * (scale * q.k + key_bias + mask)``, so softmax uses
 ``exp2``. ``lse`` (natural log) is stored per query row in float32. The masks (see
 :mod:`fastvl.reference.attention` for the exact definition, ``offset = Nk - Nq``):
@@ -82,10 +89,22 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
-def _bias_strides(key_bias):
-    """(batch, head, key) strides of key_bias; head stride 0 for a (B, Nk) bias shared by heads."""
+def _token_strides(t: torch.Tensor, packed: bool):
+    """(batch, head, token) strides of a (B, H, N, ...) tensor, or of a packed (total, H, ...)
+    one (batch stride 0: packed sequences are found by their first token instead)."""
+    if packed:
+        return 0, t.stride(1), t.stride(0)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _bias_strides(key_bias, packed: bool):
+    """(batch, head, key) strides of key_bias, (B, Nk) / (B, H, Nk) or packed (total_k,) /
+    (total_k, H); head stride 0 for a bias shared by the heads."""
     if key_bias is None:
         return 0, 0, 0
+    if packed:
+        head_stride = key_bias.stride(1) if key_bias.dim() == 2 else 0
+        return 0, head_stride, key_bias.stride(0)
     if key_bias.dim() == 2:
         return key_bias.stride(0), 0, key_bias.stride(1)
     return key_bias.stride(0), key_bias.stride(1), key_bias.stride(2)
@@ -136,6 +155,35 @@ def _load_prefix(prefix_ptr, b, num_keys):
 
 
 @triton.jit
+def _sequence(cu_seqlens_ptr, b, num_tokens, VARLEN: tl.constexpr):
+    """(first token, length) of sequence b: from cu_seqlens when VARLEN, else (0, num_tokens)."""
+    if VARLEN:
+        first = tl.load(cu_seqlens_ptr + b)
+        return first, tl.load(cu_seqlens_ptr + b + 1) - first
+    else:
+        return 0, num_tokens
+
+
+@triton.jit
+def _sequence_offset(b, first, stride_b, stride_n, VARLEN: tl.constexpr):
+    """Element offset of sequence b in a tensor: batch b, or packed from token ``first``."""
+    if VARLEN:
+        return first.to(tl.int64) * stride_n
+    else:
+        return b * stride_b
+
+
+@triton.jit
+def _rows(offs, bh, h, first, num_heads, num_tokens, VARLEN: tl.constexpr):
+    """Flat row of (sequence, head h, token offs) in a contiguous per-row tensor:
+    (B, H, N) with ``bh = b * H + h``, or packed token-major (total, H)."""
+    if VARLEN:
+        return (first + offs).to(tl.int64) * num_heads + h
+    else:
+        return bh.to(tl.int64) * num_tokens + offs
+
+
+@triton.jit
 def _visible_key_end(start_m, num_keys, offset, prefix, BLOCK_M: tl.constexpr,
                      SKIP: tl.constexpr, HAS_PREFIX: tl.constexpr):
     """Exclusive end of the keys that queries [start_m, start_m + BLOCK_M) may see."""
@@ -150,7 +198,7 @@ def _visible_key_end(start_m, num_keys, offset, prefix, BLOCK_M: tl.constexpr,
 
 @triton.jit
 def _attn_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, bias_ptr, prefix_ptr, out_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, bias_ptr, prefix_ptr, cu_q_ptr, cu_k_ptr, out_ptr, lse_ptr,
     num_heads, group, num_queries, num_keys, head_dim,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
@@ -158,7 +206,7 @@ def _attn_fwd_kernel(
     stride_bb, stride_bh, stride_bn,
     qk_scale, future_bias,
     CAUSAL: tl.constexpr, SOFT: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SKIP: tl.constexpr,
+    SKIP: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -168,6 +216,11 @@ def _attn_fwd_kernel(
     bh = tl.program_id(1)
     b = (bh // num_heads).to(tl.int64)
     h = (bh % num_heads).to(tl.int64)
+    first_q, num_queries = _sequence(cu_q_ptr, b, num_queries, VARLEN)
+    if VARLEN:
+        if start_m >= num_queries:
+            return
+    first_k, num_keys = _sequence(cu_k_ptr, b, num_keys, VARLEN)
     kvh = h // group
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -175,15 +228,17 @@ def _attn_fwd_kernel(
     d_valid = offs_d < head_dim
     m_valid = offs_m < num_queries
 
+    q_base = q_ptr + _sequence_offset(b, first_q, stride_qb, stride_qm, VARLEN) + h * stride_qh
     q = tl.load(
-        q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+        q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
         mask=m_valid[:, None] & d_valid[None, :], other=0.0,
     )
-    k_base = k_ptr + b * stride_kb + kvh * stride_kh
-    v_base = v_ptr + b * stride_vb + kvh * stride_vh
+    k_base = k_ptr + _sequence_offset(b, first_k, stride_kb, stride_kn, VARLEN) + kvh * stride_kh
+    v_base = v_ptr + _sequence_offset(b, first_k, stride_vb, stride_vn, VARLEN) + kvh * stride_vh
     kt_ptrs = k_base + offs_n0[None, :] * stride_kn + offs_d[:, None]
     v_ptrs = v_base + offs_n0[:, None] * stride_vn + offs_d[None, :]
-    bias_row_ptr = bias_ptr + b * stride_bb + h * stride_bh
+    bias_row_ptr = (bias_ptr + _sequence_offset(b, first_k, stride_bb, stride_bn, VARLEN)
+                    + h * stride_bh)
     prefix = 0
     if HAS_PREFIX:
         prefix = _load_prefix(prefix_ptr, b, num_keys)
@@ -217,7 +272,7 @@ def _attn_fwd_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     acc = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
-    row = bh.to(tl.int64) * num_queries + offs_m
+    row = _rows(offs_m, bh, h, first_q, num_heads, num_queries, VARLEN)
     tl.store(lse_ptr + row, lse, mask=m_valid)
     tl.store(
         out_ptr + row[:, None] * head_dim + offs_d[None, :],
@@ -228,37 +283,44 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _attn_bwd_delta_kernel(
-    out_ptr, dout_ptr, dlse_ptr, delta_ptr,
+    out_ptr, dout_ptr, dlse_ptr, cu_q_ptr, delta_ptr,
     num_heads, num_queries, head_dim,
     stride_ob, stride_oh, stride_om,
     stride_db, stride_dh, stride_dm,
     stride_lb, stride_lh, stride_lm,
-    HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_DLSE: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """delta = rowsum(dO * O) - dlse, float32 (B, H, Nq) contiguous."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """delta = rowsum(dO * O) - dlse, float32 and laid out like lse."""
+    start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = (bh // num_heads).to(tl.int64)
     h = (bh % num_heads).to(tl.int64)
+    first_q, num_queries = _sequence(cu_q_ptr, b, num_queries, VARLEN)
+    if VARLEN:
+        if start_m >= num_queries:
+            return
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < num_queries
     mask = m_valid[:, None] & (offs_d < head_dim)[None, :]
-    o_ptrs = out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
-    do_ptrs = (dout_ptr + b * stride_db + h * stride_dh
-               + offs_m[:, None] * stride_dm + offs_d[None, :])
+    o_ptrs = (out_ptr + _sequence_offset(b, first_q, stride_ob, stride_om, VARLEN)
+              + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :])
+    do_ptrs = (dout_ptr + _sequence_offset(b, first_q, stride_db, stride_dm, VARLEN)
+               + h * stride_dh + offs_m[:, None] * stride_dm + offs_d[None, :])
     o = tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32)
     do = tl.load(do_ptrs, mask=mask, other=0.0).to(tl.float32)
     delta = tl.sum(o * do, 1)
-    row = bh.to(tl.int64) * num_queries + offs_m
+    row = _rows(offs_m, bh, h, first_q, num_heads, num_queries, VARLEN)
     if HAS_DLSE:
-        dlse_ptrs = dlse_ptr + b * stride_lb + h * stride_lh + offs_m * stride_lm
+        dlse_ptrs = (dlse_ptr + _sequence_offset(b, first_q, stride_lb, stride_lm, VARLEN)
+                     + h * stride_lh + offs_m * stride_lm)
         delta -= tl.load(dlse_ptrs, mask=m_valid, other=0.0).to(tl.float32)
     tl.store(delta_ptr + row, delta, mask=m_valid)
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, bias_ptr, prefix_ptr, dout_ptr, lse_ptr, delta_ptr,
+    q_ptr, k_ptr, v_ptr, bias_ptr, prefix_ptr, cu_q_ptr, cu_k_ptr, dout_ptr, lse_ptr, delta_ptr,
     dk_ptr, dv_ptr, dbias_ptr,
     num_heads, num_kv_heads, group, num_queries, num_keys, head_dim,
     stride_qb, stride_qh, stride_qm,
@@ -268,7 +330,7 @@ def _attn_bwd_dkdv_kernel(
     stride_db, stride_dh, stride_dm,
     qk_scale, future_bias, sm_scale,
     CAUSAL: tl.constexpr, SOFT: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SKIP: tl.constexpr, HAS_DBIAS: tl.constexpr,
+    SKIP: tl.constexpr, HAS_DBIAS: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -279,16 +341,24 @@ def _attn_bwd_dkdv_kernel(
     bkv = tl.program_id(1)
     b = (bkv // num_kv_heads).to(tl.int64)
     kvh = (bkv % num_kv_heads).to(tl.int64)
+    first_k, num_keys = _sequence(cu_k_ptr, b, num_keys, VARLEN)
+    if VARLEN:
+        if start_n >= num_keys:
+            return
+    first_q, num_queries = _sequence(cu_q_ptr, b, num_queries, VARLEN)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < head_dim
     n_valid = offs_n < num_keys
     kv_mask = n_valid[:, None] & d_valid[None, :]
-    k_base = k_ptr + b * stride_kb + kvh * stride_kh
-    v_base = v_ptr + b * stride_vb + kvh * stride_vh
+    k_base = k_ptr + _sequence_offset(b, first_k, stride_kb, stride_kn, VARLEN) + kvh * stride_kh
+    v_base = v_ptr + _sequence_offset(b, first_k, stride_vb, stride_vn, VARLEN) + kvh * stride_vh
     k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    q_seq_ptr = q_ptr + _sequence_offset(b, first_q, stride_qb, stride_qm, VARLEN)
+    do_seq_ptr = dout_ptr + _sequence_offset(b, first_q, stride_db, stride_dm, VARLEN)
+    bias_seq_ptr = bias_ptr + _sequence_offset(b, first_k, stride_bb, stride_bn, VARLEN)
     prefix = 0
     if HAS_PREFIX:
         prefix = _load_prefix(prefix_ptr, b, num_keys)
@@ -308,9 +378,9 @@ def _attn_bwd_dkdv_kernel(
     for g in range(0, group):
         h = kvh * group + g
         bh = b * num_heads + h
-        q_base = q_ptr + b * stride_qb + h * stride_qh
-        do_base = dout_ptr + b * stride_db + h * stride_dh
-        bias_row_ptr = bias_ptr + b * stride_bb + h * stride_bh
+        q_base = q_seq_ptr + h * stride_qh
+        do_base = do_seq_ptr + h * stride_dh
+        bias_row_ptr = bias_seq_ptr + h * stride_bh
         dbias = tl.zeros([BLOCK_N], tl.float32)
         for start_m in range(start_m_lo, num_queries, BLOCK_M):
             offs_m = start_m + offs_m0
@@ -319,7 +389,7 @@ def _attn_bwd_dkdv_kernel(
                          mask=m_valid[None, :] & d_valid[:, None], other=0.0)
             do = tl.load(do_base + offs_m[:, None] * stride_dm + offs_d[None, :],
                          mask=m_valid[:, None] & d_valid[None, :], other=0.0)
-            row = bh * num_queries + offs_m
+            row = _rows(offs_m, bh, h, first_q, num_heads, num_queries, VARLEN)
             # Padded rows and rows without a visible key read lse = +inf, so their P is 0.
             lse = tl.load(lse_ptr + row, mask=m_valid, other=float("inf"))
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
@@ -336,9 +406,11 @@ def _attn_bwd_dkdv_kernel(
             if HAS_DBIAS:
                 dbias += tl.sum(dst, 1)
         if HAS_DBIAS:
-            tl.store(dbias_ptr + bh * num_keys + offs_n, dbias, mask=n_valid)
+            dbias_rows = _rows(offs_n, bh, h, first_k, num_heads, num_keys, VARLEN)
+            tl.store(dbias_ptr + dbias_rows, dbias, mask=n_valid)
 
-    out_offs = (bkv.to(tl.int64) * num_keys + offs_n[:, None]) * head_dim + offs_d[None, :]
+    kv_rows = _rows(offs_n, bkv, kvh, first_k, num_kv_heads, num_keys, VARLEN)
+    out_offs = kv_rows[:, None] * head_dim + offs_d[None, :]
     dk *= tl.cast(sm_scale, tl.float32)
     tl.store(dk_ptr + out_offs, dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptr + out_offs, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
@@ -346,7 +418,8 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, bias_ptr, prefix_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr,
+    q_ptr, k_ptr, v_ptr, bias_ptr, prefix_ptr, cu_q_ptr, cu_k_ptr, dout_ptr, lse_ptr, delta_ptr,
+    dq_ptr,
     num_heads, group, num_queries, num_keys, head_dim,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
@@ -355,7 +428,7 @@ def _attn_bwd_dq_kernel(
     stride_db, stride_dh, stride_dm,
     qk_scale, future_bias, sm_scale,
     CAUSAL: tl.constexpr, SOFT: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SKIP: tl.constexpr,
+    SKIP: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -366,6 +439,11 @@ def _attn_bwd_dq_kernel(
     bh = tl.program_id(1)
     b = (bh // num_heads).to(tl.int64)
     h = (bh % num_heads).to(tl.int64)
+    first_q, num_queries = _sequence(cu_q_ptr, b, num_queries, VARLEN)
+    if VARLEN:
+        if start_m >= num_queries:
+            return
+    first_k, num_keys = _sequence(cu_k_ptr, b, num_keys, VARLEN)
     kvh = h // group
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -373,21 +451,23 @@ def _attn_bwd_dq_kernel(
     d_valid = offs_d < head_dim
     m_valid = offs_m < num_queries
     q_mask = m_valid[:, None] & d_valid[None, :]
-    q_ptrs = q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
-    do_ptrs = (dout_ptr + b * stride_db + h * stride_dh
-               + offs_m[:, None] * stride_dm + offs_d[None, :])
+    q_ptrs = (q_ptr + _sequence_offset(b, first_q, stride_qb, stride_qm, VARLEN)
+              + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :])
+    do_ptrs = (dout_ptr + _sequence_offset(b, first_q, stride_db, stride_dm, VARLEN)
+               + h * stride_dh + offs_m[:, None] * stride_dm + offs_d[None, :])
     q = tl.load(q_ptrs, mask=q_mask, other=0.0)
     do = tl.load(do_ptrs, mask=q_mask, other=0.0)
-    row = bh.to(tl.int64) * num_queries + offs_m
+    row = _rows(offs_m, bh, h, first_q, num_heads, num_queries, VARLEN)
     lse = tl.load(lse_ptr + row, mask=m_valid, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
     delta = tl.load(delta_ptr + row, mask=m_valid, other=0.0)
 
-    k_base = k_ptr + b * stride_kb + kvh * stride_kh
-    v_base = v_ptr + b * stride_vb + kvh * stride_vh
+    k_base = k_ptr + _sequence_offset(b, first_k, stride_kb, stride_kn, VARLEN) + kvh * stride_kh
+    v_base = v_ptr + _sequence_offset(b, first_k, stride_vb, stride_vn, VARLEN) + kvh * stride_vh
     kt_ptrs = k_base + offs_n0[None, :] * stride_kn + offs_d[:, None]
     vt_ptrs = v_base + offs_n0[None, :] * stride_vn + offs_d[:, None]
-    bias_row_ptr = bias_ptr + b * stride_bb + h * stride_bh
+    bias_row_ptr = (bias_ptr + _sequence_offset(b, first_k, stride_bb, stride_bn, VARLEN)
+                    + h * stride_bh)
     prefix = 0
     if HAS_PREFIX:
         prefix = _load_prefix(prefix_ptr, b, num_keys)
@@ -414,20 +494,38 @@ def _attn_bwd_dq_kernel(
 
 
 # ---- launchers ---------------------------------------------------------------------------
+# Both launchers serve two layouts. Dense: q (B, H, Nq, D), k/v (B, Hkv, Nk, D), key_bias
+# (B, Nk) or (B, H, Nk). Packed (``cu_seqlens_q`` given): q (total_q, H, D), k/v
+# (total_k, Hkv, D), int32 ``cu_seqlens_q`` / ``cu_seqlens_k`` (B + 1,) that the caller
+# guarantees valid (start at 0, non-decreasing, end at total, lengths <= ``max_seqlen_*``),
+# key_bias (total_k,) or (total_k, H). Per-row tensors have shape ``q.shape[:-1]``:
+# (B, H, Nq) dense, (total_q, H) packed.
+
+
+def _layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """(batch, grid queries, grid keys, cu_seqlens_q, cu_seqlens_k, VARLEN): the dense sizes,
+    or the packed maxima; q stands in for the cu_seqlens pointers of a dense call."""
+    if cu_seqlens_q is None:
+        return q.shape[0], q.shape[2], k.shape[2], q, q, False
+    batch = cu_seqlens_q.shape[0] - 1
+    return batch, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k, True
 
 
 def attention_forward(q, k, v, key_bias, prefix_len, scale: float, causal: bool,
-                      causal_strength: float):
-    """-> (out (B, H, Nq, D) contiguous in q's dtype, lse (B, H, Nq) float32).
+                      causal_strength: float, cu_seqlens_q=None, cu_seqlens_k=None,
+                      max_seqlen_q: int = 0, max_seqlen_k: int = 0):
+    """-> (out, contiguous in q's shape and dtype; lse float32 of shape q.shape[:-1]).
 
-    ``key_bias``: None, (B, Nk) or (B, H, Nk), any float dtype and strides. ``prefix_len``:
-    None or an integer (B,) tensor (used only with a hard or soft causal mask).
+    Dense or packed layout (see above). ``key_bias``: None or any float dtype and strides.
+    ``prefix_len``: None or an integer (B,) tensor (used only with a hard or soft causal mask).
     """
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    batch, heads, num_queries, head_dim = q.shape
-    kv_heads, num_keys = k.shape[1], k.shape[2]
-    out = empty_output((batch, heads, num_queries, head_dim), dtype=q.dtype, device=q.device)
-    lse = empty_output((batch, heads, num_queries), dtype=torch.float32, device=q.device)
+    batch, num_queries, num_keys, cu_q, cu_k, varlen = _layout(
+        q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
+    )
+    heads, kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[-1]
+    out = empty_output(q.shape, dtype=q.dtype, device=q.device)
+    lse = empty_output(q.shape[:-1], dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         if lse.numel():
             lse.fill_(float("-inf"))
@@ -439,15 +537,13 @@ def attention_forward(q, k, v, key_bias, prefix_len, scale: float, causal: bool,
         q, k, v,
         key_bias if key_bias is not None else q,
         prefix_len if has_prefix else q,
-        out, lse,
+        cu_q, cu_k, out, lse,
         heads, heads // kv_heads, num_queries, num_keys, head_dim,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        *_bias_strides(key_bias),
+        *_token_strides(q, varlen), *_token_strides(k, varlen), *_token_strides(v, varlen),
+        *_bias_strides(key_bias, varlen),
         scale * 1.4426950408889634, future_bias,
         CAUSAL=is_causal, SOFT=soft, HAS_PREFIX=has_prefix, HAS_BIAS=key_bias is not None,
-        SKIP=is_causal and not soft,
+        SKIP=is_causal and not soft, VARLEN=varlen,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(head_dim),
         DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=warps, num_stages=stages,
@@ -456,22 +552,28 @@ def attention_forward(q, k, v, key_bias, prefix_len, scale: float, causal: bool,
 
 
 def attention_backward(grad_out, grad_lse, q, k, v, out, lse, key_bias, prefix_len,
-                       scale: float, causal: bool, causal_strength: float, compute_dbias: bool):
-    """-> (dq, dk, dv, dbias): contiguous, in q's dtype; dbias float32 (B, H, Nk) or None.
+                       scale: float, causal: bool, causal_strength: float, compute_dbias: bool,
+                       cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q: int = 0,
+                       max_seqlen_k: int = 0):
+    """-> (dq, dk, dv, dbias): contiguous, in q's dtype; dbias float32 per head and key,
+    (B, H, Nk) dense or (total_k, H) packed, or None.
 
-    ``grad_lse`` (B, H, Nq), any strides (e.g. an expanded gradient of ``lse.sum()``), or
-    None adds the gradient of the returned lse.
+    Dense or packed layout (see above). ``grad_lse`` (lse's shape, any strides, e.g. an
+    expanded gradient of ``lse.sum()``), or None, adds the gradient of the returned lse.
     """
     q, k, v, out, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, out, grad_out))
-    batch, heads, num_queries, head_dim = q.shape
-    kv_heads, num_keys = k.shape[1], k.shape[2]
+    batch, num_queries, num_keys, cu_q, cu_k, varlen = _layout(
+        q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
+    )
+    heads, kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[-1]
     device = q.device
-    dq = empty_output((batch, heads, num_queries, head_dim), dtype=q.dtype, device=device)
-    dk = empty_output((batch, kv_heads, num_keys, head_dim), dtype=k.dtype, device=device)
-    dv = empty_output((batch, kv_heads, num_keys, head_dim), dtype=v.dtype, device=device)
+    dq = empty_output(q.shape, dtype=q.dtype, device=device)
+    dk = empty_output(k.shape, dtype=k.dtype, device=device)
+    dv = empty_output(v.shape, dtype=v.dtype, device=device)
     dbias = None
     if compute_dbias:
-        dbias = empty_output((batch, heads, num_keys), dtype=torch.float32, device=device)
+        dbias_shape = (k.shape[0], heads) if varlen else (batch, heads, num_keys)
+        dbias = empty_output(dbias_shape, dtype=torch.float32, device=device)
     if q.numel() == 0 or k.numel() == 0:
         # Nothing to attend to or from: every gradient is zero.
         for t in (dq, dk, dv, dbias):
@@ -485,30 +587,26 @@ def attention_backward(grad_out, grad_lse, q, k, v, out, lse, key_bias, prefix_l
     bias_arg = key_bias if key_bias is not None else q
     prefix_arg = prefix_len if has_prefix else q
     common_strides = (
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        *_bias_strides(key_bias),
-        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        *_token_strides(q, varlen), *_token_strides(k, varlen), *_token_strides(v, varlen),
+        *_bias_strides(key_bias, varlen), *_token_strides(grad_out, varlen),
     )
     masks = dict(CAUSAL=is_causal, SOFT=soft, HAS_PREFIX=has_prefix,
-                 HAS_BIAS=key_bias is not None, SKIP=is_causal and not soft)
+                 HAS_BIAS=key_bias is not None, SKIP=is_causal and not soft, VARLEN=varlen)
     qk_scale = scale * 1.4426950408889634
 
-    delta = empty_output((batch, heads, num_queries), dtype=torch.float32, device=device)
+    delta = empty_output(lse.shape, dtype=torch.float32, device=device)
     delta_block = 16 if device.type != "cuda" else max(16, min(128, 8192 // block_d))
     wrap_triton(_attn_bwd_delta_kernel)[(triton.cdiv(num_queries, delta_block), batch * heads)](
-        out, grad_out, grad_lse if grad_lse is not None else lse, delta,
+        out, grad_out, grad_lse if grad_lse is not None else lse, cu_q, delta,
         heads, num_queries, head_dim,
-        out.stride(0), out.stride(1), out.stride(2),
-        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        *(grad_lse.stride() if grad_lse is not None else (0, 0, 0)),
-        HAS_DLSE=grad_lse is not None, BLOCK_M=delta_block, BLOCK_D=block_d,
+        *_token_strides(out, varlen), *_token_strides(grad_out, varlen),
+        *(_token_strides(grad_lse, varlen) if grad_lse is not None else (0, 0, 0)),
+        HAS_DLSE=grad_lse is not None, VARLEN=varlen, BLOCK_M=delta_block, BLOCK_D=block_d,
     )
 
     block_m, block_n, warps, stages = _config("dkdv", head_dim, q.dtype, device)
     wrap_triton(_attn_bwd_dkdv_kernel)[(triton.cdiv(num_keys, block_n), batch * kv_heads)](
-        q, k, v, bias_arg, prefix_arg, grad_out, lse, delta,
+        q, k, v, bias_arg, prefix_arg, cu_q, cu_k, grad_out, lse, delta,
         dk, dv, dbias if dbias is not None else dk,
         heads, kv_heads, group, num_queries, num_keys, head_dim,
         *common_strides,
@@ -521,7 +619,7 @@ def attention_backward(grad_out, grad_lse, q, k, v, out, lse, key_bias, prefix_l
 
     block_m, block_n, warps, stages = _config("dq", head_dim, q.dtype, device)
     wrap_triton(_attn_bwd_dq_kernel)[(triton.cdiv(num_queries, block_m), batch * heads)](
-        q, k, v, bias_arg, prefix_arg, grad_out, lse, delta, dq,
+        q, k, v, bias_arg, prefix_arg, cu_q, cu_k, grad_out, lse, delta, dq,
         heads, group, num_queries, num_keys, head_dim,
         *common_strides,
         qk_scale, future_bias, scale,

@@ -4,13 +4,26 @@
 cannot serve it raises :class:`BackendNotSupportedError` listing the reasons.
 """
 
-from fastvl.ops.attention import attention
+from fastvl.ops.attention import attention, varlen_attention
+from fastvl.ops.attention_key_mass import attention_key_mass
 from fastvl.ops.gather import gather_tokens
+from fastvl.ops.pruning import keep_topk_tokens, topk_candidate_index, topk_token_index
 from fastvl.ops.registry import BACKENDS, OPS, BackendNotSupportedError, availability
+from fastvl.ops.tome import TomePlan, tome_match, tome_merge, tome_merge_source, tome_unmerge
 
 __all__ = [
     "attention",
+    "attention_key_mass",
     "gather_tokens",
+    "keep_topk_tokens",
+    "topk_candidate_index",
+    "topk_token_index",
+    "tome_match",
+    "tome_merge",
+    "tome_merge_source",
+    "tome_unmerge",
+    "TomePlan",
+    "varlen_attention",
     "BACKENDS",
     "OPS",
     "BackendNotSupportedError",

@@ -1,16 +1,19 @@
-"""``attention``: scaled dot-product attention with GQA, key bias, soft-causal and prefix-LM masks.
+"""``attention`` and ``varlen_attention``: scaled dot-product attention with GQA, key bias,
+soft-causal and prefix-LM masks, on (B, H, N, D) batches or packed variable-length ones.
 
 Backends: ``torch`` (:func:`fastvl.reference.attention`: SDPA where it can express the call,
-an explicit-softmax math path otherwise; float64 capable) and ``triton``
-(``fastvl::attention_fwd_triton`` / ``fastvl::attention_bwd_triton``, FlashAttention-2 style
-``torch.library.triton_op``\\ s with explicit fake impls; the forward op carries the gradient
-through :func:`torch.library.register_autograd`, the backward op has none, so double backward
-is not supported on that backend).
+an explicit-softmax math path otherwise; :func:`fastvl.reference.varlen_attention`, the math
+path on a padded copy; float64 capable) and ``triton`` (``fastvl::attention_fwd_triton`` /
+``fastvl::attention_bwd_triton`` and their ``varlen_`` twins, FlashAttention-2 style
+``torch.library.triton_op``\\ s with explicit fake impls; each forward op carries the gradient
+through :func:`torch.library.register_autograd`, the backward ops have none, so double
+backward is not supported on that backend).
 
 The exact definition of the logits and masks is in :mod:`fastvl.reference.attention`; in short,
 with ``offset = Nk - Nq``, key j is in the *future* of query i when ``j > i + offset`` and
 ``j >= prefix_len[b]``; ``causal`` gives future keys ``log(1 - causal_strength)`` (``-inf`` by
 default). A query row that sees no key gets output 0 and lse ``-inf``, and zero gradients.
+``varlen_attention`` applies exactly this to each packed sequence, with its own Nq and Nk.
 """
 
 from __future__ import annotations
@@ -19,21 +22,30 @@ import math
 from typing import Optional, Union
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
+from fastvl.ops._checks import check_tensor, is_int
 from fastvl.ops.registry import TRITON_IMPORT_ERROR, register_op
 from fastvl.reference.attention import attention as _reference_attention
+from fastvl.reference.attention import varlen_attention as _reference_varlen_attention
 
-__all__ = ["attention", "ATTENTION", "MAX_TRITON_HEAD_DIM"]
+__all__ = [
+    "attention", "varlen_attention", "ATTENTION", "VARLEN_ATTENTION", "MAX_TRITON_HEAD_DIM",
+]
 
 ATTENTION = register_op("attention")
+VARLEN_ATTENTION = register_op("varlen_attention")
 MAX_TRITON_HEAD_DIM = 256
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _NUMBER = (int, float, torch.SymInt, torch.SymFloat)
 
 
 # ---- implementations ---------------------------------------------------------------------
-# Every implementation is called as
+# Every attention implementation is called as
 #   fn(q, k, v, key_bias, prefix_len, scale, causal, causal_strength, return_lse)
+# and every varlen_attention implementation as
+#   fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+#      key_bias, prefix_len, scale, causal, causal_strength, return_lse)
 # with validated, normalized arguments: scale a number, causal_strength a number in [0, 1]
 # (1.0 = hard mask), prefix_len None or an integer (B,) tensor on q's device.
 
@@ -45,12 +57,21 @@ def _torch_impl(q, k, v, key_bias, prefix_len, scale, causal, causal_strength, r
     )
 
 
-def _triton_call_reasons(q, k, v, key_bias, prefix_len, scale, causal, causal_strength,
-                         return_lse) -> list[str]:
+def _varlen_torch_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                       key_bias, prefix_len, scale, causal, causal_strength, return_lse):
+    return _reference_varlen_attention(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+        key_bias=key_bias, scale=scale, causal_strength=causal_strength,
+        prefix_len=prefix_len, return_lse=return_lse,
+    )
+
+
+def _triton_call_reasons(q, *other_args) -> list[str]:
+    """Why the triton kernels cannot serve a call; depends on q only (dtype, head dim)."""
     reasons = []
     if q.dtype not in TRITON_DTYPES:
         reasons.append(
-            f"q, k, v have dtype {q.dtype}; the triton kernels support float16, bfloat16 and "
+            f"the inputs have dtype {q.dtype}; the triton kernels support float16, bfloat16 and "
             "float32 (use backend='torch' for float64)"
         )
     if q.shape[-1] > MAX_TRITON_HEAD_DIM:
@@ -62,17 +83,21 @@ def _triton_call_reasons(q, k, v, key_bias, prefix_len, scale, causal, causal_st
 
 
 ATTENTION.implement("torch", _torch_impl)
+VARLEN_ATTENTION.implement("torch", _varlen_torch_impl)
 
 
-def _attention_fwd_fake(q, k, v, key_bias, prefix_len, scale, causal, causal_strength):
-    batch, heads, num_queries, head_dim = q.shape
-    out = q.new_empty(batch, heads, num_queries, head_dim)
-    lse = q.new_empty(batch, heads, num_queries, dtype=torch.float32)
-    return out, lse
+# The triton ops take the dense arguments, then for the varlen ops the packed layout:
+# cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k. Shapes follow q in both layouts:
+# out like q, lse q.shape[:-1] ((B, H, Nq) or (total_q, H)).
+
+
+def _attention_fwd_fake(q, k, v, key_bias, prefix_len, scale, causal, causal_strength,
+                        *packed_layout):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 def _attention_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, key_bias, prefix_len, scale,
-                        causal, causal_strength, compute_dbias):
+                        causal, causal_strength, compute_dbias, *packed_layout):
     dbias = (
         key_bias.new_empty(key_bias.shape) if compute_dbias and key_bias is not None
         else q.new_empty(0)
@@ -82,6 +107,20 @@ def _attention_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, key_bias, prefix_
 
 if TRITON_IMPORT_ERROR is None:
     from fastvl.kernels import attention as _triton_attention
+
+    def _triton_backward(grad_out, grad_lse, q, k, v, out, lse, key_bias, prefix_len, scale,
+                         causal, causal_strength, compute_dbias, *packed_layout):
+        """The body of both backward ops; dkey_bias has key_bias's shape and dtype."""
+        compute_dbias = compute_dbias and key_bias is not None
+        dq, dk, dv, dbias = _triton_attention.attention_backward(
+            grad_out, grad_lse, q, k, v, out, lse, key_bias, prefix_len,
+            scale, causal, causal_strength, compute_dbias, *packed_layout,
+        )
+        if dbias is None:
+            return dq, dk, dv, q.new_empty(0)
+        if key_bias.dim() < dbias.dim():  # one bias shared by the heads (dim 1): sum them
+            dbias = dbias.sum(dim=1)
+        return dq, dk, dv, dbias.to(key_bias.dtype)
 
     @torch.library.triton_op("fastvl::attention_fwd_triton", mutates_args=())
     def attention_fwd_triton(
@@ -117,39 +156,94 @@ if TRITON_IMPORT_ERROR is None:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (dq, dk, dv, dkey_bias); dkey_bias has key_bias's shape and dtype, or is empty
         (shape (0,)) unless ``compute_dbias``."""
-        compute_dbias = compute_dbias and key_bias is not None
-        dq, dk, dv, dbias = _triton_attention.attention_backward(
-            grad_out, grad_lse, q, k, v, out, lse, key_bias, prefix_len,
-            scale, causal, causal_strength, compute_dbias,
+        return _triton_backward(
+            grad_out, grad_lse, q, k, v, out, lse, key_bias, prefix_len, scale, causal,
+            causal_strength, compute_dbias,
         )
-        if dbias is None:
-            return dq, dk, dv, q.new_empty(0)
-        if key_bias.dim() == 2:  # one bias shared by the heads: its gradient sums over them
-            dbias = dbias.sum(dim=1)
-        return dq, dk, dv, dbias.to(key_bias.dtype)
+
+    @torch.library.triton_op("fastvl::varlen_attention_fwd_triton", mutates_args=())
+    def varlen_attention_fwd_triton(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_bias: Optional[torch.Tensor],
+        prefix_len: Optional[torch.Tensor],
+        scale: float,
+        causal: bool,
+        causal_strength: float,
+        cu_seqlens_q: torch.Tensor,
+        cu_seqlens_k: torch.Tensor,
+        max_seqlen_q: int,
+        max_seqlen_k: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (out (total_q, H, D) contiguous, lse (total_q, H) float32)."""
+        return _triton_attention.attention_forward(
+            q, k, v, key_bias, prefix_len, scale, causal, causal_strength,
+            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        )
+
+    @torch.library.triton_op("fastvl::varlen_attention_bwd_triton", mutates_args=())
+    def varlen_attention_bwd_triton(
+        grad_out: torch.Tensor,
+        grad_lse: Optional[torch.Tensor],
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        key_bias: Optional[torch.Tensor],
+        prefix_len: Optional[torch.Tensor],
+        scale: float,
+        causal: bool,
+        causal_strength: float,
+        compute_dbias: bool,
+        cu_seqlens_q: torch.Tensor,
+        cu_seqlens_k: torch.Tensor,
+        max_seqlen_q: int,
+        max_seqlen_k: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (dq, dk, dv, dkey_bias) of the packed layout, as ``attention_bwd_triton``."""
+        return _triton_backward(
+            grad_out, grad_lse, q, k, v, out, lse, key_bias, prefix_len, scale, causal,
+            causal_strength, compute_dbias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+            max_seqlen_k,
+        )
 
     def _fwd_setup_context(ctx, inputs, output):
-        q, k, v, key_bias, prefix_len, scale, causal, causal_strength = inputs
+        q, k, v, key_bias, prefix_len, scale, causal, causal_strength, *packed_layout = inputs
         out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, key_bias, prefix_len)
+        # packed_layout: () or (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k).
+        ctx.save_for_backward(q, k, v, out, lse, key_bias, prefix_len, *packed_layout[:2])
         ctx.scale, ctx.causal, ctx.causal_strength = scale, causal, causal_strength
+        ctx.max_seqlens = tuple(packed_layout[2:])
 
-    def _fwd_backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, key_bias, prefix_len = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        compute_dbias = key_bias is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dbias = torch.ops.fastvl.attention_bwd_triton(
-            grad_out, grad_lse, q, k, v, out, lse, key_bias, prefix_len,
-            ctx.scale, ctx.causal, ctx.causal_strength, compute_dbias,
+    def _fwd_backward_through(bwd_op):
+        """The autograd formula of a forward op whose backward op is ``bwd_op``."""
+
+        def backward(ctx, grad_out, grad_lse):
+            q, k, v, out, lse, key_bias, prefix_len, *cu_seqlens = ctx.saved_tensors
+            if grad_out is None:
+                grad_out = torch.zeros_like(out)
+            compute_dbias = key_bias is not None and ctx.needs_input_grad[3]
+            dq, dk, dv, dbias = bwd_op(
+                grad_out, grad_lse, q, k, v, out, lse, key_bias, prefix_len,
+                ctx.scale, ctx.causal, ctx.causal_strength, compute_dbias,
+                *cu_seqlens, *ctx.max_seqlens,
+            )
+            grads = (dq, dk, dv, dbias if compute_dbias else None)
+            return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))
+
+        return backward
+
+    for _fwd, _bwd in (
+        (attention_fwd_triton, attention_bwd_triton),
+        (varlen_attention_fwd_triton, varlen_attention_bwd_triton),
+    ):
+        torch.library.register_fake(_fwd, _attention_fwd_fake)
+        torch.library.register_fake(_bwd, _attention_bwd_fake)
+        torch.library.register_autograd(
+            _fwd, _fwd_backward_through(_bwd), setup_context=_fwd_setup_context
         )
-        return dq, dk, dv, (dbias if compute_dbias else None), None, None, None, None
-
-    torch.library.register_fake(attention_fwd_triton, _attention_fwd_fake)
-    torch.library.register_fake(attention_bwd_triton, _attention_bwd_fake)
-    torch.library.register_autograd(
-        attention_fwd_triton, _fwd_backward, setup_context=_fwd_setup_context
-    )
 
     def _triton_impl(q, k, v, key_bias, prefix_len, scale, causal, causal_strength, return_lse):
         out, lse = torch.ops.fastvl.attention_fwd_triton(
@@ -157,105 +251,120 @@ if TRITON_IMPORT_ERROR is None:
         )
         return (out, lse) if return_lse else out
 
+    def _varlen_triton_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                            key_bias, prefix_len, scale, causal, causal_strength, return_lse):
+        out, lse = torch.ops.fastvl.varlen_attention_fwd_triton(
+            q, k, v, key_bias, prefix_len, scale, causal, causal_strength,
+            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        )
+        return (out, lse) if return_lse else out
+
     ATTENTION.implement("triton", _triton_impl, _triton_call_reasons)
+    VARLEN_ATTENTION.implement("triton", _varlen_triton_impl, _triton_call_reasons)
 
 
 # ---- validation --------------------------------------------------------------------------
+# Shared by attention and varlen_attention (and attention_key_mass through _validate); every
+# message starts with the op's name.
 
 
-def _check_tensor(name: str, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
-
-
-def _validate(q, k, v, causal, key_bias, scale, causal_strength, prefix_len, return_lse):
+def _validate_qkv(op: str, q, k, v, packed: bool) -> None:
+    """q, k, v: (B, H, Nq, D) / (B, Hkv, Nk, D), or packed (total_q, H, D) / (total_k, Hkv, D);
+    one float dtype and device, H a multiple of Hkv, D >= 1."""
+    if packed:
+        ndim, token_dim, keys_name = 3, 0, "total_k"
+        q_layout, kv_layout = "(total_q, H, D)", "(total_k, Hkv, D)"
+    else:
+        ndim, token_dim, keys_name = 4, 2, "Nk"
+        q_layout, kv_layout = "(B, H, Nq, D)", "(B, Hkv, Nk, D)"
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, t)
-    if q.dim() != 4:
-        raise ValueError(f"attention: q must be (B, H, Nq, D), got shape {tuple(q.shape)}")
+        check_tensor(op, name, t)
+    if q.dim() != ndim:
+        raise ValueError(f"{op}: q must be {q_layout}, got shape {tuple(q.shape)}")
     for name, t in (("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(
-                f"attention: {name} must be (B, Hkv, Nk, D), got shape {tuple(t.shape)}"
-            )
+        if t.dim() != ndim:
+            raise ValueError(f"{op}: {name} must be {kv_layout}, got shape {tuple(t.shape)}")
     if not q.is_floating_point():
-        raise TypeError(f"attention: q must be a floating-point tensor, got {q.dtype}")
+        raise TypeError(f"{op}: q must be a floating-point tensor, got {q.dtype}")
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise TypeError(
-                f"attention: q, k and v must share one dtype, got q {q.dtype} and {name} {t.dtype}"
+                f"{op}: q, k and v must share one dtype, got q {q.dtype} and {name} {t.dtype}"
             )
         if t.device != q.device:
             raise ValueError(
-                f"attention: q is on {q.device} but {name} is on {t.device}; "
+                f"{op}: q is on {q.device} but {name} is on {t.device}; "
                 "put q, k and v on the same device"
             )
-    batch, heads, _, head_dim = q.shape
+    heads, head_dim = q.shape[1], q.shape[-1]
     for name, t in (("k", k), ("v", v)):
-        if t.shape[0] != batch:
+        if not packed and t.shape[0] != q.shape[0]:
             raise ValueError(
-                f"attention: {name} batch size {t.shape[0]} does not match q's {batch}"
+                f"{op}: {name} batch size {t.shape[0]} does not match q's {q.shape[0]}"
             )
-        if t.shape[3] != head_dim:
+        if t.shape[-1] != head_dim:
             raise ValueError(
-                f"attention: {name} head dim {t.shape[3]} does not match q's {head_dim}"
+                f"{op}: {name} head dim {t.shape[-1]} does not match q's {head_dim}"
             )
     if k.shape[1] != v.shape[1]:
+        raise ValueError(f"{op}: k has {k.shape[1]} heads but v has {v.shape[1]}; they must match")
+    if k.shape[token_dim] != v.shape[token_dim]:
         raise ValueError(
-            f"attention: k has {k.shape[1]} heads but v has {v.shape[1]}; they must match"
+            f"{op}: k has {k.shape[token_dim]} keys ({keys_name}) but v has "
+            f"{v.shape[token_dim]}; they must match"
         )
-    if k.shape[2] != v.shape[2]:
-        raise ValueError(
-            f"attention: k has {k.shape[2]} keys (Nk) but v has {v.shape[2]}; they must match"
-        )
-    kv_heads, num_keys = k.shape[1], k.shape[2]
+    kv_heads = k.shape[1]
     if kv_heads == 0 or heads % kv_heads != 0:
         raise ValueError(
-            f"attention: the number of query heads ({heads}) must be a multiple of the number "
+            f"{op}: the number of query heads ({heads}) must be a multiple of the number "
             f"of key/value heads ({kv_heads}) (MQA/GQA: query head h uses kv head h // (H // Hkv))"
         )
     if head_dim == 0:
-        raise ValueError("attention: head dim D must be at least 1")
+        raise ValueError(f"{op}: head dim D must be at least 1")
 
-    if key_bias is not None:
-        _check_tensor("key_bias", key_bias)
-        if not key_bias.is_floating_point():
-            raise TypeError(
-                f"attention: key_bias must be a floating-point tensor, got {key_bias.dtype}"
-            )
-        if tuple(key_bias.shape) not in ((batch, num_keys), (batch, heads, num_keys)):
-            raise ValueError(
-                f"attention: key_bias must be (B, Nk) = ({batch}, {num_keys}) or (B, H, Nk) = "
-                f"({batch}, {heads}, {num_keys}), got shape {tuple(key_bias.shape)}"
-            )
-        if key_bias.device != q.device:
-            raise ValueError(f"attention: q is on {q.device} but key_bias is on {key_bias.device}")
 
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, _NUMBER)):
-        raise TypeError(
-            f"attention: scale must be a Python number or None, got {type(scale).__name__}"
+def _validate_key_bias(op: str, key_bias, q, shapes: dict) -> None:
+    """key_bias: None or a float tensor on q's device with one of ``shapes`` {name: shape}."""
+    if key_bias is None:
+        return
+    check_tensor(op, "key_bias", key_bias)
+    if not key_bias.is_floating_point():
+        raise TypeError(f"{op}: key_bias must be a floating-point tensor, got {key_bias.dtype}")
+    if tuple(key_bias.shape) not in shapes.values():
+        expected = " or ".join(f"{name} = {shape}" for name, shape in shapes.items())
+        raise ValueError(
+            f"{op}: key_bias must be {expected}, got shape {tuple(key_bias.shape)}"
         )
+    if key_bias.device != q.device:
+        raise ValueError(f"{op}: q is on {q.device} but key_bias is on {key_bias.device}")
+
+
+def _validate_options(op: str, q, batch: int, causal, scale, causal_strength, prefix_len,
+                      return_lse) -> None:
+    """scale, causal_strength, prefix_len ((B,) or int) and return_lse."""
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, _NUMBER)):
+        raise TypeError(f"{op}: scale must be a Python number or None, got {type(scale).__name__}")
 
     if causal_strength is not None:
         if isinstance(causal_strength, bool) or not isinstance(causal_strength, _NUMBER):
             raise TypeError(
-                "attention: causal_strength must be a Python float in [0, 1] or None, got "
+                f"{op}: causal_strength must be a Python float in [0, 1] or None, got "
                 f"{type(causal_strength).__name__}"
             )
         if not 0.0 <= causal_strength <= 1.0:
             raise ValueError(
-                f"attention: causal_strength must lie in [0, 1] (1 = hard causal mask, 0 = no "
+                f"{op}: causal_strength must lie in [0, 1] (1 = hard causal mask, 0 = no "
                 f"mask), got {causal_strength}"
             )
         if not causal:
             raise ValueError(
-                "attention: causal_strength softens the causal mask; pass causal=True with it"
+                f"{op}: causal_strength softens the causal mask; pass causal=True with it"
             )
 
     if prefix_len is not None:
         if not causal:
             raise ValueError(
-                "attention: prefix_len makes the first keys visible through the causal mask; "
+                f"{op}: prefix_len makes the first keys visible through the causal mask; "
                 "pass causal=True with it"
             )
         if isinstance(prefix_len, torch.Tensor):
@@ -263,25 +372,119 @@ def _validate(q, k, v, causal, key_bias, scale, causal_strength, prefix_len, ret
                 prefix_len.dtype == torch.bool
             ):
                 raise TypeError(
-                    "attention: prefix_len must be an integer tensor or int, got "
-                    f"{prefix_len.dtype}"
+                    f"{op}: prefix_len must be an integer tensor or int, got {prefix_len.dtype}"
                 )
             if tuple(prefix_len.shape) != (batch,):
                 raise ValueError(
-                    f"attention: prefix_len must have shape (B,) = ({batch},), "
+                    f"{op}: prefix_len must have shape (B,) = ({batch},), "
                     f"got {tuple(prefix_len.shape)}"
                 )
             if prefix_len.device != q.device:
                 raise ValueError(
-                    f"attention: q is on {q.device} but prefix_len is on {prefix_len.device}"
+                    f"{op}: q is on {q.device} but prefix_len is on {prefix_len.device}"
                 )
-        elif isinstance(prefix_len, bool) or not isinstance(prefix_len, (int, torch.SymInt)):
+        elif not is_int(prefix_len):
             raise TypeError(
-                f"attention: prefix_len must be an int or a (B,) integer tensor, got "
+                f"{op}: prefix_len must be an int or a (B,) integer tensor, got "
                 f"{type(prefix_len).__name__}"
             )
     if not isinstance(return_lse, bool):
-        raise TypeError(f"attention: return_lse must be a bool, got {type(return_lse).__name__}")
+        raise TypeError(f"{op}: return_lse must be a bool, got {type(return_lse).__name__}")
+
+
+def _validate(q, k, v, causal, key_bias, scale, causal_strength, prefix_len, return_lse):
+    """All of attention's checks."""
+    _validate_qkv("attention", q, k, v, packed=False)
+    batch, heads, num_keys = q.shape[0], q.shape[1], k.shape[2]
+    _validate_key_bias(
+        "attention", key_bias, q,
+        {"(B, Nk)": (batch, num_keys), "(B, H, Nk)": (batch, heads, num_keys)},
+    )
+    _validate_options("attention", q, batch, causal, scale, causal_strength, prefix_len,
+                      return_lse)
+
+
+def _host_readable(t: torch.Tensor) -> bool:
+    """Whether t's values can be read now without a device sync or a graph break."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling() and not is_fake(t)
+
+
+def _validate_cu_seqlens(op: str, name: str, cu_seqlens, max_name: str, max_seqlen,
+                         total: int, tokens_name: str, device: torch.device) -> None:
+    """One cu_seqlens / max_seqlen pair; the values only where :func:`_host_readable`."""
+    check_tensor(op, name, cu_seqlens)
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(
+            f"{op}: {name} must be an int32 tensor of cumulative sequence lengths, "
+            f"got {cu_seqlens.dtype}"
+        )
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] == 0:
+        raise ValueError(f"{op}: {name} must have shape (B + 1,), got {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"{op}: q is on {device} but {name} is on {cu_seqlens.device}")
+    if not is_int(max_seqlen):
+        raise TypeError(f"{op}: {max_name} must be a Python int, got {type(max_seqlen).__name__}")
+    if max_seqlen < 0:
+        raise ValueError(f"{op}: {max_name} must be >= 0, got {max_seqlen}")
+    if total > 0 and (cu_seqlens.shape[0] == 1 or max_seqlen == 0):
+        raise ValueError(
+            f"{op}: {tokens_name} has {total} tokens but {name} has {cu_seqlens.shape[0] - 1} "
+            f"sequences and {max_name} = {max_seqlen}"
+        )
+    if not _host_readable(cu_seqlens):
+        return
+    offsets = cu_seqlens.tolist()
+    lengths = [end - start for start, end in zip(offsets, offsets[1:])]
+    if offsets[0] != 0:
+        raise ValueError(f"{op}: {name} must start at 0, got {name}[0] = {offsets[0]}")
+    if lengths and min(lengths) < 0:
+        b = next(i for i, n in enumerate(lengths) if n < 0)
+        raise ValueError(
+            f"{op}: {name} must be non-decreasing, got {name}[{b}] = {offsets[b]} > "
+            f"{name}[{b + 1}] = {offsets[b + 1]}"
+        )
+    if offsets[-1] != total:
+        raise ValueError(
+            f"{op}: {name}[-1] = {offsets[-1]} must equal the number of tokens in "
+            f"{tokens_name} ({total})"
+        )
+    if lengths and max(lengths) > max_seqlen:
+        raise ValueError(
+            f"{op}: {max_name} = {max_seqlen} is less than the longest sequence ({max(lengths)})"
+        )
+
+
+def _validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                     key_bias, scale, causal_strength, prefix_len, return_lse):
+    """All of varlen_attention's checks."""
+    op = "varlen_attention"
+    _validate_qkv(op, q, k, v, packed=True)
+    _validate_cu_seqlens(op, "cu_seqlens_q", cu_seqlens_q, "max_seqlen_q", max_seqlen_q,
+                         q.shape[0], "q", q.device)
+    _validate_cu_seqlens(op, "cu_seqlens_k", cu_seqlens_k, "max_seqlen_k", max_seqlen_k,
+                         k.shape[0], "k", q.device)
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(
+            f"{op}: cu_seqlens_q has shape {tuple(cu_seqlens_q.shape)} but cu_seqlens_k has "
+            f"{tuple(cu_seqlens_k.shape)}; both must be (B + 1,)"
+        )
+    total_k, heads = k.shape[0], q.shape[1]
+    _validate_key_bias(
+        op, key_bias, q, {"(total_k,)": (total_k,), "(total_k, H)": (total_k, heads)}
+    )
+    _validate_options(op, q, cu_seqlens_q.shape[0] - 1, causal, scale, causal_strength,
+                      prefix_len, return_lse)
+
+
+def _normalize(q, batch: int, scale, causal_strength, prefix_len):
+    """(scale, causal_strength, prefix_len) with the defaults filled in, prefix_len a tensor."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if causal_strength is None:
+        causal_strength = 1.0
+    if prefix_len is not None and not isinstance(prefix_len, torch.Tensor):
+        prefix_len = torch.full((batch,), prefix_len, dtype=torch.int64, device=q.device)
+    return scale, causal_strength, prefix_len
 
 
 def attention(
@@ -328,11 +531,73 @@ def attention(
         ``-inf`` and zero gradients, never NaN.
     """
     _validate(q, k, v, causal, key_bias, scale, causal_strength, prefix_len, return_lse)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    if causal_strength is None:
-        causal_strength = 1.0
-    if prefix_len is not None and not isinstance(prefix_len, torch.Tensor):
-        prefix_len = torch.full((q.shape[0],), prefix_len, dtype=torch.int64, device=q.device)
+    scale, causal_strength, prefix_len = _normalize(
+        q, q.shape[0], scale, causal_strength, prefix_len
+    )
     args = (q, k, v, key_bias, prefix_len, scale, bool(causal), causal_strength, return_lse)
     return ATTENTION.select(backend, q.device, *args)(*args)
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = False,
+    key_bias: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    causal_strength: Optional[float] = None,
+    prefix_len: Union[torch.Tensor, int, None] = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+):
+    """:func:`attention` on each sequence of a packed variable-length batch.
+
+    Sequence b is made of the queries ``q[cu_seqlens_q[b]:cu_seqlens_q[b + 1]]`` and the keys
+    and values ``k, v[cu_seqlens_k[b]:cu_seqlens_k[b + 1]]``; its output is exactly
+    ``attention`` on that sample alone (Nq_b and Nk_b its own lengths, which may be 0).
+
+    Args:
+        q: (total_q, H, D). k, v: (total_k, Hkv, D), GQA as in :func:`attention`. One float
+            dtype. Any strides; the triton kernels copy an input whose last dim is not
+            contiguous.
+        cu_seqlens_q, cu_seqlens_k: int32 (B + 1,) cumulative lengths on q's device: start at
+            0, non-decreasing, last = total_q / total_k.
+        max_seqlen_q, max_seqlen_k: Python ints >= the longest query / key sequence (they size
+            the kernel grid).
+        causal: per sequence, key j is hidden from query i when ``j > i + Nk_b - Nq_b``
+            (aligned bottom-right per sequence).
+        key_bias: (total_k,) or (total_k, H) float, token-major like k; differentiable.
+        scale, causal_strength: as :func:`attention`.
+        prefix_len: with ``causal=True``, an int or an integer (B,) tensor: keys
+            ``j < prefix_len[b]`` of sequence b are visible to all its queries (clamped to
+            [0, Nk_b]).
+        return_lse: also return ``lse`` of shape (total_q, H), token-major (lse[t, h] is the
+            row of query token t, head h); float32 (float64 for float64 inputs).
+            Differentiable.
+        backend: "auto", "triton" or "torch".
+
+    Returns:
+        ``out`` (total_q, H, D) in q's dtype, or ``(out, lse)``. A query row with no visible
+        key (Nk_b = 0, all keys biased to ``-inf``, or a causal row before the first key)
+        gets output 0, lse ``-inf`` and zero gradients.
+
+    Checked without reading tensor values: types, dtypes, shapes, devices, ``B`` equal for
+    both cu_seqlens, ``max_seqlen_* >= 0``, and nonzero ``B`` and ``max_seqlen`` when there
+    are tokens. The values of cu_seqlens (start 0, non-decreasing, last = total, lengths
+    <= max_seqlen) are checked only where reading them costs no device sync: CPU tensors
+    outside torch.compile. On a GPU, invalid cu_seqlens or a too small max_seqlen leave
+    outputs unwritten (triton) or fail in an indexing op (torch).
+    """
+    _validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                     key_bias, scale, causal_strength, prefix_len, return_lse)
+    scale, causal_strength, prefix_len = _normalize(
+        q, cu_seqlens_q.shape[0] - 1, scale, causal_strength, prefix_len
+    )
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_bias,
+            prefix_len, scale, bool(causal), causal_strength, return_lse)
+    return VARLEN_ATTENTION.select(backend, q.device, *args)(*args)

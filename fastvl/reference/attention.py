@@ -15,6 +15,9 @@ Logits, for batch b, query head h, query i and key j (``offset = Nk - Nq``)::
 
 ``out = softmax(s) @ v`` and ``lse = logsumexp_j(s)``. A row without any visible key
 (``lse = -inf``) has output 0, and its gradients are 0 rather than NaN.
+
+:func:`varlen_attention` is the same per sequence of a packed batch (q (total_q, H, D) with
+int32 ``cu_seqlens``): each sequence b is one sample with its own ``Nq_b``, ``Nk_b``.
 """
 
 from __future__ import annotations
@@ -166,6 +169,85 @@ def attention(
     if q.shape[1] != k.shape[1]:
         k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def _padded_slots(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> torch.Tensor:
+    """(total,) int64: where each packed token goes in a (B * max_seqlen) padded layout.
+
+    Sequences are right-aligned (padding first): token t of sequence b, which ends at
+    ``cu_seqlens[b + 1]``, goes to ``(b + 1) * max_seqlen - (cu_seqlens[b + 1] - t)``.
+    """
+    ends = cu_seqlens[1:].long()
+    tokens = torch.arange(total, device=cu_seqlens.device)
+    seq = torch.searchsorted(ends, tokens, right=True)  # the sequence holding each token
+    return (seq + 1) * max_seqlen - (ends.gather(0, seq) - tokens)
+
+
+def _pad(packed: torch.Tensor, slots: torch.Tensor, batch: int, max_seqlen: int) -> torch.Tensor:
+    """(total, ...) -> (B, max_seqlen, ...) with zeros in the padding (differentiable)."""
+    padded = packed.new_zeros((batch * max_seqlen, *packed.shape[1:]))
+    return padded.index_copy(0, slots, packed).view(batch, max_seqlen, *packed.shape[1:])
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = False,
+    key_bias: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    causal_strength: Optional[float] = None,
+    prefix_len: Optional[torch.Tensor] = None,
+    return_lse: bool = False,
+):
+    """Attention per sequence of a packed batch, via :func:`attention_math` on a padded copy.
+
+    q (total_q, H, D), k/v (total_k, Hkv, D), int32 ``cu_seqlens_*`` (B + 1,), valid and
+    within ``max_seqlen_*``; key_bias None, (total_k,) or (total_k, H); prefix_len None or
+    (B,). Returns ``out`` (total_q, H, D), or ``(out, lse)`` with lse (total_q, H).
+
+    Sequences are right-aligned in the padded (B, H, max_seqlen, D) tensors and padded keys
+    get a ``-inf`` bias, so the dense bottom-right causal rule ``j > i + Mk - Mq`` on padded
+    indices is exactly ``j > i + Nk_b - Nq_b`` on each sequence's own indices; prefix_len is
+    shifted by the key padding ``Mk - Nk_b`` likewise. No host sync, no data-dependent shapes.
+    """
+    batch = cu_seqlens_q.shape[0] - 1
+    total_q, total_k = q.shape[0], k.shape[0]
+    q_slots = _padded_slots(cu_seqlens_q, total_q, max_seqlen_q)
+    k_slots = _padded_slots(cu_seqlens_k, total_k, max_seqlen_k)
+    q_pad = _pad(q, q_slots, batch, max_seqlen_q).transpose(1, 2)  # (B, H, Mq, D)
+    k_pad, v_pad = (_pad(t, k_slots, batch, max_seqlen_k).transpose(1, 2) for t in (k, v))
+
+    key_lengths = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
+    key_padding = max_seqlen_k - key_lengths  # (B,)
+    is_padding = torch.arange(max_seqlen_k, device=q.device) < key_padding.unsqueeze(1)
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    bias = torch.zeros(is_padding.shape, dtype=acc_dtype, device=q.device).masked_fill(
+        is_padding, -math.inf
+    )  # (B, Mk)
+    if key_bias is not None:
+        padded_bias = _pad(key_bias.to(acc_dtype), k_slots, batch, max_seqlen_k)
+        bias = padded_bias + bias if key_bias.dim() == 1 else (
+            padded_bias.transpose(1, 2) + bias.unsqueeze(1)  # (B, H, Mk)
+        )
+    if prefix_len is not None:
+        prefix_len = prefix_len.long().clamp(0) + key_padding
+
+    out_pad, lse_pad = attention_math(
+        q_pad, k_pad, v_pad, causal=causal, key_bias=bias, scale=scale,
+        causal_strength=causal_strength, prefix_len=prefix_len,
+    )
+    flat_rows = batch * max_seqlen_q
+    out = out_pad.transpose(1, 2).reshape(flat_rows, *q.shape[1:]).index_select(0, q_slots)
+    if not return_lse:
+        return out
+    lse = lse_pad.transpose(1, 2).reshape(flat_rows, q.shape[1]).index_select(0, q_slots)
+    return out, lse
 
 
 def attention_backward(

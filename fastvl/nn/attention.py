@@ -1,0 +1,280 @@
+"""``Attention``: a drop-in for ``timm.layers.Attention`` computed by :func:`fastvl.ops.attention`.
+
+Same constructor arguments, submodules (``qkv``, ``q_norm``, ``k_norm``, ``attn_drop``, ``norm``,
+``gate``, ``proj``, ``proj_drop``), parameter initialisation order and state-dict keys as timm
+1.0's class, so checkpoints load both ways with ``strict=True``; the forward takes timm's
+arguments (``x``, ``attn_mask``, ``is_causal``) plus ``key_bias`` for ToMe proportional
+attention.
+
+Which path computes ``softmax(q k^T * scale + bias) v`` is decided by the module's state and the
+shapes of the arguments, never by tensor values:
+
+* the fastvl op (on ``backend``), for no mask, a causal mask, ``key_bias``, and an ``attn_mask``
+  that is the same for every query (shape ``(..., 1, N)`` after broadcasting to (B, H, N, N)),
+  which is folded into ``key_bias``;
+* :func:`torch.nn.functional.scaled_dot_product_attention` (what timm calls) for what the
+  kernels cannot do: attention dropout (training with ``attn_drop.p > 0``) and a general
+  per-query ``attn_mask``. With ``backend="triton"`` these raise
+  :class:`~fastvl.ops.BackendNotSupportedError` instead, since the kernel was asked for by name.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Type
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastvl.ops.attention import attention
+from fastvl.ops.registry import BackendNotSupportedError
+from fastvl.reference.attention import attention_bias
+
+__all__ = ["Attention", "ATTENTION_BACKENDS"]
+
+ATTENTION_BACKENDS = ("auto", "triton", "torch")
+# timm's submodules of Attention, in its registration (and state-dict) order; gate may be None.
+TIMM_SUBMODULES = ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "gate", "proj", "proj_drop")
+
+
+def check_backend(backend) -> str:
+    """``backend`` if it is one of :data:`ATTENTION_BACKENDS`, else ValueError."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+    return backend
+
+
+def _check_attn_mask(attn_mask, batch: int, heads: int, num_tokens: int) -> None:
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(
+            f"Attention: attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}"
+        )
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(
+            "Attention: attn_mask must be bool (True = attend) or floating point (added to the "
+            f"logits), got {attn_mask.dtype}"
+        )
+    full = (batch, heads, num_tokens, num_tokens)
+    try:
+        broadcast = torch.broadcast_shapes(attn_mask.shape, full)
+    except RuntimeError:
+        broadcast = None
+    if broadcast != torch.Size(full):
+        raise ValueError(
+            f"Attention: attn_mask must broadcast to (B, H, N, N) = {full}, "
+            f"got shape {tuple(attn_mask.shape)}"
+        )
+
+
+def _check_key_bias(key_bias, batch: int, heads: int, num_tokens: int) -> None:
+    if not isinstance(key_bias, torch.Tensor):
+        raise TypeError(
+            f"Attention: key_bias must be a torch.Tensor or None, got {type(key_bias).__name__}"
+        )
+    if not key_bias.is_floating_point():
+        raise TypeError(f"Attention: key_bias must be floating point, got {key_bias.dtype}")
+    if tuple(key_bias.shape) not in ((batch, num_tokens), (batch, heads, num_tokens)):
+        raise ValueError(
+            f"Attention: key_bias must be (B, N) = ({batch}, {num_tokens}) or (B, H, N) = "
+            f"({batch}, {heads}, {num_tokens}), got shape {tuple(key_bias.shape)}"
+        )
+
+
+def _is_per_key(attn_mask: torch.Tensor) -> bool:
+    """True when the mask is the same for every query (its query dim broadcasts from 1)."""
+    return attn_mask.dim() < 2 or attn_mask.shape[-2] == 1
+
+
+def _mask_as_bias(attn_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An SDPA-style mask as an additive float bias: bool True -> 0, False -> -inf."""
+    if attn_mask.dtype != torch.bool:
+        return attn_mask
+    zero = torch.zeros((), dtype=dtype, device=attn_mask.device)
+    return torch.where(attn_mask, zero, torch.full_like(zero, float("-inf")))
+
+
+def _per_key_mask_as_key_bias(attn_mask: torch.Tensor, batch: int, heads: int,
+                              num_tokens: int, dtype: torch.dtype) -> torch.Tensor:
+    """A per-key attn_mask as key_bias: (B, N) when it is shared by the heads, else (B, H, N)."""
+    bias = _mask_as_bias(attn_mask, dtype)
+    bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))[:, :, 0, :]  # (b, h, n)
+    if bias.shape[1] == 1:
+        return bias[:, 0].expand(batch, num_tokens)
+    return bias.expand(batch, heads, num_tokens)
+
+
+def _add_key_biases(a: Optional[torch.Tensor], b: torch.Tensor) -> torch.Tensor:
+    """Sum of two key biases, each (B, N) or (B, H, N)."""
+    if a is None:
+        return b
+    if a.dim() != b.dim():
+        a, b = (a.unsqueeze(1), b) if a.dim() == 2 else (a, b.unsqueeze(1))
+    return a + b
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, drop-in for ``timm.layers.Attention`` (timm 1.0).
+
+    Args: as timm's (``dim``, ``num_heads``, ``attn_head_dim``, ``dim_out``, ``qkv_bias``,
+    ``qk_norm``, ``scale_norm``, ``proj_bias``, ``gated``, ``attn_drop``, ``proj_drop``,
+    ``norm_layer``, ``device``, ``dtype``), plus ``backend``: "auto", "triton" or "torch",
+    the :func:`fastvl.ops.attention` backend, fixed here for the module's lifetime.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        attn_head_dim: Optional[int] = None,
+        dim_out: Optional[int] = None,
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
+        scale_norm: bool = False,
+        proj_bias: bool = True,
+        gated: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        norm_layer: Optional[Type[nn.Module]] = None,
+        device=None,
+        dtype=None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if attn_head_dim is None:
+            if dim % num_heads != 0:
+                raise ValueError(
+                    f"Attention: dim ({dim}) must be divisible by num_heads ({num_heads}) "
+                    "unless attn_head_dim is given"
+                )
+            attn_head_dim = dim // num_heads
+        if (qk_norm or scale_norm) and norm_layer is None:
+            raise ValueError("Attention: norm_layer is required with qk_norm or scale_norm")
+        self._set_attributes(num_heads, attn_head_dim, backend)
+        factory = {"device": device, "dtype": dtype}
+        self.qkv = nn.Linear(dim, 3 * self.attn_dim, bias=qkv_bias, **factory)
+        self.q_norm = norm_layer(attn_head_dim, **factory) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(attn_head_dim, **factory) if qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.norm = norm_layer(self.attn_dim, **factory) if scale_norm else nn.Identity()
+        self.gate = nn.Linear(dim, self.attn_dim, bias=qkv_bias, **factory) if gated else None
+        self.proj = nn.Linear(self.attn_dim, dim_out or dim, bias=proj_bias, **factory)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _set_attributes(self, num_heads: int, head_dim: int, backend: str) -> None:
+        self.backend = check_backend(backend)
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.attn_dim = num_heads * head_dim
+        self.scale = head_dim ** -0.5
+
+    @classmethod
+    def from_timm(cls, attn: nn.Module, backend: str = "auto") -> "Attention":
+        """A fastvl Attention that shares ``attn``'s submodules (and so its parameters).
+
+        ``attn`` must be exactly a ``timm.layers.Attention`` (a subclass may change forward).
+        Nothing is copied: training one trains the other; the training flag is taken over.
+        """
+        from timm.layers import Attention as TimmAttention
+
+        if type(attn) is not TimmAttention:
+            raise TypeError(
+                "Attention.from_timm: attn must be a timm.layers.Attention, got "
+                f"{type(attn).__module__}.{type(attn).__qualname__}"
+            )
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module._set_attributes(attn.num_heads, attn.head_dim, backend)
+        module.scale = attn.scale
+        for name in TIMM_SUBMODULES:
+            setattr(module, name, getattr(attn, name))
+        module.training = attn.training
+        return module
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, backend={self.backend!r}"
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
+        key_bias: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """x: (B, N, C) -> (B, N, dim_out).
+
+        Args:
+            attn_mask: as SDPA's, broadcastable to (B, H, N, N): bool (True = attend) or float
+                (added to the logits). A mask that is the same for every query (e.g. (B, 1, 1, N)
+                padding) runs on the fastvl op as ``key_bias``; any other mask runs on SDPA (see
+                the module docstring). A query that sees no key gets 0 from the fastvl op where
+                SDPA (and timm) give NaN.
+            is_causal: causal mask. Unlike timm (whose SDPA path raises and whose explicit path
+                drops the mask), it combines with ``attn_mask``: both apply.
+            key_bias: (B, N) or (B, H, N) additive per-key logit bias, e.g. ``log(size)`` for
+                ToMe proportional attention; added to ``attn_mask`` when both are given.
+        """
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            raise ValueError(
+                f"Attention: x must be a (B, N, C) tensor, got "
+                f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
+            )
+        if not isinstance(is_causal, bool):
+            raise TypeError(f"Attention: is_causal must be a bool, got {type(is_causal).__name__}")
+        batch, num_tokens, _ = x.shape
+        heads = self.num_heads
+        if attn_mask is not None:
+            _check_attn_mask(attn_mask, batch, heads, num_tokens)
+        if key_bias is not None:
+            _check_key_bias(key_bias, batch, heads, num_tokens)
+
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).reshape(batch, num_tokens, 3, heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, D)
+        q, k = self.q_norm(q), self.k_norm(k)
+        out = self._attend(q, k, v, attn_mask, is_causal, key_bias)  # (B, H, N, D)
+
+        out = out.transpose(1, 2).reshape(batch, num_tokens, self.attn_dim)
+        out = self.norm(out)
+        if gate is not None:
+            out = out * gate
+        return self.proj_drop(self.proj(out))
+
+    def _attend(self, q, k, v, attn_mask, is_causal, key_bias) -> torch.Tensor:
+        """softmax(q k^T * scale + masks) v on the path described in the module docstring."""
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        general_mask = attn_mask is not None and not _is_per_key(attn_mask)
+        if dropout_p > 0.0 or general_mask:
+            return self._sdpa(q, k, v, attn_mask, is_causal, key_bias, dropout_p)
+        if attn_mask is not None:
+            batch, heads, num_tokens, _ = q.shape
+            mask_bias = _per_key_mask_as_key_bias(attn_mask, batch, heads, num_tokens, q.dtype)
+            key_bias = _add_key_biases(key_bias, mask_bias)
+        return attention(
+            q, k, v, causal=is_causal, key_bias=key_bias, scale=self.scale, backend=self.backend
+        )
+
+    def _sdpa(self, q, k, v, attn_mask, is_causal, key_bias, dropout_p) -> torch.Tensor:
+        """What the kernels cannot do (dropout, per-query masks), on torch's SDPA."""
+        if self.backend == "triton":
+            reasons = []
+            if dropout_p > 0.0:
+                reasons.append(
+                    f"attention dropout (attn_drop.p = {dropout_p} in training mode): the "
+                    "kernels have no dropout; use backend='auto' or 'torch', or eval()"
+                )
+            if attn_mask is not None and not _is_per_key(attn_mask):
+                reasons.append(
+                    f"attn_mask of shape {tuple(attn_mask.shape)} differs between queries; the "
+                    "kernels take only per-key masks (query dim 1), as key_bias"
+                )
+            raise BackendNotSupportedError("fastvl.nn.Attention", "triton", reasons)
+        if key_bias is not None or (attn_mask is not None and is_causal):
+            extra = attention_bias(q, k, causal=is_causal, key_bias=key_bias)  # (B|1, H|1, N, N)
+            if attn_mask is not None:
+                extra = extra + _mask_as_bias(attn_mask, q.dtype).to(q.dtype)
+            attn_mask, is_causal = extra, False
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+            scale=self.scale,
+        )

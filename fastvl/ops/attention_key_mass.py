@@ -1,0 +1,201 @@
+"""``attention_key_mass``: how much attention each key receives, for token pruners.
+
+For each key, the sum over a range of queries of the softmax probabilities of an
+:func:`fastvl.ops.attention` call, recomputed from the ``lse`` that call returned, so the
+Nq x Nk probability matrix is never stored on the triton backend. It scores tokens for
+EViT / VisionZip (the class token's row), FastV (the last query, or all queries) and
+FitPrune (the maximum over heads).
+
+Backends: ``torch`` (:func:`fastvl.reference.attention_key_mass`, explicit probabilities of
+the selected rows; float64 capable) and ``triton`` (``fastvl::attention_key_mass_triton``, a
+``torch.library.triton_op`` with an explicit fake impl). No gradient: the inputs are
+detached and the output never requires grad.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from fastvl.ops._checks import check_int, check_tensor
+from fastvl.ops.attention import _triton_call_reasons as _attention_triton_call_reasons
+from fastvl.ops.attention import (  # the checks shared with attention
+    _normalize,
+    _validate_key_bias,
+    _validate_options,
+    _validate_qkv,
+)
+from fastvl.ops.registry import TRITON_IMPORT_ERROR, register_op
+from fastvl.reference.attention_key_mass import HEAD_REDUCTIONS
+from fastvl.reference.attention_key_mass import attention_key_mass as _reference_key_mass
+
+__all__ = ["attention_key_mass", "ATTENTION_KEY_MASS", "HEAD_REDUCTIONS"]
+
+ATTENTION_KEY_MASS = register_op("attention_key_mass")
+
+
+# ---- implementations ---------------------------------------------------------------------
+# Every implementation is called as
+#   fn(q, k, lse, key_bias, prefix_len, scale, causal, causal_strength, query_start,
+#      query_end, head_reduce)
+# with validated, detached, normalized arguments: scale a number, causal_strength a number in
+# [0, 1] (1.0 = hard mask), prefix_len None or an integer (B,) tensor on q's device,
+# 0 <= query_start <= query_end <= Nq ints.
+
+
+def _torch_impl(q, k, lse, key_bias, prefix_len, scale, causal, causal_strength, query_start,
+                query_end, head_reduce):
+    return _reference_key_mass(
+        q, k, lse, causal=causal, key_bias=key_bias, scale=scale,
+        causal_strength=causal_strength, prefix_len=prefix_len, query_start=query_start,
+        query_end=query_end, head_reduce=head_reduce,
+    ).float()
+
+
+def _triton_call_reasons(q, k, lse, key_bias, prefix_len, scale, causal, causal_strength,
+                         query_start, query_end, head_reduce) -> list[str]:
+    # The same kernel constraints (dtype, head dim) as attention's.
+    return _attention_triton_call_reasons(
+        q, k, k, key_bias, prefix_len, scale, causal, causal_strength, False
+    )
+
+
+ATTENTION_KEY_MASS.implement("torch", _torch_impl)
+
+
+def _key_mass_fake(q, k, lse, key_bias, prefix_len, scale, causal, causal_strength,
+                   query_start, query_end, head_reduce):
+    batch, heads = q.shape[0], q.shape[1]
+    shape = (batch, heads, k.shape[2]) if head_reduce is None else (batch, k.shape[2])
+    return q.new_empty(shape, dtype=torch.float32)
+
+
+if TRITON_IMPORT_ERROR is None:
+    from fastvl.kernels import attention_key_mass as _triton_key_mass
+
+    @torch.library.triton_op("fastvl::attention_key_mass_triton", mutates_args=())
+    def attention_key_mass_triton(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        lse: torch.Tensor,
+        key_bias: Optional[torch.Tensor],
+        prefix_len: Optional[torch.Tensor],
+        scale: float,
+        causal: bool,
+        causal_strength: float,
+        query_start: int,
+        query_end: int,
+        head_reduce: Optional[str],
+    ) -> torch.Tensor:
+        """-> float32 (B, Nk), or (B, H, Nk) for ``head_reduce=None``; no autograd."""
+        return _triton_key_mass.attention_key_mass(
+            q, k, lse, key_bias, prefix_len, scale, causal, causal_strength,
+            query_start, query_end, head_reduce,
+        )
+
+    torch.library.register_fake(attention_key_mass_triton, _key_mass_fake)
+    ATTENTION_KEY_MASS.implement("triton", attention_key_mass_triton, _triton_call_reasons)
+
+
+# ---- validation --------------------------------------------------------------------------
+
+
+def _validate(q, k, lse, causal, key_bias, scale, causal_strength, prefix_len, query_start,
+              query_end, head_reduce):
+    # q, k and the mask arguments follow attention's rules (k stands in for v).
+    op = "attention_key_mass"
+    _validate_qkv(op, q, k, k, packed=False)
+    batch, heads, num_queries = q.shape[:3]
+    num_keys = k.shape[2]
+    _validate_key_bias(
+        op, key_bias, q, {"(B, Nk)": (batch, num_keys), "(B, H, Nk)": (batch, heads, num_keys)}
+    )
+    _validate_options(op, q, batch, causal, scale, causal_strength, prefix_len, False)
+    check_tensor(op, "lse", lse)
+    if tuple(lse.shape) != (batch, heads, num_queries):
+        raise ValueError(
+            f"attention_key_mass: lse must be (B, H, Nq) = ({batch}, {heads}, {num_queries}) "
+            f"like the lse of attention(q, k, v, return_lse=True), got shape {tuple(lse.shape)}"
+        )
+    allowed = (torch.float32, torch.float64) if q.dtype == torch.float64 else (torch.float32,)
+    if lse.dtype not in allowed:
+        raise TypeError(
+            f"attention_key_mass: lse must be float32 (or float64 with float64 q, k), as "
+            f"attention(..., return_lse=True) returns it, got {lse.dtype}"
+        )
+    if lse.device != q.device:
+        raise ValueError(f"attention_key_mass: q is on {q.device} but lse is on {lse.device}")
+    check_int(op, "query_start", query_start)
+    if query_end is not None:
+        check_int(op, "query_end", query_end, "an int or None")
+    end = num_queries if query_end is None else query_end
+    if not 0 <= query_start <= end <= num_queries:
+        raise ValueError(
+            f"attention_key_mass: the query range must satisfy 0 <= query_start <= query_end "
+            f"<= Nq = {num_queries}, got query_start={query_start}, query_end={query_end}"
+        )
+    if head_reduce not in HEAD_REDUCTIONS:
+        raise ValueError(
+            f"attention_key_mass: head_reduce must be one of {HEAD_REDUCTIONS}, "
+            f"got {head_reduce!r}"
+        )
+    if head_reduce is not None and heads == 0:
+        raise ValueError(
+            f"attention_key_mass: head_reduce={head_reduce!r} needs at least one query head, "
+            "got H = 0"
+        )
+
+
+def attention_key_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    causal: bool = False,
+    key_bias: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    causal_strength: Optional[float] = None,
+    prefix_len: Union[torch.Tensor, int, None] = None,
+    query_start: int = 0,
+    query_end: Optional[int] = None,
+    head_reduce: Optional[str] = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention mass each key receives from queries ``[query_start, query_end)``.
+
+    ``mass[b, h, j] = sum_i softmax(s[b, h, i])[j]`` over the selected queries i, where the
+    probabilities are those of ``attention(q, k, v, causal=..., key_bias=..., scale=...,
+    causal_strength=..., prefix_len=..., return_lse=True)`` recomputed from its ``lse``.
+
+    Args:
+        q: (B, H, Nq, D). k: (B, Hkv, Nk, D), ``H % Hkv == 0`` (GQA). One float dtype.
+        lse: (B, H, Nq) float32 (float64 allowed with float64 q, k), the ``lse`` of the
+            attention call with the same q, k and masks. A row with ``lse = -inf`` (no
+            visible key) contributes 0.
+        causal, key_bias, scale, causal_strength, prefix_len: as in
+            :func:`fastvl.ops.attention`; they must match the call that produced ``lse``.
+        query_start, query_end: the queries summed over, ``0 <= query_start <= query_end
+            <= Nq`` (``query_end=None`` is Nq). EViT / VisionZip: ``0, 1`` (class token);
+            FastV: ``Nq - 1, Nq`` (last query) or all queries.
+        head_reduce: "mean" (default), "sum" or "max" (FitPrune) over the H query heads,
+            or None to keep them.
+        backend: "auto", "triton" or "torch" (see ``python -m fastvl info``).
+
+    Returns:
+        float32 (B, Nk), or (B, H, Nk) with ``head_reduce=None``. Not differentiable: the
+        inputs are detached, so the result never requires grad (also under torch.compile).
+    """
+    _validate(q, k, lse, causal, key_bias, scale, causal_strength, prefix_len, query_start,
+              query_end, head_reduce)
+    scale, causal_strength, prefix_len = _normalize(
+        q, q.shape[0], scale, causal_strength, prefix_len
+    )
+    if query_end is None:
+        query_end = q.shape[2]
+    q, k, lse = q.detach(), k.detach(), lse.detach()
+    if key_bias is not None:
+        key_bias = key_bias.detach()
+    args = (q, k, lse, key_bias, prefix_len, scale, bool(causal), causal_strength,
+            query_start, query_end, head_reduce)
+    return ATTENTION_KEY_MASS.select(backend, q.device, *args)(*args)

@@ -1,0 +1,235 @@
+"""Score-based token pruning: keep the prefix tokens and the top-``keep`` tokens by score.
+
+* :func:`topk_token_index` picks the tokens of one sequence layout (protected prefix, then
+  scored tokens; EViT / VisionZip on a ViT).
+* :func:`topk_candidate_index` picks among a given set of positions and keeps every other
+  token (FastV: the top-k image tokens of a LLaMA sequence, text tokens all kept).
+* :func:`keep_topk_tokens` gathers the picked tokens with :func:`fastvl.ops.gather_tokens`
+  (any of its backends; the backward is its scatter-add) and can fuse the dropped tokens
+  into one (EViT).
+
+The selection is plain PyTorch: a stable sort of the scores, then a sort of the kept
+positions. No host sync, so it can be captured in a CUDA graph and compiled with
+``fullgraph=True``. Scores rank highest first; ties go to the token listed earlier (the
+lower position), so results are deterministic on every device. NaN ranks above every
+number (as in :func:`torch.sort`). The selection itself has no gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastvl.ops._checks import check_tensor, is_int
+from fastvl.ops.gather import gather_tokens
+from fastvl.ops.registry import BACKENDS
+
+__all__ = ["keep_topk_tokens", "topk_token_index", "topk_candidate_index"]
+
+
+
+# ---- validation --------------------------------------------------------------------------
+
+
+def _check_count(op: str, name: str, value, high=None, high_text: str = "") -> None:
+    """``value`` must be an int >= 0, and <= ``high`` unless that is None (``high_text``
+    names the bound)."""
+    if not is_int(value):
+        raise TypeError(
+            f"{op}: {name} must be an int (a token count), got {type(value).__name__}"
+        )
+    if value < 0 or (high is not None and value > high):
+        bound = f"lie in [0, {high_text}] = [0, {high}]" if high is not None else "be >= 0"
+        raise ValueError(f"{op}: {name} must {bound}, got {value}")
+
+
+def _check_scores(op: str, scores) -> None:
+    check_tensor(op, "scores", scores)
+    if scores.dim() != 2:
+        raise ValueError(f"{op}: scores must be 2-D (B, tokens), got shape {tuple(scores.shape)}")
+    if not scores.is_floating_point():
+        raise TypeError(f"{op}: scores must be a floating-point tensor, got {scores.dtype}")
+
+
+def _check_candidate_values(candidates: torch.Tensor, num_tokens: int) -> None:
+    """Every row of candidates (B, M) must hold unique positions in [0, num_tokens).
+
+    One host sync, so skipped while torch.compile traces and while a CUDA graph is captured.
+    """
+    if candidates.numel() == 0 or torch.compiler.is_compiling():
+        return
+    if candidates.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    ascending = candidates.sort(dim=1).values
+    repeats = (ascending[:, 1:] == ascending[:, :-1]).sum()
+    low, high, repeats = torch.stack(
+        [ascending[:, 0].min(), ascending[:, -1].max(), repeats]
+    ).tolist()
+    if low < 0 or high >= num_tokens:
+        raise ValueError(
+            f"topk_candidate_index: candidates must lie in [0, {num_tokens}) (the token axis "
+            f"of scores), found values from {low} to {high}"
+        )
+    if repeats:
+        raise ValueError(
+            "topk_candidate_index: candidates must not repeat a position within a row, "
+            f"found {repeats} repeat(s)"
+        )
+
+
+# ---- selection ---------------------------------------------------------------------------
+
+
+def _best_first(scores: torch.Tensor) -> torch.Tensor:
+    """(B, M) -> (B, M) column order, highest score first, ties in column order."""
+    return torch.argsort(scores.detach(), dim=1, descending=True, stable=True)
+
+
+def topk_token_index(
+    scores: torch.Tensor, keep: int, *, num_prefix_tokens: int = 1
+) -> torch.Tensor:
+    """Indices of the prefix tokens and the ``keep`` best-scored tokens, in original order.
+
+    Args:
+        scores: (B, N - P) float, one score per non-prefix token (token ``P + j`` has
+            ``scores[:, j]``), e.g. the class token's attention ``attn[:, :, 0, P:]``
+            averaged over heads. Higher is kept first; ties go to the earlier token.
+        keep: int in [0, N - P], how many non-prefix tokens to keep.
+        num_prefix_tokens: P >= 0 leading tokens (class token, registers) that are always
+            kept and never scored.
+
+    Returns:
+        index (B, P + keep) int64 into the N tokens: ``0 .. P-1`` first, then the kept
+        tokens in ascending order. Never requires grad.
+    """
+    op = "topk_token_index"
+    _check_scores(op, scores)
+    _check_count(op, "num_prefix_tokens", num_prefix_tokens)
+    _check_count(op, "keep", keep, scores.shape[1], "scores.shape[1]")
+    return _topk_token_index(scores, keep, num_prefix_tokens)
+
+
+def _topk_token_index(scores, keep, num_prefix_tokens):
+    kept = _best_first(scores)[:, :keep].sort(dim=1).values + num_prefix_tokens
+    prefix = torch.arange(num_prefix_tokens, device=scores.device).expand(scores.shape[0], -1)
+    return torch.cat([prefix, kept], dim=1)
+
+
+def topk_candidate_index(
+    scores: torch.Tensor,
+    candidates: torch.Tensor,
+    keep: int,
+    *,
+    check_candidates: bool = True,
+) -> torch.Tensor:
+    """Indices of every non-candidate token and the ``keep`` best-scored candidates (FastV).
+
+    Args:
+        scores: (B, N) float, a score for every token; only the candidates' are read.
+        candidates: (B, M) or (M,) int64 positions in [0, N), unique within a row, e.g. the
+            image tokens: ``(input_ids == image_token_id).nonzero()[:, 1].view(B, -1)``
+            when every sample has M of them. Ties in score go to the candidate listed first.
+        keep: int in [0, M], how many candidates to keep.
+        check_candidates: verify the positions are in range and unique (one host sync,
+            skipped under torch.compile and CUDA-graph capture); pass False in hot loops.
+
+    Returns:
+        index (B, N - M + keep) int64, ascending: all non-candidates plus the kept
+        candidates. Never requires grad.
+    """
+    op = "topk_candidate_index"
+    _check_scores(op, scores)
+    check_tensor(op, "candidates", candidates)
+    batch, num_tokens = scores.shape
+    if candidates.dtype != torch.int64:
+        raise TypeError(f"{op}: candidates must be torch.int64, got {candidates.dtype}")
+    if candidates.dim() not in (1, 2) or (candidates.dim() == 2 and candidates.shape[0] != batch):
+        raise ValueError(
+            f"{op}: candidates must be (B, M) = ({batch}, M) or (M,), got shape "
+            f"{tuple(candidates.shape)}"
+        )
+    if candidates.device != scores.device:
+        raise ValueError(
+            f"{op}: scores is on {scores.device} but candidates is on {candidates.device}"
+        )
+    num_candidates = candidates.shape[-1]
+    if num_candidates > num_tokens:
+        raise ValueError(
+            f"{op}: {num_candidates} candidates cannot be unique positions among N = "
+            f"{num_tokens} tokens"
+        )
+    _check_count(op, "keep", keep, num_candidates, "M (the number of candidates)")
+    candidates = candidates.expand(batch, -1)
+    if check_candidates:
+        _check_candidate_values(candidates, num_tokens)
+
+    order = _best_first(scores.gather(1, candidates))
+    dropped_positions = candidates.gather(1, order[:, keep:])
+    dropped = torch.zeros(batch, num_tokens, dtype=torch.bool, device=scores.device)
+    dropped.scatter_(1, dropped_positions, True)
+    # A stable sort of the flags puts the kept positions (False) first, in ascending order.
+    kept_first = torch.argsort(dropped, dim=1, stable=True)
+    return kept_first[:, : num_tokens - num_candidates + keep]
+
+
+def keep_topk_tokens(
+    x: torch.Tensor,
+    scores: torch.Tensor,
+    keep: int,
+    *,
+    num_prefix_tokens: int = 1,
+    fuse_rest: bool = False,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the prefix tokens and the top-``keep`` tokens by score, in original order.
+
+    Args:
+        x: (B, N, C) float tokens.
+        scores: (B, N - P) float on x's device, scores of the non-prefix tokens only
+            (token ``P + j`` has ``scores[:, j]``); see :func:`topk_token_index`. May
+            require grad (it gets one with ``fuse_rest``).
+        keep: int in [0, N - P], how many non-prefix tokens to keep.
+        num_prefix_tokens: P, leading tokens always kept (class token, registers).
+        fuse_rest: append one token, ``sum over dropped j of scores[:, j] * x[:, P + j]``
+            (EViT's inattentive-token fusion, unnormalised; zero if nothing is dropped),
+            computed by a batched matmul in x's dtype.
+        backend: the :func:`fastvl.ops.gather_tokens` backend ("auto", "cuda", "triton",
+            "torch").
+
+    Returns:
+        ``(x_kept, index)``: x_kept (B, P + keep, C), or (B, P + keep + 1, C) with
+        ``fuse_rest``, in x's dtype; index (B, P + keep) int64 into the N tokens as
+        :func:`topk_token_index` returns it (the fused token has no index).
+        Differentiable in x (gather backward: a scatter-add) and, with ``fuse_rest``, in
+        scores.
+    """
+    op = "keep_topk_tokens"
+    check_tensor(op, "x", x)
+    if x.dim() != 3:
+        raise ValueError(f"{op}: x must be (B, N, C), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: x must be a floating-point tensor, got {x.dtype}")
+    batch, num_tokens, _ = x.shape
+    _check_count(op, "num_prefix_tokens", num_prefix_tokens, num_tokens, "N")
+    _check_scores(op, scores)
+    expected = (batch, num_tokens - num_prefix_tokens)
+    if tuple(scores.shape) != expected:
+        raise ValueError(
+            f"{op}: scores must be (B, N - num_prefix_tokens) = {expected}, one score per "
+            f"non-prefix token, got shape {tuple(scores.shape)}"
+        )
+    if scores.device != x.device:
+        raise ValueError(f"{op}: x is on {x.device} but scores is on {scores.device}")
+    _check_count(op, "keep", keep, num_tokens - num_prefix_tokens, "N - num_prefix_tokens")
+    if not isinstance(fuse_rest, bool):
+        raise TypeError(f"{op}: fuse_rest must be a bool, got {type(fuse_rest).__name__}")
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+
+    index = _topk_token_index(scores, keep, num_prefix_tokens)
+    # The index is in range by construction: skip gather's bounds check (a host sync).
+    x_kept = gather_tokens(x, index, backend=backend, check_bounds=False)
+    if fuse_rest:
+        weights = scores.scatter(1, index[:, num_prefix_tokens:] - num_prefix_tokens, 0.0)
+        fused = torch.bmm(weights.unsqueeze(1).to(x.dtype), x[:, num_prefix_tokens:])
+        x_kept = torch.cat([x_kept, fused], dim=1)
+    return x_kept, index

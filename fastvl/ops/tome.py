@@ -1,0 +1,395 @@
+"""Token merging (ToMe): ``tome_match`` plans a merge step, ``tome_merge`` applies it,
+``tome_unmerge`` undoes it (for dense tasks), ``tome_merge_source`` tracks original patches.
+
+A ToMe step inside a ViT block (after attention, keys averaged over heads as the metric)::
+
+    plan = tome_match(k.mean(1), r, num_prefix_tokens=1)        # k: (B, H, N, D)
+    x, size = tome_merge(plan, x, size)                          # (B, N - r, C), (B, N - r)
+    source = tome_merge_source(plan, source)                     # optional, (B, N_orig)
+    # next block's proportional attention: attention(..., key_bias=size.log())
+
+The definitions (which tokens may merge, cosine similarity, tie-breaking, the merged token
+order, size weighting) are in :mod:`fastvl.reference.tome`. In short: the ``P`` prefix tokens
+are protected, the rest alternate between sets A (even positions) and B (odd positions);
+each A token's most similar B token is its partner; the r best A tokens merge into their
+partners; the merged sequence keeps the surviving tokens in original order (``M = N - r``).
+
+The plan, :class:`TomePlan`, is a NamedTuple of int64 tensors (``dest`` (B, N), ``offsets``
+(B, M + 1), ``sources`` (B, N)) whose shapes carry N and M: a pytree that torch.compile
+traces without data-dependent branches, reusable for any number of tensors of the step.
+
+Backends:
+
+* ``torch`` (:mod:`fastvl.reference.tome`): explicit similarity matrix, ``scatter_add``
+  merge; float64 capable; the merge backward is autograd's (``scatter_add`` is not
+  deterministic on CUDA).
+* ``triton`` (:mod:`fastvl.kernels.tome`): ``fastvl::tome_best_partners_triton`` (tiled
+  similarity with a running row max / argmax, never storing the (N/2)^2 matrix), then the
+  top-r selection and index construction as a few small PyTorch ops on (B, N) (sort, cumsum,
+  scatter; no host synchronisation); ``fastvl::tome_merge_triton`` (one program per merged
+  token summing its sources in a fixed order: deterministic, no atomics, no clones), whose
+  gradient is ``fastvl::tome_spread_triton`` (a weighted gather, deterministic too); the
+  unmerge is ``tome_spread_triton`` unweighted, with ``fastvl::tome_segment_sum_triton`` as
+  its gradient. Each op's gradient is registered as the other op, so double backward works.
+  float16 / bfloat16 / float32.
+
+Sizes (how many original patches each token holds) are (B, N) floats and are treated as
+constants, as in ToMe: no gradient flows to them. Bad input raises ``ValueError`` /
+``TypeError`` naming the argument; ``r`` outside ``[0, (N - P) // 2]`` raises ``ValueError``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fastvl.ops._checks import check_int, check_tensor
+from fastvl.ops.registry import TRITON_IMPORT_ERROR, dtype_reasons, register_op
+from fastvl.reference import tome as _reference
+from fastvl.reference.tome import TomePlan
+
+__all__ = [
+    "tome_match",
+    "tome_merge",
+    "tome_unmerge",
+    "tome_merge_source",
+    "TomePlan",
+    "TOME_MATCH",
+    "TOME_MERGE",
+    "TOME_UNMERGE",
+]
+
+TOME_MATCH = register_op("tome_match")
+TOME_MERGE = register_op("tome_merge")
+TOME_UNMERGE = register_op("tome_unmerge")
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ---- implementations ---------------------------------------------------------------------
+# Called with validated arguments (size detached):
+#   match(metric, r, num_prefix_tokens) -> TomePlan
+#   merge(plan, x, size or None) -> (merged, size_merged)
+#   unmerge(plan, x) -> (B, N, C)
+
+TOME_MATCH.implement("torch", _reference.tome_match)
+TOME_MERGE.implement("torch", _reference.tome_merge)
+TOME_UNMERGE.implement("torch", _reference.tome_unmerge)
+
+
+def _match_triton_reasons(metric, r, num_prefix_tokens) -> list[str]:
+    return dtype_reasons("metric", metric, TRITON_DTYPES)
+
+
+def _merge_triton_reasons(plan, x, size) -> list[str]:
+    reasons = dtype_reasons("x", x, TRITON_DTYPES)
+    if size is not None:
+        reasons += dtype_reasons("size", size, TRITON_DTYPES)
+    return reasons
+
+
+def _unmerge_triton_reasons(plan, x) -> list[str]:
+    return dtype_reasons("x", x, TRITON_DTYPES)
+
+
+def _best_partners_fake(metric, num_prefix_tokens):
+    batch, num_tokens, _ = metric.shape
+    num_a = _reference.token_sets(num_tokens, num_prefix_tokens)[1]
+    return (metric.new_empty(batch, num_a, dtype=torch.float32),
+            metric.new_empty(batch, num_a, dtype=torch.int64))
+
+
+def _merge_fake(x, size, dest, offsets, sources):
+    batch, num_merged = offsets.shape[0], offsets.shape[1] - 1
+    size_dtype = torch.float32 if size is None else size.dtype
+    return (x.new_empty(batch, num_merged, x.shape[2]),
+            x.new_empty(batch, num_merged, dtype=size_dtype))
+
+
+def _spread_fake(y, size, size_merged, dest, offsets, sources):
+    return y.new_empty(dest.shape[0], dest.shape[1], y.shape[2])
+
+
+def _segment_sum_fake(x, dest, offsets, sources):
+    return x.new_empty(offsets.shape[0], offsets.shape[1] - 1, x.shape[2])
+
+
+if TRITON_IMPORT_ERROR is None:
+    from fastvl.kernels import tome as _kernels
+
+    @torch.library.triton_op("fastvl::tome_best_partners_triton", mutates_args=())
+    def tome_best_partners_triton(
+        metric: torch.Tensor, num_prefix_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """metric (B, N, C) -> (score (B, |A|) float32, partner (B, |A|) int64 position)."""
+        return _kernels.best_partners(metric, num_prefix_tokens)
+
+    @torch.library.triton_op("fastvl::tome_merge_triton", mutates_args=())
+    def tome_merge_triton(
+        x: torch.Tensor,
+        size: Optional[torch.Tensor],
+        dest: torch.Tensor,
+        offsets: torch.Tensor,
+        sources: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (merged (B, M, C) x's dtype, size_merged (B, M) size's dtype or float32).
+
+        ``dest`` is unused here; it is an input so that the gradient can use it."""
+        merged, size_merged = _kernels.segment_reduce(
+            x, size, offsets.contiguous(), sources.contiguous(), mean=True
+        )
+        return merged, size_merged
+
+    @torch.library.triton_op("fastvl::tome_spread_triton", mutates_args=())
+    def tome_spread_triton(
+        y: torch.Tensor,
+        size: Optional[torch.Tensor],
+        size_merged: Optional[torch.Tensor],
+        dest: torch.Tensor,
+        offsets: torch.Tensor,
+        sources: torch.Tensor,
+    ) -> torch.Tensor:
+        """y (B, M, C) -> (B, N, C): ``(size_i or 1) / size_merged[dest_i] * y[dest_i]``, or
+        ``y[dest_i]`` without ``size_merged``. ``offsets``/``sources`` serve the gradient."""
+        return _kernels.spread(y, size, size_merged, dest.contiguous())
+
+    @torch.library.triton_op("fastvl::tome_segment_sum_triton", mutates_args=())
+    def tome_segment_sum_triton(
+        x: torch.Tensor, dest: torch.Tensor, offsets: torch.Tensor, sources: torch.Tensor
+    ) -> torch.Tensor:
+        """x (B, N, C) -> (B, M, C): the sum of each merged token's sources (unweighted)."""
+        return _kernels.segment_reduce(
+            x, None, offsets.contiguous(), sources.contiguous(), mean=False
+        )[0]
+
+    def _merge_setup(ctx, inputs, output):
+        _, size, dest, offsets, sources = inputs
+        ctx.save_for_backward(size, output[1], dest, offsets, sources)
+        ctx.mark_non_differentiable(output[1])
+
+    def _merge_backward(ctx, grad_merged, _grad_size):
+        size, size_merged, dest, offsets, sources = ctx.saved_tensors
+        grad_x = torch.ops.fastvl.tome_spread_triton(
+            grad_merged, size, size_merged, dest, offsets, sources
+        )
+        return grad_x, None, None, None, None
+
+    def _spread_setup(ctx, inputs, output):
+        _, size, size_merged, dest, offsets, sources = inputs
+        ctx.weighted = size_merged is not None
+        ctx.save_for_backward(size, dest, offsets, sources)
+
+    def _spread_backward(ctx, grad_out):
+        size, dest, offsets, sources = ctx.saved_tensors
+        if ctx.weighted:  # the adjoint of a weighted gather is the weighted merge
+            grad_y = torch.ops.fastvl.tome_merge_triton(grad_out, size, dest, offsets, sources)[0]
+        else:
+            grad_y = torch.ops.fastvl.tome_segment_sum_triton(grad_out, dest, offsets, sources)
+        return grad_y, None, None, None, None, None
+
+    def _segment_sum_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[1:])
+
+    def _segment_sum_backward(ctx, grad_out):
+        dest, offsets, sources = ctx.saved_tensors
+        grad_x = torch.ops.fastvl.tome_spread_triton(grad_out, None, None, dest, offsets, sources)
+        return grad_x, None, None, None
+
+    torch.library.register_fake(tome_best_partners_triton, _best_partners_fake)
+    torch.library.register_fake(tome_merge_triton, _merge_fake)
+    torch.library.register_fake(tome_spread_triton, _spread_fake)
+    torch.library.register_fake(tome_segment_sum_triton, _segment_sum_fake)
+    torch.library.register_autograd(tome_merge_triton, _merge_backward, setup_context=_merge_setup)
+    torch.library.register_autograd(
+        tome_spread_triton, _spread_backward, setup_context=_spread_setup
+    )
+    torch.library.register_autograd(
+        tome_segment_sum_triton, _segment_sum_backward, setup_context=_segment_sum_setup
+    )
+
+    def _match_triton(metric, r, num_prefix_tokens):
+        return _reference.tome_match(
+            metric, r, num_prefix_tokens,
+            find_partners=torch.ops.fastvl.tome_best_partners_triton,
+        )
+
+    def _merge_triton(plan, x, size):
+        return torch.ops.fastvl.tome_merge_triton(x, size, *plan)
+
+    def _unmerge_triton(plan, x):
+        return torch.ops.fastvl.tome_spread_triton(x, None, None, *plan)
+
+    TOME_MATCH.implement("triton", _match_triton, _match_triton_reasons)
+    TOME_MERGE.implement("triton", _merge_triton, _merge_triton_reasons)
+    TOME_UNMERGE.implement("triton", _unmerge_triton, _unmerge_triton_reasons)
+
+
+# ---- validation --------------------------------------------------------------------------
+
+
+def _check_tokens(op: str, name: str, t, shape_name: str = "(B, N, C)") -> None:
+    check_tensor(op, name, t)
+    if t.dim() != 3:
+        raise ValueError(f"{op}: {name} must be {shape_name}, got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+
+
+def _check_plan(op: str, plan) -> None:
+    if not isinstance(plan, TomePlan):
+        raise TypeError(
+            f"{op}: plan must be the TomePlan returned by tome_match, got {type(plan).__name__}"
+        )
+    for name, t in zip(plan._fields, plan):
+        check_tensor(op, f"plan.{name}", t)
+        if t.dim() != 2 or t.dtype != torch.int64:
+            raise ValueError(
+                f"{op}: plan.{name} must be a 2-D int64 tensor, got shape {tuple(t.shape)} "
+                f"and dtype {t.dtype}; pass the plan returned by tome_match"
+            )
+    if plan.sources.shape != plan.dest.shape or plan.offsets.shape[0] != plan.dest.shape[0] or (
+        not 1 <= plan.offsets.shape[1] <= plan.dest.shape[1] + 1
+    ):
+        raise ValueError(
+            f"{op}: inconsistent plan: dest {tuple(plan.dest.shape)}, offsets "
+            f"{tuple(plan.offsets.shape)}, sources {tuple(plan.sources.shape)}; expected "
+            "(B, N), (B, M + 1), (B, N) with M <= N"
+        )
+
+
+def _check_matches_plan(op: str, name: str, t: torch.Tensor, plan: TomePlan,
+                        num_tokens: int, what: str) -> None:
+    batch = plan.dest.shape[0]
+    if t.shape[0] != batch or t.shape[1] != num_tokens:
+        raise ValueError(
+            f"{op}: {name} must have (B, {what}) = ({batch}, {num_tokens}) leading dims to "
+            f"match the plan, got shape {tuple(t.shape)}"
+        )
+    if t.device != plan.dest.device:
+        raise ValueError(
+            f"{op}: {name} is on {t.device} but the plan is on {plan.dest.device}; "
+            "put both on the same device"
+        )
+
+
+def tome_match(
+    metric: torch.Tensor,
+    r: int,
+    *,
+    num_prefix_tokens: int = 1,
+    backend: str = "auto",
+) -> TomePlan:
+    """Plan one ToMe step: merge the r most similar (A, B) token pairs of each sample.
+
+    Args:
+        metric: (B, N, C) float, what similarity is measured on (ToMe: the attention keys
+            averaged over heads). Not differentiated.
+        r: tokens to remove, an int in ``[0, (N - num_prefix_tokens) // 2]``; 0 gives the
+            identity plan.
+        num_prefix_tokens: leading tokens (class, registers, distillation) that are never
+            merged away nor merged into.
+        backend: "auto", "triton" or "torch" (see ``python -m fastvl info``).
+
+    Returns:
+        A :class:`TomePlan` for ``N`` -> ``N - r`` tokens (int64 tensors on metric's device).
+    """
+    op = "tome_match"
+    _check_tokens(op, "metric", metric)
+    check_int(op, "num_prefix_tokens", num_prefix_tokens)
+    check_int(op, "r", r)
+    num_tokens = metric.shape[1]
+    if not 0 <= num_prefix_tokens <= num_tokens:
+        raise ValueError(
+            f"{op}: num_prefix_tokens must lie in [0, N] = [0, {num_tokens}], "
+            f"got {num_prefix_tokens}"
+        )
+    max_r = (num_tokens - num_prefix_tokens) // 2
+    if not 0 <= r <= max_r:
+        raise ValueError(
+            f"{op}: r must lie in [0, (N - num_prefix_tokens) // 2] = [0, {max_r}] "
+            f"(N = {num_tokens}, num_prefix_tokens = {num_prefix_tokens}), got {r}"
+        )
+    args = (metric, r, num_prefix_tokens)
+    return TOME_MATCH.select(backend, metric.device, *args)(*args)
+
+
+def tome_merge(
+    plan: TomePlan,
+    x: torch.Tensor,
+    size: Optional[torch.Tensor] = None,
+    *,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge tokens by the plan: the size-weighted average of each group.
+
+    Args:
+        plan: from :func:`tome_match` on the same tokens.
+        x: (B, N, C) float, any strides. Differentiable.
+        size: (B, N) float, how many original patches each token holds; None = all ones.
+            A constant: it is detached, no gradient flows to it.
+        backend: "auto", "triton" or "torch".
+
+    Returns:
+        ``(merged, size_merged)``: merged (B, M, C) in x's dtype (contiguous on the triton
+        backend), ``merged[j] = sum_i size_i x_i / sum_i size_i`` over the tokens i that go to
+        j; size_merged (B, M), those sums, in size's dtype (float32 by default, float64 for
+        float64 x). Tokens merged with nothing are copied exactly, so r = 0 returns x's values.
+    """
+    op = "tome_merge"
+    _check_plan(op, plan)
+    _check_tokens(op, "x", x)
+    _check_matches_plan(op, "x", x, plan, plan.num_tokens, "N")
+    if size is not None:
+        check_tensor(op, "size", size)
+        if not size.is_floating_point():
+            raise TypeError(f"{op}: size must be a floating-point tensor, got {size.dtype}")
+        if size.dim() != 2:
+            raise ValueError(
+                f"{op}: size must be (B, N) = {tuple(x.shape[:2])}, got shape {tuple(size.shape)}"
+            )
+        _check_matches_plan(op, "size", size, plan, plan.num_tokens, "N")
+        size = size.detach()
+    args = (plan, x, size)
+    return TOME_MERGE.select(backend, x.device, *args)(*args)
+
+
+def tome_unmerge(plan: TomePlan, x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """Undo one merge step for dense outputs: x (B, M, C) -> (B, N, C).
+
+    Every token of the step gets the value of the merged token it went to,
+    ``out[:, i] = x[:, plan.dest[:, i]]``. Differentiable (the gradient sums each merged
+    token's copies, deterministically on the triton backend). Chain it in reverse over the
+    steps, or map straight to the original patches with :func:`tome_merge_source` and
+    :func:`fastvl.ops.gather_tokens`.
+    """
+    op = "tome_unmerge"
+    _check_plan(op, plan)
+    _check_tokens(op, "x", x, "(B, M, C)")
+    _check_matches_plan(op, "x", x, plan, plan.num_merged_tokens, "M")
+    return TOME_UNMERGE.select(backend, x.device, plan, x)(plan, x)
+
+
+def tome_merge_source(plan: TomePlan, source: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Track which token holds each original patch: ``plan.dest[source]`` per sample.
+
+    ``source``: (B, N_orig) int64, the current token (in [0, N)) holding each original patch,
+    from the previous step; None before the first merge (original patch p is token p, so
+    N_orig = N). Returns (B, N_orig) int64 with values in [0, M). For visualisation,
+    ``gather_tokens(values, source)`` paints each original patch with its token's value.
+    Index arithmetic only (a gather), the same on every backend.
+    """
+    op = "tome_merge_source"
+    _check_plan(op, plan)
+    if source is None:
+        return plan.dest
+    check_tensor(op, "source", source)
+    if source.dtype != torch.int64:
+        raise TypeError(f"{op}: source must be an int64 tensor, got {source.dtype}")
+    if source.dim() != 2:
+        raise ValueError(f"{op}: source must be (B, N_orig), got shape {tuple(source.shape)}")
+    if source.shape[0] != plan.dest.shape[0] or source.device != plan.dest.device:
+        raise ValueError(
+            f"{op}: source (shape {tuple(source.shape)}, on {source.device}) must have the "
+            f"plan's batch size {plan.dest.shape[0]} and device {plan.dest.device}"
+        )
+    return plan.dest.gather(1, source)

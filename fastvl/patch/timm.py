@@ -1,0 +1,192 @@
+"""Swap :class:`fastvl.nn.Attention` into timm models, in place and per module instance.
+
+``apply(model)`` replaces every ``timm.layers.Attention`` child of ``model`` (the attention of
+``Block``, ``ResPostBlock`` and ``ParallelThingsBlock``, in ``VisionTransformer`` and any other
+timm model built from that class) by a :class:`fastvl.nn.Attention` that *shares* its
+submodules. Only the attention modules change, so everything around them (LayerScale, qk-norm,
+class / register / distillation tokens, ``no_embed_class``, every ``global_pool``) works as
+before, parameters are the same objects and the state-dict keys are unchanged.
+
+Attention-like modules whose math differs are left alone and listed in the returned
+:class:`TimmPatch` with the reason (rope, relative position bias, differential attention,
+attention pooling, attention computed inline in a fused block, subclasses).
+
+``remove(model)`` (or ``handle.remove()``, which undoes only that call) puts the original
+timm modules back; the submodules the fastvl modules hold at that time are handed back to
+them, so later changes to those (e.g. a wrapped ``qkv``) are kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, NamedTuple, Optional
+
+from timm.layers import Attention as TimmAttention
+from torch import nn
+
+from fastvl.nn.attention import TIMM_SUBMODULES, Attention, check_backend
+
+__all__ = ["apply", "remove", "TimmPatch", "Skipped"]
+
+# Set (outside the module registry, so not in state_dict) on each fastvl module apply() made.
+_ORIGINAL = "_fastvl_timm_original"
+
+_ROPE = "applies rotary position embeddings (rope) to q and k, which fastvl.nn.Attention does not"
+_REL_POS = "adds a relative position bias over query-key pairs to the logits"
+_INLINE = (
+    "computes attention inline in the block's forward from a fused qkv+mlp projection; "
+    "there is no attention module to swap"
+)
+_POOL = "attention pooling (learned latent queries, or parameter-free), not a timm Attention"
+# Why known attention-like classes are not swapped, by "module.QualName".
+_KNOWN_SKIPS = {
+    "timm.layers.attention.AttentionRope": _ROPE,
+    "timm.models.eva.EvaAttention": _ROPE,
+    "timm.layers.diff_attention.DiffAttention": (
+        "differential attention: the difference of two softmax maps, not one"
+    ),
+    "timm.layers.attention_pool.AttentionPoolLatent": _POOL,
+    "timm.layers.attention_pool.AttentionPoolPrr": _POOL,
+    "timm.models.vision_transformer.ParallelScalingBlock": _INLINE,
+    "timm.models.vision_transformer.DiffParallelScalingBlock": _INLINE,
+    "timm.models.vision_transformer_relpos.RelPosAttention": _REL_POS,
+    "timm.models.beit.Attention": _REL_POS,
+}
+_GENERIC_SKIP = (
+    "not timm.layers.Attention; its forward is not known to be equivalent "
+    "(relative position bias, rope, windows, pooling, ...)"
+)
+
+
+class Skipped(NamedTuple):
+    """An attention-like module :func:`apply` left alone: where, its class, and why."""
+
+    name: str
+    cls: str
+    reason: str
+
+
+@dataclass
+class TimmPatch:
+    """What :func:`apply` did to ``model``: ``replaced`` names, ``skipped`` modules, ``backend``."""
+
+    model: nn.Module = field(repr=False)
+    backend: str
+    replaced: list[str]
+    skipped: list[Skipped]
+    _created: tuple[Attention, ...] = field(repr=False, default=())
+
+    def remove(self) -> list[str]:
+        """Restore the timm modules this call replaced (names restored; [] once done)."""
+        created = {id(module) for module in self._created}
+        return _restore(self.model, lambda module: id(module) in created)
+
+    def __str__(self) -> str:
+        lines = [f"fastvl.patch.timm: {len(self.replaced)} attention modules on backend "
+                 f"{self.backend!r}, {len(self.skipped)} skipped"]
+        lines += [f"  replaced {name}" for name in self.replaced]
+        lines += [f"  skipped {s.name} ({s.cls}): {s.reason}" for s in self.skipped]
+        return "\n".join(lines)
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _child_slots(model: nn.Module) -> Iterator[tuple[nn.Module, str, str, nn.Module]]:
+    """(parent, attribute, qualified name, child) for every parent -> child edge in ``model``.
+
+    Edges, not modules: a module registered in two places is seen at both.
+    """
+    for parent_name, parent in list(model.named_modules(remove_duplicate=False)):
+        for attribute, child in list(parent._modules.items()):
+            if child is not None:
+                name = f"{parent_name}.{attribute}" if parent_name else attribute
+                yield parent, attribute, name, child
+
+
+def _skip_reason(module: nn.Module) -> Optional[str]:
+    """Why an attention-like module is not swapped, or None if it is not attention-like."""
+    cls = type(module)
+    if isinstance(module, TimmAttention):
+        return f"subclass of timm.layers.Attention ({cls.__qualname__}); it may override forward"
+    if isinstance(module, Attention):
+        return "already a fastvl.nn.Attention"
+    if _qualname(cls) in _KNOWN_SKIPS:
+        return _KNOWN_SKIPS[_qualname(cls)]
+    if "Attention" in cls.__name__ or "Attn" in cls.__name__:
+        return _GENERIC_SKIP
+    return None
+
+
+def apply(model: nn.Module, *, backend: str = "auto") -> TimmPatch:
+    """Swap fastvl attention into ``model`` in place; returns the :class:`TimmPatch` report.
+
+    Every child that is exactly a ``timm.layers.Attention`` becomes
+    ``fastvl.nn.Attention.from_timm(child, backend)`` (shared parameters, same state-dict keys).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: unknown ``backend``; ``model`` is itself a timm Attention (use
+            :meth:`fastvl.nn.Attention.from_timm`); ``model`` was already patched (call
+            :func:`remove` first; patching twice would otherwise silently keep the first
+            backend).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"apply: model must be a torch.nn.Module, got {type(model).__name__}")
+    check_backend(backend)
+    if type(model) is TimmAttention:
+        raise ValueError(
+            "apply: model is itself a timm Attention and cannot be replaced in place; use "
+            "fastvl.nn.Attention.from_timm(model) instead"
+        )
+    patched = [name for name, m in model.named_modules() if hasattr(m, _ORIGINAL)]
+    if patched:
+        raise ValueError(
+            f"apply: model is already patched by fastvl.patch.timm ({len(patched)} modules, "
+            f"e.g. {patched[0]!r}); call fastvl.patch.timm.remove(model) first"
+        )
+
+    replacements: dict[int, Attention] = {}
+    swaps, replaced, skipped = [], [], []
+    for parent, attribute, name, child in _child_slots(model):
+        if type(child) is TimmAttention:
+            if id(child) not in replacements:
+                fast = Attention.from_timm(child, backend)
+                object.__setattr__(fast, _ORIGINAL, child)  # not a registered submodule
+                replacements[id(child)] = fast
+            swaps.append((parent, attribute, replacements[id(child)]))
+            replaced.append(name)
+        elif (reason := _skip_reason(child)) is not None:
+            skipped.append(Skipped(name, _qualname(type(child)), reason))
+    for parent, attribute, fast in swaps:
+        setattr(parent, attribute, fast)
+    return TimmPatch(model, backend, replaced, skipped, tuple(replacements.values()))
+
+
+def _restore(model: nn.Module, selected: Callable[[Attention], bool]) -> list[str]:
+    """Swap the selected patched fastvl modules of ``model`` back; the names restored."""
+    restored_names, restored_modules = [], {}
+    for parent, attribute, name, child in _child_slots(model):
+        original = getattr(child, _ORIGINAL, None) if isinstance(child, Attention) else None
+        if original is None or not selected(child):
+            continue
+        for submodule in TIMM_SUBMODULES:
+            setattr(original, submodule, getattr(child, submodule))
+        original.training = child.training
+        setattr(parent, attribute, original)
+        restored_names.append(name)
+        restored_modules[id(child)] = child
+    for fast in restored_modules.values():  # after the loop: a shared module has several slots
+        delattr(fast, _ORIGINAL)
+    return restored_names
+
+
+def remove(model: nn.Module) -> list[str]:
+    """Put back every timm Attention that :func:`apply` replaced in ``model``.
+
+    Returns the names restored ([] for a model that is not patched).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"remove: model must be a torch.nn.Module, got {type(model).__name__}")
+    return _restore(model, lambda module: True)

@@ -1,0 +1,237 @@
+"""``attn_implementation="fastvl"`` for Hugging Face transformers models.
+
+``register(backend="auto")`` adds ``"fastvl"`` to transformers' two registries: an attention
+function (:class:`transformers.AttentionInterface`) and a mask function
+(:class:`transformers.masking_utils.AttentionMaskInterface`). Every model whose attention
+layers call ``ALL_ATTENTION_FUNCTIONS.get_interface(...)`` (LLaMA, Mistral, Qwen2, BERT, CLIP,
+ViT, ...) then accepts ``attn_implementation="fastvl"`` (``from_pretrained``, ``from_config`` or
+``model.set_attn_implementation``). ``unregister()`` removes both entries; models set to
+``"fastvl"`` then fail at their next forward, as with any unknown implementation.
+
+How masks travel. The model builds its mask once per forward through
+:mod:`transformers.masking_utils`, which hands our mask function the pattern (``mask_function``),
+the 2D padding mask, the query/key lengths and offsets. Where the pattern is *causal (aligned
+bottom-right) or bidirectional, plus a per-key visibility*, the mask function returns a
+:class:`KeyBiasMask` (``causal`` flag and a ``(B, Nk)`` ``key_bias`` with ``-inf`` on hidden keys)
+and the attention function runs :func:`fastvl.ops.attention` on the registered backend, with
+GQA natively (no ``repeat_kv``). Otherwise it returns the dense boolean ``(B, 1, Nq, Nk)`` mask
+transformers' ``"sdpa"`` would get, and the attention function runs transformers' SDPA function
+with it. Which path, by case:
+
+=====================================================  =====================================
+case                                                   path
+=====================================================  =====================================
+no mask, padding (left or right), causal or            fastvl op (causal + key_bias)
+bidirectional, cross-attention, KV-cache decoding
+and cache continuation (``Nq <= Nk``, dynamic cache:
+the queries are the last ``Nq`` positions, which is
+our bottom-right ``causal``)
+any pattern with one query (``Nq == 1``: sliding       fastvl op (its mask row as key_bias)
+window / chunked decoding)
+sliding window or chunked with ``Nq > 1``, packed      SDPA with the dense mask
+sequences (``position_ids`` resets), ``or``/``and``
+mask overlays (image tokens), static caches (keys
+not aligned bottom-right, or masks materialized for
+compiled decoding), custom 4D masks given by the user
+attention dropout > 0 (training), ``position_bias``    SDPA with the mask made dense
+(T5-style logit bias)
+``softcap``, attention sinks (``s_aux`` / ``sinks``)   ValueError (use ``"eager"``)
+=====================================================  =====================================
+
+The structured mask is only returned where transformers allows a mask function not to
+materialize the mask (``allow_is_causal_skip`` / ``allow_is_bidirectional_skip``); where a model
+needs a real tensor (e.g. ``generate`` with a static cache precomputes masks and calls
+``.contiguous()`` on them) it gets the dense one.
+
+Differences from ``"eager"``: a query that sees no key at all (a left-padding position under a
+causal mask) gets output 0, as with ``"sdpa"``, where eager averages every value; only padded
+positions are affected. Attention weights are never materialized: the function returns
+``None`` for them, like ``"sdpa"`` (with ``output_attentions=True`` it warns, and the model's
+``attentions`` come back empty). With no
+mask at all, ``is_causal`` (keyword, else ``module.is_causal``, default True) decides
+causality, aligned bottom-right.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import (
+    AttentionMaskInterface,
+    bidirectional_mask_function,
+    causal_mask_function,
+    prepare_padding_mask,
+    sdpa_mask,
+)
+
+from fastvl.nn.attention import check_backend
+from fastvl.ops.attention import attention
+from fastvl.reference.attention import attention_bias
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "KeyBiasMask",
+    "fastvl_attention_forward",
+    "fastvl_attention_mask",
+    "register",
+    "unregister",
+    "is_registered",
+]
+
+ATTN_IMPLEMENTATION = "fastvl"
+# Keyword arguments some models pass that change the attention math and that we cannot serve.
+_UNSUPPORTED_KWARGS = {
+    "softcap": "logit soft-capping",
+    "s_aux": "attention sinks",
+    "sinks": "attention sinks",
+}
+
+
+@dataclass(frozen=True, eq=False)
+class KeyBiasMask:
+    """A mask that :func:`fastvl.ops.attention` takes as is: ``causal`` (aligned bottom-right)
+    and ``key_bias`` (B, Nk) float32, 0 on visible keys and ``-inf`` on hidden ones, or None."""
+
+    causal: bool
+    key_bias: Optional[torch.Tensor] = None
+
+
+def _visibility_to_key_bias(visible: torch.Tensor) -> torch.Tensor:
+    """(B, Nk) bool, True = visible -> (B, Nk) float32 additive bias (0 / -inf)."""
+    bias = torch.zeros(visible.shape, dtype=torch.float32, device=visible.device)
+    return bias.masked_fill_(~visible, -math.inf)
+
+
+def fastvl_attention_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset=0,
+    kv_offset: int = 0,
+    mask_function=causal_mask_function,
+    attention_mask: Optional[torch.Tensor] = None,
+    allow_is_causal_skip: bool = True,
+    allow_is_bidirectional_skip: bool = False,
+    use_vmap: bool = False,
+    device="cpu",
+    **kwargs,
+):
+    """The mask function registered for ``"fastvl"`` (AttentionMaskInterface signature).
+
+    ``attention_mask``: the 2D (B, tokens so far) bool padding mask (True = token) or None. Returns
+    a :class:`KeyBiasMask`, or the dense bool (B, 1, q_length, kv_length) mask (True = attend)
+    that ``"sdpa"`` would get; see the module docstring for which.
+    """
+    dense_kwargs = dict(
+        batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+        kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+        allow_is_causal_skip=False, allow_is_bidirectional_skip=False, use_vmap=use_vmap,
+        device=device,
+    )
+    if not (allow_is_causal_skip or allow_is_bidirectional_skip):
+        return sdpa_mask(**dense_kwargs)
+    # Static caches give a tensor q_offset; reading it would sync and break compiled graphs.
+    aligned = (
+        isinstance(q_offset, (int, torch.SymInt))
+        and q_offset + q_length == kv_offset + kv_length
+    )
+    causal = mask_function is causal_mask_function
+    if (causal and aligned) or mask_function is bidirectional_mask_function:
+        padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+        key_bias = None
+        if padding is not None:
+            key_bias = _visibility_to_key_bias(padding[:, kv_offset : kv_offset + kv_length])
+        return KeyBiasMask(causal=causal, key_bias=key_bias)
+    if q_length == 1:
+        row = sdpa_mask(**dense_kwargs)[:, 0, 0, :]
+        return KeyBiasMask(causal=False, key_bias=_visibility_to_key_bias(row))
+    return sdpa_mask(**dense_kwargs)
+
+
+def _check_supported(kwargs: dict) -> None:
+    for name, what in _UNSUPPORTED_KWARGS.items():
+        if kwargs.get(name) is not None:
+            raise ValueError(
+                f'attn_implementation="fastvl" does not support {what} ({name}={kwargs[name]!r}); '
+                'use attn_implementation="eager" for this model'
+            )
+    if kwargs.get("output_attentions"):
+        warnings.warn(
+            'attn_implementation="fastvl" does not compute attention weights; they are returned '
+            'as None (use attn_implementation="eager" to get them)',
+            stacklevel=3,
+        )
+
+
+def fastvl_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    is_causal: Optional[bool] = None,
+    *,
+    backend: str = "auto",
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The attention function registered for ``"fastvl"`` (AttentionInterface signature).
+
+    query: (B, H, Nq, D); key, value: (B, Hkv, Nk, D), ``H % Hkv == 0``. ``attention_mask``: a
+    :class:`KeyBiasMask`, a dense 4D mask (bool, True = attend, or additive float) or None.
+    Returns ``(out (B, Nq, H, D), None)``.
+    """
+    _check_supported(kwargs)
+    if attention_mask is None:
+        if is_causal is None:
+            is_causal = getattr(module, "is_causal", True)
+        attention_mask = KeyBiasMask(causal=bool(is_causal))
+    if isinstance(attention_mask, KeyBiasMask) and (
+        dropout > 0.0 or kwargs.get("position_bias") is not None
+    ):  # beyond our kernels: SDPA, with the same mask made dense (additive, or None)
+        attention_mask = attention_bias(
+            query, key, causal=attention_mask.causal, key_bias=attention_mask.key_bias
+        )
+    if not isinstance(attention_mask, KeyBiasMask):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+            is_causal=False, **kwargs,
+        )
+    out = attention(
+        query, key, value, causal=attention_mask.causal, key_bias=attention_mask.key_bias,
+        scale=scaling, backend=backend,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register(backend: str = "auto") -> None:
+    """Make ``attn_implementation="fastvl"`` available to transformers models.
+
+    ``backend`` ("auto", "triton" or "torch") is the :func:`fastvl.ops.attention` backend every
+    fastvl-path call uses; an explicit one that cannot serve a call raises
+    :class:`fastvl.ops.BackendNotSupportedError`. Calling again replaces the backend.
+    """
+    check_backend(backend)
+    AttentionInterface.register(
+        ATTN_IMPLEMENTATION, functools.partial(fastvl_attention_forward, backend=backend)
+    )
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, fastvl_attention_mask)
+
+
+def unregister() -> None:
+    """Remove ``"fastvl"`` from transformers' attention and mask registries (no-op if absent)."""
+    AttentionInterface._global_mapping.pop(ATTN_IMPLEMENTATION, None)
+    AttentionMaskInterface._global_mapping.pop(ATTN_IMPLEMENTATION, None)
+
+
+def is_registered() -> bool:
+    """Whether ``attn_implementation="fastvl"`` is currently available."""
+    return ATTN_IMPLEMENTATION in AttentionInterface._global_mapping

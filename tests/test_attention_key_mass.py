@@ -1,0 +1,352 @@
+"""attention_key_mass on every backend against a float64 reference; ranges, masks, GQA, heads.
+
+Tolerance rule (flash-attn's, forward): a backend's max error against
+:func:`fastvl.reference.attention_key_mass` in float64 (fed the float64 reference lse) is at
+most 2x the error of the same reference run by PyTorch in the kernel's dtype (fed the same
+float32 lse as the backend), plus a small absolute floor. Outputs are poisoned (NaN) first,
+so unwritten elements fail. The lse fed to a backend comes from ``attention`` on that
+backend (end to end: attention -> lse -> key mass).
+
+On a CPU machine the Triton kernel runs in the interpreter with small blocks (16 queries x
+32 keys), so the small shapes here span several query and key blocks; bf16 (``tl.dot`` on
+bf16 is wrong in the interpreter) and large shapes are `gpu` tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fastvl.ops import BackendNotSupportedError, attention, attention_key_mass
+from fastvl.reference.attention import attention_math
+from fastvl.reference.attention_key_mass import attention_key_mass as reference_key_mass
+from fastvl.testing import assert_within_reference_error, poison_outputs, random_tensor
+from tests.conftest import DEVICE, require_backend
+
+ALL_BACKENDS = ("torch", "triton")
+OPCHECK_INTERPRETER_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+def _make_inputs(batch, heads, kv_heads, nq, nk, head_dim, dtype, seed, bias=None,
+                 device=DEVICE):
+    """q, k, v and an optional key_bias ("b": (B, Nk), "bh": (B, H, Nk)) hiding every 5th key
+    of sample 0 with -inf."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = random_tensor(batch, heads, nq, head_dim, dtype=dtype, device=device, generator=g)
+    k = random_tensor(batch, kv_heads, nk, head_dim, dtype=dtype, device=device, generator=g)
+    v = random_tensor(batch, kv_heads, nk, head_dim, dtype=dtype, device=device, generator=g)
+    key_bias = None
+    if bias is not None:
+        shape = (batch, nk) if bias == "b" else (batch, heads, nk)
+        key_bias = random_tensor(*shape, dtype=dtype, device=device, generator=g)
+        key_bias[0, ..., ::5] = -math.inf
+    return q, k, v, key_bias
+
+
+def _check(backend, batch, heads, kv_heads, nq, nk, head_dim, dtype, *, rows=(0, None),
+           head_reduce="mean", causal=False, causal_strength=None, prefix_len=None, bias=None,
+           seed=0):
+    q, k, v, key_bias = _make_inputs(batch, heads, kv_heads, nq, nk, head_dim, dtype, seed, bias)
+    if isinstance(prefix_len, tuple):
+        prefix_len = torch.tensor(prefix_len, device=DEVICE)
+    masks = dict(causal=causal, causal_strength=causal_strength, key_bias=key_bias)
+    ref_prefix = prefix_len
+    if isinstance(prefix_len, int):
+        ref_prefix = torch.full((batch,), prefix_len, device=DEVICE)
+    _, lse = attention(q, k, v, prefix_len=prefix_len, return_lse=True, backend=backend,
+                       **masks)
+    selection = dict(query_start=rows[0], query_end=rows[1], head_reduce=head_reduce)
+    with poison_outputs():
+        mass = attention_key_mass(q, k, lse, prefix_len=prefix_len, backend=backend,
+                                  **selection, **masks)
+    num_rows = (nq if rows[1] is None else rows[1]) - rows[0]
+    shape = (batch, heads, nk) if head_reduce is None else (batch, nk)
+    assert mass.dtype == torch.float32 and mass.shape == shape
+
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    masks64 = dict(masks, key_bias=None if key_bias is None else key_bias.double())
+    _, lse64 = attention_math(q64, k64, v64, prefix_len=ref_prefix, **masks64)
+    mass64 = reference_key_mass(q64, k64, lse64, prefix_len=ref_prefix, **selection, **masks64)
+    low = reference_key_mass(q, k, lse, prefix_len=ref_prefix, **selection, **masks)
+    assert_within_reference_error(mass, mass64, low, factor=2, atol=ATOL[dtype], name="mass")
+    if num_rows == 0:
+        assert torch.count_nonzero(mass) == 0
+
+
+# (batch, heads, kv_heads, Nq, Nk, D, dtype, options): Nq/Nk in {1, 7, 30..64, 197}, D in
+# {8, 16, 32, 64, 80}; every head reduction, range kind and mask appears.
+SWEEP = [
+    (2, 3, 3, 197, 197, 64, torch.float16, dict(rows=(0, 1))),  # EViT / VisionZip: CLS row
+    (1, 4, 2, 64, 64, 32, torch.float32,
+     dict(rows=(63, 64), head_reduce="sum", causal=True)),  # FastV: last query, GQA
+    (2, 2, 2, 37, 37, 80, torch.float16, dict(head_reduce="max", causal=True, bias="bh")),
+    (1, 4, 1, 40, 53, 32, torch.float32,
+     dict(rows=(5, 30), head_reduce=None, causal=True, causal_strength=0.6)),
+    (2, 2, 1, 50, 50, 32, torch.float16,
+     dict(rows=(3, 45), causal=True, prefix_len=(0, 20), bias="b")),
+    (2, 2, 2, 30, 7, 32, torch.float32, dict(head_reduce="sum", causal=True)),  # -inf rows
+    (2, 2, 2, 1, 1, 16, torch.float32, dict()),
+    (1, 4, 2, 7, 197, 64, torch.float16,
+     dict(rows=(2, 7), head_reduce=None, causal=True, bias="b")),  # Nq < Nk, bottom-right
+    (1, 2, 2, 197, 7, 8, torch.float32,
+     dict(head_reduce="max", causal=True, causal_strength=0.3, prefix_len=3)),
+    (2, 2, 1, 9, 9, 32, torch.float32, dict(rows=(4, 4), causal=True)),  # empty range
+]
+
+
+def _sweep_id(case):
+    batch, heads, kv_heads, nq, nk, head_dim, dtype, opts = case
+    tag = "-".join(f"{k}={v}" for k, v in opts.items())
+    return f"{str(dtype)[6:]}-b{batch}h{heads}kv{kv_heads}-q{nq}k{nk}d{head_dim}-{tag or 'plain'}"
+
+
+@pytest.mark.parametrize("case", SWEEP, ids=_sweep_id)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_sweep(backend, case):
+    require_backend("attention_key_mass", backend)
+    _check(backend, *case[:7], **case[7])
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_rows_of_probabilities_sum_to_one(backend):
+    """Summed over keys, each head's mass counts the rows that see a key (lse finite)."""
+    require_backend("attention_key_mass", backend)
+    q, k, v, key_bias = _make_inputs(2, 2, 1, 23, 11, 32, torch.float32, seed=3, bias="b")
+    key_bias[0] = -math.inf  # sample 0 sees nothing: all its rows have lse = -inf
+    _, lse = attention(q, k, v, key_bias=key_bias, causal=True, return_lse=True, backend=backend)
+    mass = attention_key_mass(q, k, lse, key_bias=key_bias, causal=True, head_reduce=None,
+                              backend=backend)
+    assert torch.count_nonzero(mass[0]) == 0
+    # Causal with Nq - Nk = 12: rows 12..22 of sample 1 see a key.
+    torch.testing.assert_close(mass[1].sum(-1), torch.full((2,), 11.0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_neginf_lse_rows_contribute_nothing(backend):
+    """Rows whose given lse is -inf add 0: the mass equals the full mass minus theirs."""
+    require_backend("attention_key_mass", backend)
+    q, k, v, _ = _make_inputs(1, 2, 2, 40, 35, 32, torch.float32, seed=4)
+    _, lse = attention(q, k, v, return_lse=True, backend=backend)
+    dropped = lse.clone()
+    dropped[:, :, [3, 21]] = -math.inf
+    got = attention_key_mass(q, k, dropped, head_reduce=None, backend=backend)
+    expected = attention_key_mass(q, k, lse, head_reduce=None, backend=backend)
+    for row in (3, 21):
+        expected -= attention_key_mass(q, k, lse, query_start=row, query_end=row + 1,
+                                       head_reduce=None, backend=backend)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_strided_inputs():
+    """Non-contiguous q, k (last dim too), key_bias and lse give the contiguous result."""
+    require_backend("attention_key_mass", "triton")
+    q, k, v, key_bias = _make_inputs(2, 4, 2, 21, 33, 32, torch.float32, seed=5, bias="bh")
+    _, lse = attention(q, k, v, key_bias=key_bias, causal=True, return_lse=True,
+                       backend="torch")
+    q_s = q.transpose(1, 2).contiguous().transpose(1, 2)
+    k_s = k.transpose(-1, -2).contiguous().transpose(-1, -2)
+    bias_s = torch.stack([key_bias, key_bias], -1)[..., 0]
+    lse_s = torch.stack([lse, lse], 1)[:, 0]
+    assert k_s.stride(-1) != 1 and not bias_s.is_contiguous() and not lse_s.is_contiguous()
+    kwargs = dict(causal=True, query_start=2, query_end=19, head_reduce="max")
+    got = attention_key_mass(q_s, k_s, lse_s, key_bias=bias_s, backend="triton", **kwargs)
+    expected = attention_key_mass(q, k, lse, key_bias=key_bias, backend="torch", **kwargs)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 2, 5, 7), (2, 2, 0, 7), (2, 2, 5, 0)])
+def test_empty(backend, shape):
+    """B = 0, Nq = 0 (zero mass) or Nk = 0."""
+    require_backend("attention_key_mass", backend)
+    batch, heads, nq, nk = shape
+    q = random_tensor(batch, heads, nq, 32, device=DEVICE)
+    k = random_tensor(batch, 1, nk, 32, device=DEVICE)
+    _, lse = attention(q, k, k, return_lse=True, backend="torch")
+    for head_reduce in ("mean", None):
+        with poison_outputs():
+            mass = attention_key_mass(q, k, lse, head_reduce=head_reduce, backend=backend)
+        expected_shape = (batch, nk) if head_reduce else (batch, heads, nk)
+        assert mass.shape == expected_shape and torch.count_nonzero(mass) == 0
+
+
+def test_torch_backend_float64():
+    """float64 inputs (and float64 lse) are computed in float64, returned as float32."""
+    q, k, v, _ = _make_inputs(2, 2, 1, 6, 9, 8, torch.float64, seed=6)
+    _, lse = attention(q, k, v, causal=True, return_lse=True, backend="torch")
+    assert lse.dtype == torch.float64
+    mass = attention_key_mass(q, k, lse, causal=True, backend="torch")
+    future = torch.ones(6, 9, dtype=torch.bool).triu(4)  # key j > query i + (9 - 6)
+    probs = torch.softmax((q @ k.transpose(-1, -2) / math.sqrt(8)).masked_fill(future, -math.inf), -1)
+    assert mass.dtype == torch.float32
+    torch.testing.assert_close(mass, probs.sum(2).mean(1).float())
+
+
+# ---- no gradient, registration, compile --------------------------------------------------
+
+
+def _compiler(backend):
+    if DEVICE.type == "cuda":
+        return "inductor"
+    return "aot_eager" if backend == "torch" else "eager"
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_no_grad_and_compiles_without_graph_breaks(backend):
+    """Inputs that require grad are fine; the result never requires grad, compiled or not."""
+    require_backend("attention_key_mass", backend)
+    torch._dynamo.reset()
+    q, k, v, key_bias = _make_inputs(2, 4, 2, 17, 19, 32, torch.float32, seed=7, bias="b")
+    q, k, key_bias = (t.requires_grad_(True) for t in (q, k, key_bias))
+    prefix = torch.tensor([3, 9], device=DEVICE)
+
+    def fn(q, k, v, key_bias, prefix):
+        _, lse = attention(q, k, v, key_bias=key_bias, causal=True, causal_strength=0.75,
+                           prefix_len=prefix, return_lse=True, backend=backend)
+        assert lse.requires_grad
+        return attention_key_mass(q, k, lse, key_bias=key_bias, causal=True,
+                                  causal_strength=0.75, prefix_len=prefix, query_start=1,
+                                  query_end=9, head_reduce="max", backend=backend)
+
+    expected = fn(q, k, v, key_bias, prefix)
+    got = torch.compile(fn, fullgraph=True, backend=_compiler(backend))(q, k, v, key_bias, prefix)
+    assert not expected.requires_grad and not got.requires_grad
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # An int prefix_len, the default query range and scale compile too.
+    q, k = q.detach(), k.detach()
+    _, lse = attention(q, k, v, causal=True, prefix_len=4, return_lse=True, backend="torch")
+    compiled_int = torch.compile(
+        lambda q, k, lse: attention_key_mass(q, k, lse, causal=True, prefix_len=4,
+                                             head_reduce=None, backend=backend),
+        fullgraph=True, backend=_compiler(backend),
+    )
+    torch.testing.assert_close(
+        compiled_int(q, k, lse),
+        attention_key_mass(q, k, lse, causal=True, prefix_len=4, head_reduce=None,
+                           backend="torch"), rtol=1e-5, atol=1e-5,
+    )
+
+
+def test_opcheck_triton_op():
+    require_backend("attention_key_mass", "triton")
+    q, k, v, key_bias = _make_inputs(2, 4, 2, 9, 11, 32, torch.float32, seed=8, bias="bh")
+    prefix = torch.tensor([3, 0], device=DEVICE)
+    _, lse = attention(q, k, v, key_bias=key_bias, causal=True, return_lse=True,
+                       backend="torch")
+    op = torch.ops.fastvl.attention_key_mass_triton.default
+    utils = OPCHECK_INTERPRETER_UTILS if DEVICE.type == "cpu" else None
+    kwargs = {"test_utils": utils} if utils else {}
+    for args in (
+        (q, k, lse, key_bias, prefix, 0.3, True, 0.8, 0, 9, "mean"),
+        (q, k, lse, None, None, 0.25, False, 1.0, 8, 9, None),
+    ):
+        result = torch.library.opcheck(op, args, **kwargs)
+        assert all(r == "SUCCESS" for r in result.values()), result
+
+
+def test_auto_uses_torch_on_cpu():
+    from fastvl.ops.registry import OPS
+
+    q, k, _, _ = _make_inputs(1, 1, 1, 3, 3, 8, torch.float32, seed=9, device="cpu")
+    lse = torch.zeros(1, 1, 3)
+    args = (q, k, lse, None, None, 1.0, False, 1.0, 0, 3, "mean")
+    assert OPS["attention_key_mass"].select("auto", q.device, *args).__name__ == "_torch_impl"
+
+
+# ---- bad input ---------------------------------------------------------------------------
+
+
+def _bad_inputs():
+    q, k, _, _ = _make_inputs(2, 4, 2, 5, 6, 8, torch.float32, seed=10, device="cpu")
+    return q, k, torch.zeros(2, 4, 5)
+
+
+@pytest.mark.parametrize(
+    "make_call, error, match",
+    [
+        (lambda q, k, lse: ((q[0], k, lse), {}), ValueError,
+         r"^attention_key_mass: q must be \(B, H, Nq, D\)"),
+        (lambda q, k, lse: ((q, k[..., :4], lse), {}), ValueError,
+         r"^attention_key_mass: k head dim 4 does not match q's 8"),
+        (lambda q, k, lse: ((q[:, :3], k, lse[:, :3]), {}), ValueError,
+         r"query heads \(3\) must be a multiple"),
+        (lambda q, k, lse: ((q, k.half(), lse), {}), TypeError, r"share one dtype"),
+        (lambda q, k, lse: ((q, k, lse), dict(causal_strength=0.5)), ValueError,
+         r"pass causal=True"),
+        (lambda q, k, lse: ((q, k, lse), dict(key_bias=torch.zeros(2, 5))), ValueError,
+         r"key_bias must be \(B, Nk\)"),
+        (lambda q, k, lse: ((q, k, lse.tolist()), {}), TypeError,
+         r"lse must be a torch.Tensor, got list"),
+        (lambda q, k, lse: ((q, k, lse[:, :, :4]), {}), ValueError,
+         r"lse must be \(B, H, Nq\) = \(2, 4, 5\) .* got shape \(2, 4, 4\)"),
+        (lambda q, k, lse: ((q, k, lse.half()), {}), TypeError,
+         r"lse must be float32 .* got torch.float16"),
+        (lambda q, k, lse: ((q, k, lse.double()), {}), TypeError, r"lse must be float32"),
+        (lambda q, k, lse: ((q, k, lse.to("meta")), {}), ValueError,
+         r"q is on cpu but lse is on meta"),
+        (lambda q, k, lse: ((q, k, lse), dict(query_start=-1)), ValueError,
+         r"0 <= query_start <= query_end <= Nq = 5, got query_start=-1, query_end=None"),
+        (lambda q, k, lse: ((q, k, lse), dict(query_end=6)), ValueError,
+         r"query_end <= Nq = 5"),
+        (lambda q, k, lse: ((q, k, lse), dict(query_start=3, query_end=2)), ValueError,
+         r"got query_start=3, query_end=2"),
+        (lambda q, k, lse: ((q, k, lse), dict(query_start=True)), TypeError,
+         r"query_start must be an int, got bool"),
+        (lambda q, k, lse: ((q, k, lse), dict(query_end=2.0)), TypeError,
+         r"query_end must be an int or None, got float"),
+        (lambda q, k, lse: ((q, k, lse), dict(head_reduce="median")), ValueError,
+         r"head_reduce must be one of \('mean', 'max', 'sum', None\), got 'median'"),
+        (lambda q, k, lse: ((q[:, :0], k, lse[:, :0]), {}), ValueError,
+         r"needs at least one query head"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_bad_inputs_raise_clear_errors(make_call, error, match, backend):
+    args, kwargs = make_call(*_bad_inputs())
+    with pytest.raises(error, match=match):
+        attention_key_mass(*args, backend=backend, **kwargs)
+
+
+def test_backend_not_supported_reasons():
+    q, k, lse = _bad_inputs()
+    with pytest.raises(ValueError, match=r"backend must be 'auto' or one of"):
+        attention_key_mass(q, k, lse, backend="flash")
+    with pytest.raises(BackendNotSupportedError, match="has no cuda implementation"):
+        attention_key_mass(q, k, lse, backend="cuda")
+    require_backend("attention_key_mass", "triton", q.device)
+    q64, k64 = q.double(), k.double()
+    with pytest.raises(BackendNotSupportedError, match=r"dtype torch.float64.*backend='torch'"):
+        attention_key_mass(q64, k64, lse, backend="triton")
+    # auto falls back to torch for what triton cannot serve
+    assert attention_key_mass(q64, k64, lse, backend="auto").shape == (2, 6)
+
+
+# ---- GPU ---------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [c[:6] + (torch.bfloat16, c[7]) for c in SWEEP], ids=_sweep_id)
+def test_gpu_sweep_bf16(case):
+    require_backend("attention_key_mass", "triton")
+    _check("triton", *case[:7], **case[7])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    "case",
+    [
+        (8, 16, 16, 577, 577, 64, dict(rows=(0, 1))),  # ViT-L/14 at 336: CLS row
+        (2, 12, 12, 197, 197, 64, dict(head_reduce="max", bias="b")),
+        (1, 32, 8, 2048, 2048, 128, dict(rows=(2047, 2048), causal=True)),  # LLaMA, FastV
+        (1, 32, 8, 2048, 2048, 128, dict(head_reduce=None, causal=True, prefix_len=(576,))),
+        (2, 8, 2, 1025, 333, 80, dict(rows=(100, 900), causal=True, causal_strength=0.4)),
+    ],
+    ids=lambda c: f"q{c[3]}k{c[4]}d{c[5]}-{'-'.join(c[6])}" if isinstance(c, tuple) else None,
+)
+def test_gpu_large_shapes(dtype, case):
+    require_backend("attention_key_mass", "triton")
+    _check("triton", *case[:6], dtype, **case[6])
