@@ -1,16 +1,16 @@
 """pytest-benchmark suites over the cases of :mod:`fastvl.bench.suites`.
 
-A bench module names its op (``OP = "gather_tokens"``) and has one test taking the
-``bench_impl`` fixture; this file parametrises it over case x dtype x mode x implementation
-(the same registry ``python -m fastvl bench`` uses, so shapes live in one place) and sets
-``benchmark.group`` to case + dtype + mode, so pytest-benchmark's report compares the
-implementations of one workload with each other.
+A bench module names its op (``OP = "gather_tokens"``, or a tuple of ops benchmarked
+together) and has one test taking the ``bench_impl`` fixture; this file parametrises it
+over case x dtype x mode x implementation (the same registry ``python -m fastvl bench``
+uses, so shapes live in one place) and sets ``benchmark.group`` to case + dtype + mode, so
+pytest-benchmark's report compares the implementations of one workload with each other.
 
 Run (pyproject's addopts contain --benchmark-disable; --benchmark-only here turns timing
 back on, and ``--benchmark-enable --benchmark-only`` works too):
 
     pytest benches/ --benchmark-only
-    pytest benches/ --benchmark-only --fastvl-quick      # tiny shapes: a smoke test
+    pytest benches/ --benchmark-only --fastvl-quick      # tiny shapes, 3 rounds: a smoke test
 
 On CPU only PyTorch code is timed: Triton would run in its interpreter and the cuda backend
 needs a GPU, so those implementations are skipped with the reason.
@@ -24,12 +24,13 @@ import pytest
 import torch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+QUICK_ROUNDS = 3  # --fastvl-quick: fixed rounds, like `python -m fastvl bench --quick`
 
 
 def pytest_addoption(parser):
     parser.addoption(
         "--fastvl-quick", action="store_true", default=False,
-        help="fastvl benches: tiny shapes (smoke test, not a measurement)",
+        help="fastvl benches: tiny shapes and 3 rounds (smoke test, not a measurement)",
     )
 
 
@@ -54,18 +55,20 @@ def pytest_generate_tests(metafunc):
     op = getattr(metafunc.module, "OP", None)
     if op is None:
         raise pytest.UsageError(f"{metafunc.module.__name__}: set OP = '<op name>'")
+    ops = [op] if isinstance(op, str) else list(op)
     params = []
-    for case in all_cases([op]):
+    for case in all_cases(ops):
         for dtype in case.dtypes_for(DEVICE):
             for mode in case.modes:
                 for impl in case.impls:
                     name = str(dtype).removeprefix("torch.")
+                    prefix = "" if len(ops) == 1 else f"{case.op}-"
                     params.append(pytest.param(
                         (case, dtype, mode, impl),
-                        id=_slug(f"{case.name}-{name}-{mode}-{impl}"),
+                        id=_slug(f"{prefix}{case.name}-{name}-{mode}-{impl}"),
                     ))
     if not params:
-        raise pytest.UsageError(f"no benchmark cases registered for op {op!r}")
+        raise pytest.UsageError(f"no benchmark cases registered for op(s) {ops}")
     metafunc.parametrize("bench_impl", params, indirect=True)
 
 
@@ -114,6 +117,9 @@ def bench_impl(request):
             device_name=torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
         )
         timed()  # warm-up (Triton compiles on first call)
-        benchmark(timed)
+        if quick:  # calibrated rounds would fill 1 s per benchmark: too long for a smoke test
+            benchmark.pedantic(timed, rounds=QUICK_ROUNDS)
+        else:
+            benchmark(timed)
 
     return run

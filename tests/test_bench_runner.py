@@ -99,9 +99,14 @@ def _case_params():
     return params
 
 
-def test_registry_has_gather_cases():
+def test_registry_has_gather_and_attention_cases():
     names = {case.name for case in all_cases(["gather_tokens"])}
     assert {"vit-b16-mae-keep25", "vit-l14-prune-keep50", "vlm-image-tokens"} <= names
+    names = {case.name for case in all_cases(["attention"])}
+    assert {"vit-b16", "vit-l14-336", "vit-h14", "vit-b16-tome-bias", "llama-prefill",
+            "dense-n4096-d128"} <= names
+    names = {case.name for case in all_cases(["attention_key_mass"])}
+    assert {"vit-b16-all-queries", "llava-prefill-fastv"} <= names
     for case in all_cases():
         assert case.baseline in case.impls and case.description
         assert len(set(case.impls)) == len(case.impls)
@@ -117,6 +122,8 @@ def test_case_impls_compute_the_same(case, dtype, mode):
     assert set(built.impls) | set(built.skipped) == set(case.impls)
     if built.bytes is not None:
         assert built.bytes > 0
+    if built.flops is not None:
+        assert built.flops > 0
     expected = _as_tuple(built.impls[case.baseline]())
     assert expected and all(torch.isfinite(t).all() for t in expected)
     tolerance = {}
@@ -124,7 +131,9 @@ def test_case_impls_compute_the_same(case, dtype, mode):
         tolerance = {"rtol": built.rtol or 0.0, "atol": built.atol or 0.0}
     for name, fn in built.impls.items():
         first = _as_tuple(fn())
-        again = _as_tuple(fn())  # callables are re-runnable (nothing accumulates)
+        # callables are re-runnable (nothing accumulates); interpreted Triton runs once (slow,
+        # and its callables are built the same way as the others')
+        again = first if name in built.interpreted else _as_tuple(fn())
         assert len(first) == len(expected), name
         for got, second, want in zip(first, again, expected):
             torch.testing.assert_close(got, want, **tolerance, msg=lambda m: f"{name}: {m}")
@@ -186,6 +195,23 @@ def test_quick_run_writes_results_json(quick_run):
     assert "fastvl[cuda]" in skipped and skipped["fastvl[cuda]"]
 
 
+def test_quick_run_reports_attention_tflops(quick_run):
+    rows = json.loads((quick_run["out"] / "results.json").read_text())["rows"]
+    cases = {case.name for case in all_cases(["attention"]) if case.dtypes_for("cpu")}
+    assert {row["case"] for row in rows if row["op"] == "attention"} == cases
+    ran = [row for row in rows if row["op"] == "attention" and row["status"] == "ok"]
+    assert {"fastvl[torch]", "sdpa", "sdpa[math]"} <= {row["impl"] for row in ran}
+    for row in ran:
+        assert row["flops"] > 0 and row["tflops"] > 0 and row["gbps"] > 0
+        assert math.isclose(row["tflops"], row["flops"] / row["median_s"] / 1e12)
+    # gather_tokens counts no FLOPs; the table gets the column because attention does
+    assert all(row["tflops"] is None for row in rows if row["op"] == "gather_tokens")
+    assert "TFLOP/s" in quick_run["stdout"].splitlines()[0]
+    skipped = {row["impl"]: row["reason"] for row in rows
+               if row["op"] == "attention" and row["status"] == "skipped"}
+    assert skipped.get("fastvl[cuda]") and skipped.get("flex_attention")  # with reasons
+
+
 @pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib is not installed")
 def test_quick_run_writes_png(quick_run):
     png = quick_run["out"] / "results.png"
@@ -209,16 +235,29 @@ def test_parse_dtypes():
         runner.parse_dtypes("int8")
 
 
-def test_format_table_ratio_is_baseline_over_impl():
-    def row(impl, median, baseline=False):
-        return {
-            "op": "op", "case": "case", "dtype": "float32", "mode": "forward", "impl": impl,
-            "is_baseline": baseline, "status": "ok", "median_s": median, "iqr_s": 0.0,
-            "gbps": None, "ratio": 2e-3 / median, "auto": False, "reason": None,
-        }
+def _table_row(impl, median, baseline=False, tflops=None):
+    return {
+        "op": "op", "case": "case", "dtype": "float32", "mode": "forward", "impl": impl,
+        "is_baseline": baseline, "status": "ok", "median_s": median, "iqr_s": 0.0,
+        "gbps": None, "tflops": tflops, "ratio": 2e-3 / median, "auto": False, "reason": None,
+    }
 
-    table = runner.format_table([row("base", 2e-3, baseline=True), row("fast", 1e-3)])
+
+def test_format_table_ratio_is_baseline_over_impl():
+    table = runner.format_table([_table_row("base", 2e-3, True), _table_row("fast", 1e-3)])
     assert "1.00x (base)" in table and re.search(r"fast\s.*\s2\.00x", table)
+    assert "TFLOP/s" not in table  # no FLOP counts, no column (gather's table)
+
+
+def test_format_table_tflops_column():
+    table = runner.format_table(
+        [_table_row("base", 2e-3, True, tflops=150.0), _table_row("fast", 1e-3, tflops=0.012)]
+    )
+    header = table.splitlines()[0].split()
+    assert header[-3:] == ["TFLOP/s", "vs", "baseline"] and header[-4] == "GB/s"
+    assert re.search(r"base\s.*\s150\.00\s+1\.00x \(base\)", table)
+    assert re.search(r"fast\s.*\s0\.012\s+2\.00x", table)
+    assert "TFLOP/s = " in table
 
 
 def test_plot_skipped_with_a_note_without_matplotlib(monkeypatch, tmp_path):
