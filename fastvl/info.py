@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
+from typing import Optional
 
 import torch
 
@@ -16,33 +18,58 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def collect() -> dict:
-    """Everything ``fastvl info`` reports, as plain data."""
-    device = default_device()
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def describe_device(device: torch.device) -> dict:
+    """Name and size of a device, as plain data (also recorded with benchmark results)."""
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        device_info = {
+        return {
             "type": "cuda",
             "name": props.name,
             "capability": f"{props.major}.{props.minor}",
             "multiprocessors": props.multi_processor_count,
             "memory_gib": round(props.total_memory / 2**30, 1),
+            "l2_cache_mib": round(getattr(props, "L2_cache_size", 0) / 2**20, 1),
         }
-    else:
-        device_info = {"type": "cpu", "name": platform.processor() or platform.machine()}
-    triton_version = None
-    if registry.TRITON_IMPORT_ERROR is None:
-        import triton
+    return {
+        "type": "cpu",
+        "name": _cpu_name(),
+        "capability": None,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
 
-        triton_version = triton.__version__
+
+def triton_version() -> Optional[str]:
+    """The installed triton's version, or None when triton cannot be imported."""
+    if registry.TRITON_IMPORT_ERROR is not None:
+        return None
+    import triton
+
+    return triton.__version__
+
+
+def collect() -> dict:
+    """Everything ``fastvl info`` reports, as plain data."""
+    device = default_device()
     return {
         "fastvl": fastvl.__version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
-        "triton": triton_version,
+        "triton": triton_version(),
         "triton_interpreter": registry.TRITON_INTERPRETER,
-        "device": device_info,
+        "device": describe_device(device),
         "extension": {
             "built": _extension.is_built(),
             "cuda_archs": _extension.cuda_archs(),

@@ -406,54 +406,21 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
 def environment(device: torch.device) -> dict[str, Any]:
     """Device and software versions recorded with every result."""
     import fastvl
     from fastvl import _extension
+    from fastvl.info import describe_device, triton_version
     from fastvl.ops import registry
 
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        device_info = {
-            "type": "cuda",
-            "name": props.name,
-            "capability": f"{props.major}.{props.minor}",
-            "multiprocessors": props.multi_processor_count,
-            "memory_gib": round(props.total_memory / 2**30, 1),
-            "l2_cache_mib": round(getattr(props, "L2_cache_size", 0) / 2**20, 1),
-        }
-    else:
-        device_info = {
-            "type": "cpu",
-            "name": _cpu_name(),
-            "capability": None,
-            "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-        }
-    triton_version = None
-    if registry.TRITON_IMPORT_ERROR is None:
-        import triton
-
-        triton_version = triton.__version__
     built = _extension.is_built()
     return {
-        "device": device_info,
+        "device": describe_device(device),
         "versions": {
             "fastvl": fastvl.__version__,
             "torch": torch.__version__,
             "torch_cuda": torch.version.cuda,
-            "triton": triton_version,
+            "triton": triton_version(),
             "python": platform.python_version(),
         },
         "platform": platform.platform(),
