@@ -14,16 +14,32 @@ from fastvl._outputs import poison_outputs
 __all__ = [
     "ODD_TOKEN_COUNTS",
     "HEAD_DIMS",
+    "ERROR_FLOOR",
+    "OPCHECK_INTERPRETER_UTILS",
     "poison_outputs",
     "random_tensor",
     "random_index",
     "max_error",
     "assert_within_reference_error",
+    "assert_grads_within_reference_error",
+    "assert_lse_within_reference_error",
+    "assert_opcheck",
 ]
 
 # Token counts of real ViTs that are never multiples of a block size, plus the edge cases.
 ODD_TOKEN_COUNTS = (1, 7, 197, 577)
 HEAD_DIMS = (32, 64, 80, 128)
+# Absolute floors of the error rule: where the kernel and PyTorch are both accurate to
+# roundoff, the ratio of two tiny errors means little.
+ERROR_FLOOR = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-5,
+    torch.float16: 1e-4,
+    torch.bfloat16: 1e-3,
+}
+# torch.library.opcheck's checks that work on interpreted Triton (wrap_triton cannot capture
+# interpreted kernels, so the AOT-dispatch checks run on a GPU only).
+OPCHECK_INTERPRETER_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
 
 
 def random_tensor(*shape, dtype=torch.float32, device="cpu", generator=None, requires_grad=False):
@@ -78,3 +94,33 @@ def assert_within_reference_error(
             f"{name}: max error {kernel_error:.3g} exceeds {factor} x PyTorch's {torch_error:.3g} "
             f"+ {atol:.1g} = {bound:.3g}"
         )
+
+
+def assert_grads_within_reference_error(names, actual, reference64, low_precision, *,
+                                        factor: float = 3.0, atol: float = 1e-6) -> None:
+    """The error rule for several gradients: dtype, shape, finiteness, then the bound each."""
+    for name, got, ref, low in zip(names, actual, reference64, low_precision):
+        assert got.dtype == low.dtype and got.shape == low.shape, name
+        assert torch.isfinite(got).all(), f"{name} is not finite"
+        assert_within_reference_error(got, ref, low, factor=factor, atol=atol, name=name)
+
+
+def assert_opcheck(op, args) -> None:
+    """torch.library.opcheck passes for ``op(*args)`` (CPU tensors: the interpreter's checks)."""
+    on_cpu = all(a.device.type == "cpu" for a in args if isinstance(a, torch.Tensor))
+    kwargs = {"test_utils": OPCHECK_INTERPRETER_UTILS} if on_cpu else {}
+    result = torch.library.opcheck(op, args, **kwargs)
+    assert all(v == "SUCCESS" for v in result.values()), (op, result)
+
+
+def assert_lse_within_reference_error(lse, reference64, low_precision, dtype, name="lse"):
+    """lse (float32): the -inf rows (no visible key) must match exactly, the rest follow the
+    error rule with the floor of the inputs' ``dtype``."""
+    assert lse.dtype == torch.float32
+    empty = torch.isneginf(reference64)
+    assert torch.equal(torch.isneginf(lse), empty), f"{name}: -inf rows differ from the reference"
+    keep = ~empty
+    assert_within_reference_error(
+        lse[keep], reference64[keep], low_precision[keep], factor=2, atol=ERROR_FLOOR[dtype],
+        name=name,
+    )
