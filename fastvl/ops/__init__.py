@@ -7,6 +7,8 @@ cannot serve it raises :class:`BackendNotSupportedError` listing the reasons.
 from fastvl.ops.attention import attention, varlen_attention
 from fastvl.ops.attention_key_mass import attention_key_mass
 from fastvl.ops.gather import gather_tokens
+from fastvl.ops.masking import masked_pixel_loss, random_masking, unshuffle_with_mask_token
+from fastvl.ops.patch_embed import masked_patch_embed
 from fastvl.ops.pruning import keep_topk_tokens, topk_candidate_index, topk_token_index
 from fastvl.ops.registry import BACKENDS, OPS, BackendNotSupportedError, availability
 from fastvl.ops.tome import TomePlan, tome_match, tome_merge, tome_merge_source, tome_unmerge
@@ -16,6 +18,9 @@ __all__ = [
     "attention_key_mass",
     "gather_tokens",
     "keep_topk_tokens",
+    "masked_patch_embed",
+    "masked_pixel_loss",
+    "random_masking",
     "topk_candidate_index",
     "topk_token_index",
     "tome_match",
@@ -23,6 +28,7 @@ __all__ = [
     "tome_merge_source",
     "tome_unmerge",
     "TomePlan",
+    "unshuffle_with_mask_token",
     "varlen_attention",
     "BACKENDS",
     "OPS",

@@ -50,6 +50,15 @@ positions are affected. Attention weights are never materialized: the function r
 ``attentions`` come back empty). With no
 mask at all, ``is_causal`` (keyword, else ``module.is_causal``, default True) decides
 causality, aligned bottom-right.
+
+Attention probe (for token pruners, e.g. :mod:`fastvl.patch.fastv`): a call that gets the
+keyword argument ``fastvl_attention_probe=probe`` (:data:`ATTENTION_PROBE_KWARG`; a decoder
+layer forwards its keyword arguments to its attention) runs the op with ``return_lse=True``
+and then calls ``probe(query=..., key=..., lse=..., mask=..., scale=..., backend=...)`` with
+the post-RoPE query (B, H, Nq, D), the key (B, Hkv, Nk, D) including cached keys, the lse
+(B, H, Nq), the :class:`KeyBiasMask` and scale of the call, and the op backend, so the probe
+can compute e.g. :func:`fastvl.ops.attention_key_mass` without a second attention pass. Only
+the fastvl op path can serve a probe; others raise ``ValueError``.
 """
 
 from __future__ import annotations
@@ -77,15 +86,18 @@ from fastvl.reference.attention import attention_bias
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
+    "ATTENTION_PROBE_KWARG",
     "KeyBiasMask",
     "fastvl_attention_forward",
     "fastvl_attention_mask",
     "register",
     "unregister",
     "is_registered",
+    "apply_fastv",
 ]
 
 ATTN_IMPLEMENTATION = "fastvl"
+ATTENTION_PROBE_KWARG = "fastvl_attention_probe"
 # Keyword arguments some models pass that change the attention math and that we cannot serve.
 _UNSUPPORTED_KWARGS = {
     "softcap": "logit soft-capping",
@@ -187,8 +199,9 @@ def fastvl_attention_forward(
 
     query: (B, H, Nq, D); key, value: (B, Hkv, Nk, D), ``H % Hkv == 0``. ``attention_mask``: a
     :class:`KeyBiasMask`, a dense 4D mask (bool, True = attend, or additive float) or None.
-    Returns ``(out (B, Nq, H, D), None)``.
+    Returns ``(out (B, Nq, H, D), None)``. ``fastvl_attention_probe``: see the module docstring.
     """
+    probe = kwargs.pop(ATTENTION_PROBE_KWARG, None)
     _check_supported(kwargs)
     if attention_mask is None:
         if is_causal is None:
@@ -201,14 +214,23 @@ def fastvl_attention_forward(
             query, key, causal=attention_mask.causal, key_bias=attention_mask.key_bias
         )
     if not isinstance(attention_mask, KeyBiasMask):
+        if probe is not None:
+            raise ValueError(
+                "fastvl_attention_forward: an attention probe needs the fastvl op path (causal "
+                "or bidirectional + padding mask, no dropout, no position_bias), this call "
+                f"takes SDPA with a {type(attention_mask).__name__} mask"
+            )
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
             is_causal=False, **kwargs,
         )
     out = attention(
         query, key, value, causal=attention_mask.causal, key_bias=attention_mask.key_bias,
-        scale=scaling, backend=backend,
+        scale=scaling, return_lse=probe is not None, backend=backend,
     )
+    if probe is not None:
+        out, lse = out
+        probe(query=query, key=key, lse=lse, mask=attention_mask, scale=scaling, backend=backend)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -235,3 +257,13 @@ def unregister() -> None:
 def is_registered() -> bool:
     """Whether ``attn_implementation="fastvl"`` is currently available."""
     return ATTN_IMPLEMENTATION in AttentionInterface._global_mapping
+
+
+def __getattr__(name: str):
+    # ``apply_fastv`` lives in fastvl.patch.fastv, which builds on this module: imported on
+    # first use so that either module can be imported first.
+    if name == "apply_fastv":
+        from fastvl.patch.fastv import apply_fastv
+
+        return apply_fastv
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
