@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 INT_TYPES = (int, torch.SymInt)
 
@@ -22,3 +23,16 @@ def check_int(op: str, name: str, value, what: str = "an int") -> None:
     """TypeError unless ``value`` is an int (bools rejected)."""
     if not is_int(value):
         raise TypeError(f"{op}: {name} must be {what}, got {type(value).__name__}")
+
+
+def host_readable(t: torch.Tensor) -> bool:
+    """Whether t's values can be read now at no cost: a real CPU tensor outside torch.compile."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling() and not is_fake(t)
+
+
+def value_check_allowed(t: torch.Tensor) -> bool:
+    """Whether a check that reads t's values (one host sync) may run now: not while
+    torch.compile traces, nor while a CUDA graph is being captured, nor on an empty t."""
+    if t.numel() == 0 or torch.compiler.is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())

@@ -22,9 +22,8 @@ import math
 from typing import Optional, Union
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
 
-from fastvl.ops._checks import check_tensor, is_int
+from fastvl.ops._checks import check_tensor, host_readable, is_int
 from fastvl.ops.registry import TRITON_IMPORT_ERROR, register_op
 from fastvl.reference.attention import attention as _reference_attention
 from fastvl.reference.attention import varlen_attention as _reference_varlen_attention
@@ -404,14 +403,9 @@ def _validate(q, k, v, causal, key_bias, scale, causal_strength, prefix_len, ret
                       return_lse)
 
 
-def _host_readable(t: torch.Tensor) -> bool:
-    """Whether t's values can be read now without a device sync or a graph break."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling() and not is_fake(t)
-
-
 def _validate_cu_seqlens(op: str, name: str, cu_seqlens, max_name: str, max_seqlen,
                          total: int, tokens_name: str, device: torch.device) -> None:
-    """One cu_seqlens / max_seqlen pair; the values only where :func:`_host_readable`."""
+    """One cu_seqlens / max_seqlen pair; the values only where :func:`host_readable`."""
     check_tensor(op, name, cu_seqlens)
     if cu_seqlens.dtype != torch.int32:
         raise TypeError(
@@ -431,7 +425,7 @@ def _validate_cu_seqlens(op: str, name: str, cu_seqlens, max_name: str, max_seql
             f"{op}: {tokens_name} has {total} tokens but {name} has {cu_seqlens.shape[0] - 1} "
             f"sequences and {max_name} = {max_seqlen}"
         )
-    if not _host_readable(cu_seqlens):
+    if not host_readable(cu_seqlens):
         return
     offsets = cu_seqlens.tolist()
     lengths = [end - start for start, end in zip(offsets, offsets[1:])]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from fastvl import _extension, reference
+from fastvl.ops._checks import value_check_allowed
 from fastvl.ops.registry import TRITON_IMPORT_ERROR, dtype_reasons, register_op
 
 GATHER_TOKENS = register_op("gather_tokens")
@@ -116,9 +117,7 @@ def check_index_range(index: torch.Tensor, num_tokens: int, op: str) -> None:
     Costs one reduction and one host sync, so it is skipped while torch.compile traces and
     while a CUDA graph is being captured.
     """
-    if index.numel() == 0 or torch.compiler.is_compiling():
-        return
-    if index.is_cuda and torch.cuda.is_current_stream_capturing():
+    if not value_check_allowed(index):
         return
     low, high = torch.stack(torch.aminmax(index)).tolist()
     if low < 0 or high >= num_tokens:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from fastvl.ops._checks import check_tensor, is_int
+from fastvl.ops._checks import check_tensor, is_int, value_check_allowed
 from fastvl.ops.gather import gather_tokens
 from fastvl.ops.registry import BACKENDS
 
@@ -55,9 +55,7 @@ def _check_candidate_values(candidates: torch.Tensor, num_tokens: int) -> None:
 
     One host sync, so skipped while torch.compile traces and while a CUDA graph is captured.
     """
-    if candidates.numel() == 0 or torch.compiler.is_compiling():
-        return
-    if candidates.is_cuda and torch.cuda.is_current_stream_capturing():
+    if not value_check_allowed(candidates):
         return
     ascending = candidates.sort(dim=1).values
     repeats = (ascending[:, 1:] == ascending[:, :-1]).sum()

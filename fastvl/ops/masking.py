@@ -1,0 +1,549 @@
+"""Masked image modeling (MAE, VideoMAE, CropMAE, VideoMAE V2) without the reference code's
+copies: :func:`random_masking`, :func:`unshuffle_with_mask_token`, :func:`masked_pixel_loss`.
+
+The encoder embeds only the kept patches (:func:`fastvl.ops.masked_patch_embed` with
+``ids_keep``); the decoder input is built by one kernel (visible tokens back in place, the
+mask token elsewhere, positions added) instead of repeat + cat + gather with a (B, L, D)
+int64 index; the loss reads its targets straight from the image and normalises each patch
+in registers instead of materialising a float32 target image. Nothing here syncs with the
+host (the checks of index values run on CPU tensors only), so a training step can be
+captured in a CUDA graph.
+
+Dual masking (VideoMAE V2): pick the decoder's subset of the masked patches with a second
+:func:`random_masking` over the masked list (``argsort(ids_restore)[:, K:]``), sort it, gather
+those rows from the unshuffled decoder input with :func:`fastvl.ops.gather_tokens`, and give
+:func:`masked_pixel_loss` the decoder's rows (``pred`` (B, M2, N), ascending patch order)
+with the mask of the decoded patches (``tests/test_masking.py::test_dual_masking_pipeline``).
+
+Layouts and the exact math are in :mod:`fastvl.reference.masking`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from fastvl.ops._checks import check_int, check_tensor, host_readable, is_int
+from fastvl.ops.registry import TRITON_IMPORT_ERROR, dtype_reasons, register_op
+from fastvl.reference import masking as _reference
+
+__all__ = [
+    "random_masking",
+    "unshuffle_with_mask_token",
+    "masked_pixel_loss",
+    "UNSHUFFLE_WITH_MASK_TOKEN",
+    "MASKED_PIXEL_LOSS",
+]
+
+UNSHUFFLE_WITH_MASK_TOKEN = register_op("unshuffle_with_mask_token")
+MASKED_PIXEL_LOSS = register_op("masked_pixel_loss")
+EPS_STYLES = {"mae": 1, "videomae": 2}  # the kernels' NORM codes (0: norm_pix=False)
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_NUMBER = (int, float)
+
+
+# ---- random_masking ----------------------------------------------------------------------
+
+
+def random_masking(
+    batch: int,
+    num_patches: int,
+    mask_ratio: float,
+    *,
+    noise: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    device=None,
+    frames: int = 1,
+):
+    """MAE's per-sample random masking: which patches the encoder sees.
+
+    Args:
+        batch: B. num_patches: L, the patches per sample (for video ``T' * h * w``).
+        mask_ratio: float in [0, 1); ``len_keep = int(S * (1 - mask_ratio))`` patches are
+            kept per frame, S = L / frames (MAE 0.75, VideoMAE 0.9, CropMAE 0.985).
+        noise: optional (B, S) float scores; the smallest are kept (MAE's ``argsort(noise)``;
+            pass your own for reproducibility or importance-driven masking such as HPM).
+            Default: uniform ``torch.rand`` from ``generator`` on ``device``.
+        generator, device: for the default noise (device defaults to the generator's, else
+            CPU); unused when noise is given (the results live on noise's device).
+        frames: T' > 1 for tube masking (VideoMAE): one spatial mask of S = L / T' positions
+            shared by every frame; patch ``l = t * S + s``.
+
+    Returns:
+        ``(ids_keep (B, K) int64, ids_restore (B, L) int64, mask (B, L) float32)``,
+        K = frames * len_keep: ``ids_keep`` the kept patches (MAE's shuffled order, frame by
+        frame for tubes), ``ids_restore`` the inverse permutation of the shuffle (visible
+        patch l is encoder token ``ids_restore[:, l]``), ``mask`` 1 = removed, 0 = kept, in
+        the original order (MAE). No host sync; nothing requires grad.
+    """
+    op = "random_masking"
+    check_int(op, "batch", batch)
+    check_int(op, "num_patches", num_patches)
+    check_int(op, "frames", frames)
+    if batch < 0 or num_patches < 0:
+        raise ValueError(f"{op}: batch and num_patches must be >= 0, got {batch} and {num_patches}")
+    if frames < 1 or num_patches % frames:
+        raise ValueError(
+            f"{op}: frames must be a positive divisor of num_patches ({num_patches}) for tube "
+            f"masking, got {frames}"
+        )
+    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, _NUMBER):
+        raise TypeError(
+            f"{op}: mask_ratio must be a float in [0, 1), got {type(mask_ratio).__name__}"
+        )
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"{op}: mask_ratio must lie in [0, 1), got {mask_ratio}")
+    spatial = num_patches // frames
+    if noise is None:
+        if device is None:
+            device = generator.device if generator is not None else "cpu"
+        noise = torch.rand(batch, spatial, generator=generator, device=device)
+    else:
+        check_tensor(op, "noise", noise)
+        if not noise.is_floating_point():
+            raise TypeError(f"{op}: noise must be a floating-point tensor, got {noise.dtype}")
+        if tuple(noise.shape) != (batch, spatial):
+            raise ValueError(
+                f"{op}: noise must be (B, L / frames) = ({batch}, {spatial}), "
+                f"got shape {tuple(noise.shape)}"
+            )
+    return _reference.random_masking(noise.detach(), mask_ratio, frames)
+
+
+# ---- unshuffle_with_mask_token -----------------------------------------------------------
+# Every implementation is called as fn(x, ids_restore, mask_token, pos_embed, num_prefix_tokens)
+# with validated arguments in their public shapes.
+
+
+def _unshuffle_torch_impl(x, ids_restore, mask_token, pos_embed, num_prefix_tokens):
+    return _reference.unshuffle_with_mask_token(
+        x, ids_restore, mask_token, num_prefix_tokens, pos_embed
+    )
+
+
+def _unshuffle_out_dtype(x, mask_token, pos_embed) -> torch.dtype:
+    dtype = torch.promote_types(x.dtype, mask_token.dtype)
+    return dtype if pos_embed is None else torch.promote_types(dtype, pos_embed.dtype)
+
+
+def _unshuffle_fwd_fake(x, ids_restore, mask_token, pos_embed, num_prefix_tokens):
+    shape = (x.shape[0], num_prefix_tokens + ids_restore.shape[1], x.shape[2])
+    return x.new_empty(shape, dtype=_unshuffle_out_dtype(x, mask_token, pos_embed))
+
+
+def _unshuffle_bwd_fake(grad_out, ids_restore, num_prefix_tokens, num_visible, compute_dpos):
+    batch, num_rows, dim = grad_out.shape
+    dx = grad_out.new_empty(batch, num_prefix_tokens + num_visible, dim)
+    dtoken_rows = grad_out.new_empty(num_rows, dim, dtype=torch.float32)
+    dpos = grad_out.new_empty((num_rows, dim) if compute_dpos else (0,), dtype=torch.float32)
+    return dx, dtoken_rows, dpos
+
+
+def _unshuffle_triton_call_reasons(x, ids_restore, mask_token, pos_embed, num_prefix_tokens):
+    reasons = dtype_reasons("x", x, TRITON_DTYPES) + dtype_reasons(
+        "mask_token", mask_token, TRITON_DTYPES
+    )
+    if pos_embed is not None:
+        reasons += dtype_reasons("pos_embed", pos_embed, TRITON_DTYPES)
+    return reasons
+
+
+UNSHUFFLE_WITH_MASK_TOKEN.implement("torch", _unshuffle_torch_impl)
+
+if TRITON_IMPORT_ERROR is None:
+    from fastvl.kernels import masking as _kernels
+
+    @torch.library.triton_op("fastvl::unshuffle_with_mask_token_fwd_triton", mutates_args=())
+    def unshuffle_with_mask_token_fwd_triton(
+        x: torch.Tensor,
+        ids_restore: torch.Tensor,
+        mask_token: torch.Tensor,
+        pos_embed: Optional[torch.Tensor],
+        num_prefix_tokens: int,
+    ) -> torch.Tensor:
+        """x (B, P + K, D), ids_restore (B, L), mask_token (D,), pos_embed (P + L, D) | None
+        -> (B, P + L, D) contiguous, dtype promoted over the inputs."""
+        return _kernels.unshuffle_forward(
+            x, ids_restore, mask_token, pos_embed, num_prefix_tokens,
+            _unshuffle_out_dtype(x, mask_token, pos_embed),
+        )
+
+    @torch.library.triton_op("fastvl::unshuffle_with_mask_token_bwd_triton", mutates_args=())
+    def unshuffle_with_mask_token_bwd_triton(
+        grad_out: torch.Tensor,
+        ids_restore: torch.Tensor,
+        num_prefix_tokens: int,
+        num_visible: int,
+        compute_dpos: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (dx (B, P + K, D) in grad_out's dtype, float32 mask-token gradient per position
+        (P + L, D), float32 dpos (P + L, D) or empty (0,) unless ``compute_dpos``)."""
+        return _kernels.unshuffle_backward(
+            grad_out, ids_restore, num_prefix_tokens, num_visible, compute_dpos
+        )
+
+    def _unshuffle_setup_context(ctx, inputs, output):
+        x, ids_restore, mask_token, pos_embed, num_prefix_tokens = inputs
+        ctx.save_for_backward(ids_restore)
+        ctx.num_prefix_tokens = num_prefix_tokens
+        ctx.num_visible = x.shape[1] - num_prefix_tokens
+        ctx.dtypes = (x.dtype, mask_token.dtype, None if pos_embed is None else pos_embed.dtype)
+
+    def _unshuffle_backward(ctx, grad_out):
+        (ids_restore,) = ctx.saved_tensors
+        x_dtype, token_dtype, pos_dtype = ctx.dtypes
+        compute_dpos = pos_dtype is not None and ctx.needs_input_grad[3]
+        dx, dtoken_rows, dpos = unshuffle_with_mask_token_bwd_triton(
+            grad_out, ids_restore, ctx.num_prefix_tokens, ctx.num_visible, compute_dpos
+        )
+        dtoken = dtoken_rows.sum(dim=0).to(token_dtype)
+        return dx.to(x_dtype), None, dtoken, dpos.to(pos_dtype) if compute_dpos else None, None
+
+    torch.library.register_fake(unshuffle_with_mask_token_fwd_triton, _unshuffle_fwd_fake)
+    torch.library.register_fake(unshuffle_with_mask_token_bwd_triton, _unshuffle_bwd_fake)
+    torch.library.register_autograd(
+        unshuffle_with_mask_token_fwd_triton, _unshuffle_backward,
+        setup_context=_unshuffle_setup_context,
+    )
+
+    def _unshuffle_triton_impl(x, ids_restore, mask_token, pos_embed, num_prefix_tokens):
+        dim = x.shape[-1]
+        pos = None if pos_embed is None else pos_embed.reshape(-1, dim)
+        return unshuffle_with_mask_token_fwd_triton(
+            x, ids_restore, mask_token.reshape(dim), pos, num_prefix_tokens
+        )
+
+    UNSHUFFLE_WITH_MASK_TOKEN.implement(
+        "triton", _unshuffle_triton_impl, _unshuffle_triton_call_reasons
+    )
+
+
+def _check_float(op: str, name: str, t) -> None:
+    check_tensor(op, name, t)
+    if not t.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+
+
+def _check_same_device(op: str, name: str, t, x, x_name: str = "x") -> None:
+    if t.device != x.device:
+        raise ValueError(f"{op}: {x_name} is on {x.device} but {name} is on {t.device}")
+
+
+def _check_restore_values(ids_restore: torch.Tensor) -> None:
+    """Each row of ids_restore must be a permutation of [0, L); checked only where the values
+    can be read without a device sync (CPU tensors outside torch.compile)."""
+    if ids_restore.numel() == 0 or not host_readable(ids_restore):
+        return
+    expected = torch.arange(ids_restore.shape[1], device=ids_restore.device)
+    if not torch.equal(ids_restore.sort(dim=1).values, expected.expand_as(ids_restore)):
+        raise ValueError(
+            "unshuffle_with_mask_token: every row of ids_restore must be a permutation of "
+            f"[0, L) = [0, {ids_restore.shape[1]}) (as random_masking returns)"
+        )
+
+
+def _validate_unshuffle(x, ids_restore, mask_token, num_prefix_tokens, pos_embed) -> None:
+    op = "unshuffle_with_mask_token"
+    _check_float(op, "x", x)
+    check_tensor(op, "ids_restore", ids_restore)
+    _check_float(op, "mask_token", mask_token)
+    check_int(op, "num_prefix_tokens", num_prefix_tokens)
+    if x.dim() != 3:
+        raise ValueError(f"{op}: x must be (B, P + K, D), got shape {tuple(x.shape)}")
+    batch, num_x_rows, dim = x.shape
+    if ids_restore.dtype != torch.int64:
+        raise TypeError(f"{op}: ids_restore must be torch.int64, got {ids_restore.dtype}")
+    if ids_restore.dim() != 2 or ids_restore.shape[0] != batch:
+        raise ValueError(
+            f"{op}: ids_restore must be (B, L) with B = {batch}, got shape "
+            f"{tuple(ids_restore.shape)}"
+        )
+    num_patches = ids_restore.shape[1]
+    if not 0 <= num_prefix_tokens <= num_x_rows:
+        raise ValueError(
+            f"{op}: num_prefix_tokens must lie in [0, x.shape[1]] = [0, {num_x_rows}], "
+            f"got {num_prefix_tokens}"
+        )
+    if num_x_rows - num_prefix_tokens > num_patches:
+        raise ValueError(
+            f"{op}: x holds {num_x_rows - num_prefix_tokens} patch tokens after "
+            f"{num_prefix_tokens} prefix tokens, more than the L = {num_patches} of ids_restore"
+        )
+    if tuple(mask_token.shape) not in ((dim,), (1, 1, dim)):
+        raise ValueError(
+            f"{op}: mask_token must be (D,) or (1, 1, D) with D = {dim}, got shape "
+            f"{tuple(mask_token.shape)}"
+        )
+    _check_same_device(op, "ids_restore", ids_restore, x)
+    _check_same_device(op, "mask_token", mask_token, x)
+    if pos_embed is not None:
+        _check_float(op, "pos_embed", pos_embed)
+        rows = num_prefix_tokens + num_patches
+        if tuple(pos_embed.shape) not in ((rows, dim), (1, rows, dim)):
+            raise ValueError(
+                f"{op}: pos_embed must be (P + L, D) or (1, P + L, D) = (1, {rows}, {dim}), "
+                f"got shape {tuple(pos_embed.shape)}"
+            )
+        _check_same_device(op, "pos_embed", pos_embed, x)
+
+
+def unshuffle_with_mask_token(
+    x: torch.Tensor,
+    ids_restore: torch.Tensor,
+    mask_token: torch.Tensor,
+    *,
+    num_prefix_tokens: int = 1,
+    pos_embed: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """MAE's decoder input: the encoder's tokens back in place, the mask token elsewhere.
+
+    Args:
+        x: (B, P + K, D) encoder output: P prefix tokens (class token, registers), then the
+            K kept patches in ``ids_keep`` order (as :func:`random_masking` returns them).
+        ids_restore: (B, L) int64, each row a permutation of [0, L): patch l is
+            ``x[:, P + ids_restore[:, l]]`` if ``ids_restore[:, l] < K``, else masked.
+        mask_token: (D,) or (1, 1, D), the learned mask embedding.
+        num_prefix_tokens: P, kept in front unchanged (MAE: 1).
+        pos_embed: optional (P + L, D) or (1, P + L, D) decoder positions, added to every
+            row (MAE's ``x + decoder_pos_embed``).
+        backend: "auto", "triton" or "torch".
+
+    Returns:
+        (B, P + L, D) in the promotion of the inputs' dtypes (contiguous on triton).
+        Differentiable in x (a gather of the gradient at the visible positions), mask_token
+        (the gradient summed over the masked rows) and pos_embed (summed over the batch);
+        the triton backward sums in float32 in a fixed order (deterministic, no atomics).
+
+    ids_restore is checked to hold permutations only on CPU outside torch.compile (no host
+    sync); on a GPU a row that is not a permutation leaves rows of x's gradient unwritten.
+    """
+    _validate_unshuffle(x, ids_restore, mask_token, num_prefix_tokens, pos_embed)
+    _check_restore_values(ids_restore)
+    args = (x, ids_restore, mask_token, pos_embed, num_prefix_tokens)
+    return UNSHUFFLE_WITH_MASK_TOKEN.select(backend, x.device, *args)(*args)
+
+
+# ---- masked_pixel_loss -------------------------------------------------------------------
+# Every implementation is called as fn(pred, imgs, mask, patch_size, norm_pix, eps, eps_style)
+# with validated arguments and patch_size a tuple ((ph, pw) or (pt, ph, pw)).
+
+
+def _loss_triton_call_reasons(pred, imgs, *other_args):
+    return dtype_reasons("pred", pred, TRITON_DTYPES) + dtype_reasons("imgs", imgs, TRITON_DTYPES)
+
+
+MASKED_PIXEL_LOSS.implement("torch", _reference.masked_pixel_loss)
+
+
+def _row_error_fake(pred, imgs, patch_index, row_weight, patch_size, norm, eps):
+    return pred.new_empty(pred.shape[:2], dtype=torch.float32)
+
+
+def _pixel_loss_bwd_fake(grad_rows, pred, imgs, patch_index, patch_size, norm, eps):
+    return pred.new_empty(pred.shape)
+
+
+if TRITON_IMPORT_ERROR is None:
+
+    @torch.library.triton_op("fastvl::masked_pixel_row_error_triton", mutates_args=())
+    def masked_pixel_row_error_triton(
+        pred: torch.Tensor,
+        imgs: torch.Tensor,
+        patch_index: Optional[torch.Tensor],
+        row_weight: torch.Tensor,
+        patch_size: list[int],
+        norm: int,
+        eps: float,
+    ) -> torch.Tensor:
+        """pred (B, R, N), imgs (B, C, [T,] H, W), patch_index (B, R) int64 | None (row r is
+        patch r), row_weight (B, R) float32 (rows of weight 0 are skipped), norm 0 / 1 / 2
+        (none, mae, videomae) -> float32 (B, R): mean((pred - target) ** 2) per row."""
+        return _kernels.pixel_loss_forward(
+            pred, imgs, patch_index, row_weight, patch_size, norm, eps
+        )
+
+    @torch.library.triton_op("fastvl::masked_pixel_row_error_bwd_triton", mutates_args=())
+    def masked_pixel_row_error_bwd_triton(
+        grad_rows: torch.Tensor,
+        pred: torch.Tensor,
+        imgs: torch.Tensor,
+        patch_index: Optional[torch.Tensor],
+        patch_size: list[int],
+        norm: int,
+        eps: float,
+    ) -> torch.Tensor:
+        """grad_rows (B, R) -> dpred (B, R, N) in pred's dtype; zero rows where grad is 0."""
+        return _kernels.pixel_loss_backward(
+            grad_rows, pred, imgs, patch_index, patch_size, norm, eps
+        )
+
+    def _row_error_setup_context(ctx, inputs, output):
+        pred, imgs, patch_index, row_weight, patch_size, norm, eps = inputs
+        ctx.save_for_backward(pred, imgs, patch_index)
+        ctx.patch_size, ctx.norm, ctx.eps = patch_size, norm, eps
+
+    def _row_error_backward(ctx, grad_rows):
+        pred, imgs, patch_index = ctx.saved_tensors
+        dpred = masked_pixel_row_error_bwd_triton(
+            grad_rows, pred, imgs, patch_index, ctx.patch_size, ctx.norm, ctx.eps
+        )
+        return dpred, None, None, None, None, None, None
+
+    torch.library.register_fake(masked_pixel_row_error_triton, _row_error_fake)
+    torch.library.register_fake(masked_pixel_row_error_bwd_triton, _pixel_loss_bwd_fake)
+    torch.library.register_autograd(
+        masked_pixel_row_error_triton, _row_error_backward,
+        setup_context=_row_error_setup_context,
+    )
+
+    def _loss_triton_impl(pred, imgs, mask, patch_size, norm_pix, eps, eps_style):
+        index, weight = _reference.loss_rows(mask, pred.shape[1], torch.float32)
+        if index is not None:
+            index = index.contiguous()
+        row_error = masked_pixel_row_error_triton(
+            pred, imgs.detach(), index, weight.contiguous(), list(patch_size),
+            EPS_STYLES[eps_style] if norm_pix else 0, float(eps),
+        )
+        return _reference.weighted_mean(row_error, weight)
+
+    MASKED_PIXEL_LOSS.implement("triton", _loss_triton_impl, _loss_triton_call_reasons)
+
+
+def _normalize_patch_size(op: str, patch_size, imgs: torch.Tensor) -> tuple:
+    """int p -> (p, p) for images; a tuple must have one entry per spatial dim of imgs."""
+    spatial = imgs.dim() - 2
+    layout = "(ph, pw)" if spatial == 2 else "(pt, ph, pw)"
+    if is_int(patch_size) and spatial == 2:
+        patch_size = (patch_size, patch_size)
+    if not (isinstance(patch_size, (tuple, list)) and len(patch_size) == spatial
+            and all([is_int(p) for p in patch_size])):
+        hint = "an int or " if spatial == 2 else ""
+        raise TypeError(
+            f"{op}: patch_size must be {hint}a tuple {layout} of ints for imgs of shape "
+            f"{tuple(imgs.shape)}, got {patch_size!r}"
+        )
+    if min(patch_size) < 1:
+        raise ValueError(f"{op}: patch_size entries must be >= 1, got {tuple(patch_size)}")
+    for size, p in zip(imgs.shape[2:], patch_size):
+        if size % p:
+            raise ValueError(
+                f"{op}: image size {tuple(imgs.shape[2:])} is not divisible by the patch "
+                f"size {tuple(patch_size)}"
+            )
+    return tuple(patch_size)
+
+
+def _check_mask_rows(mask: torch.Tensor, num_rows: int) -> None:
+    """With pred holding only masked rows, every sample must mask exactly num_rows patches;
+    checked only where the values can be read without a device sync."""
+    if not host_readable(mask):
+        return
+    counts = (mask != 0).sum(dim=1)
+    if counts.numel() and not bool((counts == num_rows).all()):
+        raise ValueError(
+            f"masked_pixel_loss: pred has {num_rows} rows (only the masked patches), but the "
+            f"samples mask {sorted(set(counts.tolist()))} patches; every sample must mask "
+            f"exactly {num_rows}"
+        )
+
+
+def _validate_loss(pred, imgs, mask, patch_size, norm_pix, eps, eps_style) -> tuple:
+    """All checks; returns patch_size as a tuple."""
+    op = "masked_pixel_loss"
+    _check_float(op, "pred", pred)
+    _check_float(op, "imgs", imgs)
+    check_tensor(op, "mask", mask)
+    if imgs.dim() not in (4, 5):
+        raise ValueError(
+            f"{op}: imgs must be (B, C, H, W) or (B, C, T, H, W), got shape {tuple(imgs.shape)}"
+        )
+    if imgs.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            f"{op}: imgs requires grad, but the targets are constants (no gradient flows to "
+            "imgs); pass imgs.detach()"
+        )
+    patch_size = _normalize_patch_size(op, patch_size, imgs)
+    batch, channels = imgs.shape[:2]
+    num_patches = math.prod([s // p for s, p in zip(imgs.shape[2:], patch_size)])
+    patch_dim = math.prod(patch_size) * channels
+    if mask.dtype.is_complex or not (mask.is_floating_point() or mask.dtype == torch.bool):
+        raise TypeError(
+            f"{op}: mask must be a float (0/1 or weights) or bool tensor, got {mask.dtype}"
+        )
+    if tuple(mask.shape) != (batch, num_patches):
+        raise ValueError(
+            f"{op}: mask must be (B, L) = ({batch}, {num_patches}), got shape {tuple(mask.shape)}"
+        )
+    if pred.dim() != 3 or pred.shape[0] != batch or pred.shape[2] != patch_dim \
+            or pred.shape[1] > num_patches:
+        raise ValueError(
+            f"{op}: pred must be (B, L, N) = ({batch}, {num_patches}, {patch_dim}) or (B, M, N) "
+            f"with M <= L rows for the masked patches only, got shape {tuple(pred.shape)}"
+        )
+    for name, t in (("imgs", imgs), ("mask", mask)):
+        _check_same_device(op, name, t, pred, "pred")
+    if not isinstance(norm_pix, bool):
+        raise TypeError(f"{op}: norm_pix must be a bool, got {type(norm_pix).__name__}")
+    if isinstance(eps, bool) or not isinstance(eps, _NUMBER) or eps < 0:
+        raise ValueError(f"{op}: eps must be a number >= 0, got {eps!r}")
+    if eps_style not in EPS_STYLES:
+        raise ValueError(f"{op}: eps_style must be 'mae' or 'videomae', got {eps_style!r}")
+    if norm_pix:
+        count = patch_dim if eps_style == "mae" else math.prod(patch_size)
+        if count < 2:
+            raise ValueError(
+                f"{op}: norm_pix with eps_style={eps_style!r} needs at least 2 values per "
+                f"statistic (unbiased variance), but a patch gives {count}"
+            )
+    if pred.shape[1] != num_patches:
+        _check_mask_rows(mask, pred.shape[1])
+    return patch_size
+
+
+def masked_pixel_loss(
+    pred: torch.Tensor,
+    imgs: torch.Tensor,
+    mask: torch.Tensor,
+    patch_size,
+    *,
+    norm_pix: bool = True,
+    eps: float = 1e-6,
+    eps_style: str = "mae",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """MAE's reconstruction loss, targets read straight from the image.
+
+    ``loss = sum_l mask[b, l] * mean_n (pred[b, l, n] - target[b, l, n]) ** 2 / sum mask``:
+    the mean squared error over the masked patches only (MAE's definition; with a 0/1 mask
+    and equal counts per sample also VideoMAE's ``MSELoss`` on the masked rows).
+
+    Args:
+        pred: (B, L, N) predictions for every patch, or (B, M, N) with M < L for the masked
+            patches only, in ascending patch order (the decoder head ran on masked rows
+            only); then every sample must mask exactly M patches (checked on CPU tensors).
+            N = pt * ph * pw * C, each patch flattened **channel last**, (pt, ph, pw, C)
+            (see :func:`fastvl.reference.masking.patchify`).
+        imgs: (B, C, H, W), or video (B, C, T, H, W) cut into (pt, ph, pw) tubelets, any
+            strides. Sizes must be multiples of the patch. A constant: raises if it requires
+            grad (pass ``imgs.detach()``).
+        mask: (B, L) float (1 = masked; other values weight the rows) or bool, e.g. from
+            :func:`random_masking`. Not differentiable.
+        patch_size: int p (images: (p, p)), (ph, pw), or (pt, ph, pw) for video.
+        norm_pix: normalise each target patch by its own mean and unbiased variance.
+        eps, eps_style: ``"mae"``: statistics over the whole patch, ``(x - mean) /
+            sqrt(var + eps)`` (MAE); ``"videomae"``: statistics per channel over the patch's
+            pixels, ``(x - mean) / (sqrt(var) + eps)`` (VideoMAE).
+        backend: "auto", "triton" or "torch".
+
+    Returns:
+        A 0-dim float32 tensor (float64 for float64 pred), 0 when no patch is masked.
+        Differentiable in pred only. The triton kernels reduce in float32, skip the rows
+        that do not count and write pred's gradient in pred's dtype.
+    """
+    patch_size = _validate_loss(pred, imgs, mask, patch_size, norm_pix, eps, eps_style)
+    args = (pred, imgs, mask, patch_size, norm_pix, eps, eps_style)
+    return MASKED_PIXEL_LOSS.select(backend, pred.device, *args)(*args)
