@@ -4,7 +4,8 @@ Same constructor arguments, submodules (``qkv``, ``q_norm``, ``k_norm``, ``attn_
 ``gate``, ``proj``, ``proj_drop``), parameter initialisation order and state-dict keys as timm
 1.0's class, so checkpoints load both ways with ``strict=True``; the forward takes timm's
 arguments (``x``, ``attn_mask``, ``is_causal``) plus ``key_bias`` for ToMe proportional
-attention.
+attention; :meth:`Attention.forward_with_internals` also returns q, k and the lse (the ToMe
+merge metric, EViT's class-token attention through :func:`fastvl.ops.attention_key_mass`).
 
 Which path computes ``softmax(q k^T * scale + bias) v`` is decided by the module's state and the
 shapes of the arguments, never by tensor values:
@@ -20,7 +21,7 @@ shapes of the arguments, never by tensor values:
 
 from __future__ import annotations
 
-from typing import Optional, Type
+from typing import NamedTuple, Optional, Type
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,7 @@ from fastvl.ops.attention import attention
 from fastvl.ops.registry import BackendNotSupportedError
 from fastvl.reference.attention import attention_bias
 
-__all__ = ["Attention", "ATTENTION_BACKENDS"]
+__all__ = ["Attention", "AttentionInternals", "ATTENTION_BACKENDS"]
 
 ATTENTION_BACKENDS = ("auto", "triton", "torch")
 # timm's submodules of Attention, in its registration (and state-dict) order; gate may be None.
@@ -110,6 +111,19 @@ def _add_key_biases(a: Optional[torch.Tensor], b: torch.Tensor) -> torch.Tensor:
     if a.dim() != b.dim():
         a, b = (a.unsqueeze(1), b) if a.dim() == 2 else (a, b.unsqueeze(1))
     return a + b
+
+
+class AttentionInternals(NamedTuple):
+    """What :meth:`Attention.forward_with_internals` returns besides the output.
+
+    ``q``, ``k``: (B, H, N, D) after ``q_norm`` / ``k_norm`` (ToMe's merge metric is
+    ``k.mean(1)``); ``lse``: (B, H, N) float32 softmax log-denominators when asked for (with
+    q and k, what :func:`fastvl.ops.attention_key_mass` needs), else None.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    lse: Optional[torch.Tensor]
 
 
 class Attention(nn.Module):
@@ -214,6 +228,31 @@ class Attention(nn.Module):
             key_bias: (B, N) or (B, H, N) additive per-key logit bias, e.g. ``log(size)`` for
                 ToMe proportional attention; added to ``attn_mask`` when both are given.
         """
+        return self._forward(x, attn_mask, is_causal, key_bias, return_lse=False)[0]
+
+    def forward_with_internals(
+        self,
+        x: torch.Tensor,
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
+        key_bias: Optional[torch.Tensor] = None,
+        *,
+        return_lse: bool = False,
+    ) -> tuple[torch.Tensor, AttentionInternals]:
+        """:meth:`forward`, also returning q, k and (with ``return_lse``) the lse.
+
+        ``(out, AttentionInternals(q, k, lse))``: out (B, N, dim_out) as from :meth:`forward`.
+        ``return_lse`` needs the fastvl op path: ValueError where the call would go to SDPA
+        (attention dropout in training, a per-query ``attn_mask``).
+        """
+        if not isinstance(return_lse, bool):
+            raise TypeError(
+                f"Attention: return_lse must be a bool, got {type(return_lse).__name__}"
+            )
+        return self._forward(x, attn_mask, is_causal, key_bias, return_lse)
+
+    def _forward(self, x, attn_mask, is_causal, key_bias, return_lse):
+        """(out (B, N, dim_out), AttentionInternals)."""
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
             raise ValueError(
                 f"Attention: x must be a (B, N, C) tensor, got "
@@ -232,27 +271,36 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(batch, num_tokens, 3, heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, D)
         q, k = self.q_norm(q), self.k_norm(k)
-        out = self._attend(q, k, v, attn_mask, is_causal, key_bias)  # (B, H, N, D)
+        out, lse = self._attend(q, k, v, attn_mask, is_causal, key_bias, return_lse)
 
         out = out.transpose(1, 2).reshape(batch, num_tokens, self.attn_dim)
         out = self.norm(out)
         if gate is not None:
             out = out * gate
-        return self.proj_drop(self.proj(out))
+        return self.proj_drop(self.proj(out)), AttentionInternals(q, k, lse)
 
-    def _attend(self, q, k, v, attn_mask, is_causal, key_bias) -> torch.Tensor:
-        """softmax(q k^T * scale + masks) v on the path described in the module docstring."""
+    def _attend(self, q, k, v, attn_mask, is_causal, key_bias, return_lse):
+        """(softmax(q k^T * scale + masks) v, lse or None) on the path described in the module
+        docstring; out (B, H, N, D)."""
         dropout_p = self.attn_drop.p if self.training else 0.0
         general_mask = attn_mask is not None and not _is_per_key(attn_mask)
         if dropout_p > 0.0 or general_mask:
-            return self._sdpa(q, k, v, attn_mask, is_causal, key_bias, dropout_p)
+            if return_lse:
+                raise ValueError(
+                    "Attention: return_lse needs the fastvl attention op, but this call goes to "
+                    "SDPA (attention dropout in training, or an attn_mask that differs between "
+                    "queries); call eval() or set attn_drop.p = 0"
+                )
+            return self._sdpa(q, k, v, attn_mask, is_causal, key_bias, dropout_p), None
         if attn_mask is not None:
             batch, heads, num_tokens, _ = q.shape
             mask_bias = _per_key_mask_as_key_bias(attn_mask, batch, heads, num_tokens, q.dtype)
             key_bias = _add_key_biases(key_bias, mask_bias)
-        return attention(
-            q, k, v, causal=is_causal, key_bias=key_bias, scale=self.scale, backend=self.backend
+        result = attention(
+            q, k, v, causal=is_causal, key_bias=key_bias, scale=self.scale,
+            return_lse=return_lse, backend=self.backend,
         )
+        return result if return_lse else (result, None)
 
     def _sdpa(self, q, k, v, attn_mask, is_causal, key_bias, dropout_p) -> torch.Tensor:
         """What the kernels cannot do (dropout, per-query masks), on torch's SDPA."""

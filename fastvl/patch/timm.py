@@ -25,8 +25,19 @@ from timm.layers import Attention as TimmAttention
 from torch import nn
 
 from fastvl.nn.attention import TIMM_SUBMODULES, Attention, check_backend
+from fastvl.patch.timm_tome import (
+    TokenReductionPatch,
+    apply_evit,
+    apply_tome,
+    remove_token_reduction,
+    render_tome_regions,
+    tome_schedule,
+)
 
-__all__ = ["apply", "remove", "TimmPatch", "Skipped"]
+__all__ = [
+    "apply", "remove", "TimmPatch", "Skipped", "apply_tome", "apply_evit",
+    "remove_token_reduction", "render_tome_regions", "tome_schedule", "TokenReductionPatch",
+]
 
 # Set (outside the module registry, so not in state_dict) on each fastvl module apply() made.
 _ORIGINAL = "_fastvl_timm_original"

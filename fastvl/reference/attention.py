@@ -73,7 +73,8 @@ def attention_bias(
             bias = torch.where(future, torch.full_like(zero, future_value), zero)
     if key_bias is not None:
         kb = key_bias.to(dtype)
-        kb = kb.view(batch, 1, 1, num_keys) if kb.dim() == 2 else kb.view(batch, heads, 1, num_keys)
+        shape = (batch, 1, 1, num_keys) if kb.dim() == 2 else (batch, heads, 1, num_keys)
+        kb = kb.reshape(shape)
         bias = kb if bias is None else bias + kb
     return bias
 
@@ -130,8 +131,16 @@ def attention_math(
 
 
 def _sdpa_can_serve(q, k, causal, key_bias, causal_strength, prefix_len) -> bool:
-    """SDPA is used when no row can be fully masked (SDPA returns NaN for such rows)."""
-    if key_bias is not None or k.shape[2] == 0 or q.shape[2] == 0:
+    """Whether SDPA gives this call's exact semantics, decided from shapes and devices only.
+
+    A row with no visible key must give 0 (and zero gradients). SDPA's CPU kernels do that
+    (checked by the tests), so on CPU a key_bias, which may hide whole rows with -inf, goes to
+    SDPA as a float mask (ToMe's proportional attention, padding); elsewhere calls that may
+    empty a row take the math path.
+    """
+    if k.shape[2] == 0 or q.shape[2] == 0:
+        return False
+    if key_bias is not None and q.device.type != "cpu":
         return False
     if not causal:
         return True
@@ -164,7 +173,8 @@ def attention(
         )
         return (out, lse) if return_lse else out
     mask = attention_bias(
-        q, k, causal=causal, causal_strength=causal_strength, prefix_len=prefix_len
+        q, k, causal=causal, key_bias=key_bias, causal_strength=causal_strength,
+        prefix_len=prefix_len,
     )
     if q.shape[1] != k.shape[1]:
         k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])

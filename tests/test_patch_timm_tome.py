@@ -1,0 +1,398 @@
+"""fastvl.patch.timm.apply_tome / apply_evit on tiny random-init timm ViTs (never pretrained).
+
+Correctness is checked against plain-PyTorch implementations of ToMe and EViT on timm written
+here (explicit softmax attention, per-sample Python loops for the matching and the pruning),
+run on the unpatched model in float64; the patched model runs in float64 on the torch backend,
+so both agree to roundoff (1e-10; EViT 1e-6, its scores are float32) unless a merge / keep
+decision differs, which changes the logits by far more. r = 0 is bit-exact against unpatched
+timm on CPU (the same SDPA call in the same block order, no sizes until a first merge); on
+CUDA "auto" means the triton kernels, hence the roundoff tolerance there.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from timm.models.vision_transformer import Block, ParallelScalingBlock, ResPostBlock
+from torch import nn
+
+import fastvl.patch.timm as fastvl_timm
+from fastvl.nn import Attention
+from fastvl.testing import random_tensor
+from tests.conftest import DEVICE
+
+BATCH, IMG, PATCH, DEPTH = 2, 32, 8, 3  # 4 x 4 patches
+VARIANTS = {
+    "plain": dict(),
+    "layerscale_qk_norm": dict(init_values=0.1, qk_norm=True),
+    "registers": dict(reg_tokens=3),
+    "avg_pool_no_class_token": dict(class_token=False, global_pool="avg"),
+    "res_post_block": dict(block_fn=ResPostBlock, init_values=0.5),
+}
+TIGHT64 = dict(rtol=1e-9, atol=1e-10)
+# attention_key_mass returns float32 scores: EViT's fused token weights carry float32 roundoff.
+EVIT64 = dict(rtol=1e-6, atol=1e-7)
+
+
+def _vit(seed=0, dtype=torch.float64, **kwargs):
+    torch.manual_seed(seed)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=IMG, patch_size=PATCH, depth=DEPTH,
+        embed_dim=64, num_heads=2, num_classes=5, **kwargs,
+    )
+    return model.to(DEVICE, dtype).eval()
+
+
+def _images(seed=1, dtype=torch.float64):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    return random_tensor(BATCH, 3, IMG, IMG, dtype=dtype, device=DEVICE, generator=g)
+
+
+# ---- plain-PyTorch references ----------------------------------------------------------------
+
+
+def _attention_eager(attn, x, key_bias=None):
+    """timm Attention by hand: (output, k (B, H, N, D), probabilities (B, H, N, N))."""
+    batch, num_tokens, _ = x.shape
+    qkv = attn.qkv(x).reshape(batch, num_tokens, 3, attn.num_heads, attn.head_dim)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    logits = q @ k.transpose(-1, -2) * attn.scale
+    if key_bias is not None:
+        logits = logits + key_bias[:, None, None, :]
+    probs = logits.softmax(-1)
+    out = (probs @ v).transpose(1, 2).reshape(batch, num_tokens, -1)
+    return attn.proj(attn.norm(out)), k, probs
+
+
+def _reference_blocks(model, x, reduce):
+    """Run model.blocks by hand; ``reduce(i, x, k, probs) -> x`` after each attention."""
+    for i, block in enumerate(model.blocks):
+        pre_norm = type(block) is Block
+        out, k, probs = _attention_eager(block.attn, block.norm1(x) if pre_norm else x,
+                                         reduce.key_bias())
+        x = x + (block.ls1(out) if pre_norm else block.norm1(out))
+        x = reduce(i, x, k, probs)
+        x = x + (block.ls2(block.mlp(block.norm2(x))) if pre_norm else block.norm2(block.mlp(x)))
+    return x
+
+
+class _ReferenceTome:
+    """ToMe, one sample at a time: A = even, B = odd non-prefix positions, cosine similarity
+    of the head-averaged keys, the r best A tokens merge into their best B partner
+    (size-weighted), survivors keep their order."""
+
+    def __init__(self, schedule, num_prefix_tokens, prop_attn=True):
+        self.schedule, self.prefix, self.prop_attn = schedule, num_prefix_tokens, prop_attn
+        self.size = self.source = None
+
+    def key_bias(self):
+        return self.size.log() if self.prop_attn and self.size is not None else None
+
+    def __call__(self, i, x, k, probs):
+        batch, num_tokens, _ = x.shape
+        r = min(self.schedule[i], (num_tokens - self.prefix) // 2)
+        if self.size is None:
+            self.size = torch.ones(batch, num_tokens, dtype=x.dtype, device=x.device)
+            self.source = torch.arange(num_tokens, device=x.device).repeat(batch, 1)
+        if r == 0:
+            return x
+        metric = F.normalize(k.mean(1), dim=-1)
+        merged_x, merged_size, sources = [], [], []
+        for b in range(batch):
+            a_pos = [p for p in range(self.prefix, num_tokens) if p % 2 == 0]
+            b_pos = [p for p in range(self.prefix, num_tokens) if p % 2 == 1]
+            sim = metric[b, a_pos] @ metric[b, b_pos].T
+            score, partner = sim.max(dim=-1)
+            order = sorted(range(len(a_pos)), key=lambda j: -score[j].item())
+            into = {a_pos[j]: b_pos[partner[j]] for j in order[:r]}
+            survivors = [p for p in range(num_tokens) if p not in into]
+            dest = {p: survivors.index(into.get(p, p)) for p in range(num_tokens)}
+            groups = [[p for p in range(num_tokens) if dest[p] == j] for j in range(len(survivors))]
+            size = self.size[b]
+            merged_x.append(torch.stack([
+                (size[g, None] * x[b, g]).sum(0) / size[g].sum() for g in groups
+            ]))
+            merged_size.append(torch.stack([size[g].sum() for g in groups]))
+            sources.append(torch.tensor([dest[p] for p in range(num_tokens)], device=x.device))
+        self.source = torch.stack(sources).gather(1, self.source)
+        self.size = torch.stack(merged_size)
+        return torch.stack(merged_x)
+
+
+def _reference_tome_logits(model, images, schedule, prop_attn=True):
+    """(logits, sizes, source) of ToMe on the unpatched model, pooling size-weighted."""
+    prefix = model.num_prefix_tokens
+    reduce = _ReferenceTome(schedule, prefix, prop_attn)
+    x = model.norm_pre(model._pos_embed(model.patch_embed(images)))
+    x = model.norm(_reference_blocks(model, x, reduce))
+    if model.global_pool == "avg":
+        size = reduce.size[:, prefix:, None]
+        pooled = (x[:, prefix:] * size).sum(1) / size.sum(1)
+        return model.head(model.fc_norm(pooled)), reduce.size, reduce.source
+    return model.forward_head(x), reduce.size, reduce.source
+
+
+class _ReferenceEvit:
+    """EViT: keep the ceil(rate * (N - P)) tokens with the highest class-token attention
+    (mean over heads), fuse the rest weighted by that attention into one appended token."""
+
+    def __init__(self, keep_rate, layers, num_prefix_tokens):
+        self.keep_rate, self.layers, self.prefix = keep_rate, layers, num_prefix_tokens
+
+    def key_bias(self):
+        return None
+
+    def __call__(self, i, x, k, probs):
+        num_rest = x.shape[1] - self.prefix
+        keep = math.ceil(self.keep_rate * num_rest)
+        if i not in self.layers or keep == num_rest:
+            return x
+        cls_attn = probs[:, :, 0, self.prefix:].mean(1)  # (B, N - P)
+        out = []
+        for b in range(x.shape[0]):
+            kept = sorted(cls_attn[b].argsort(descending=True)[:keep].tolist())
+            dropped = [j for j in range(num_rest) if j not in kept]
+            fused = (cls_attn[b, dropped, None] * x[b, self.prefix:][dropped]).sum(0)
+            rest = x[b, self.prefix:]
+            out.append(torch.cat([x[b, :self.prefix], rest[kept], fused[None]]))
+        return torch.stack(out)
+
+
+def _reference_evit_logits(model, images, keep_rate, layers):
+    x = model.norm_pre(model._pos_embed(model.patch_embed(images)))
+    reduce = _ReferenceEvit(keep_rate, layers, model.num_prefix_tokens)
+    return model.forward_head(model.norm(_reference_blocks(model, x, reduce)))
+
+
+# ---- ToMe ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["plain", "registers", "avg_pool_no_class_token"])
+def test_r0_identical_to_unpatched(variant):
+    model = _vit(dtype=torch.float32, **VARIANTS[variant])
+    images = _images(dtype=torch.float32)
+    expected = model(images)
+    fastvl_timm.apply_tome(model, 0)
+    got = model(images)
+    if DEVICE.type == "cpu":
+        assert torch.equal(got, expected)
+    else:
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_tome_matches_reference(variant):
+    model = _vit(**VARIANTS[variant])
+    images = _images()
+    reference = copy.deepcopy(model)
+    fastvl_timm.apply_tome(model, 2, backend="torch")
+    prefix = model.num_prefix_tokens
+    num_tokens = prefix + (IMG // PATCH) ** 2
+    features = model.forward_features(images)
+    if model.global_pool == "avg":  # expanded back to the original tokens for the pooling
+        assert features.shape[1] == num_tokens
+    else:
+        assert features.shape[1] == num_tokens - 2 * DEPTH
+    expected, size, source = _reference_tome_logits(reference, images, [2] * DEPTH)
+    torch.testing.assert_close(model(images), expected, **TIGHT64)
+    tokens = model.blocks.forward_tokens(model._pos_embed(model.patch_embed(images)))
+    torch.testing.assert_close(tokens.size, size)
+    if tokens.source is not None:
+        assert torch.equal(tokens.source, source)
+
+
+def test_tome_without_proportional_attention():
+    model = _vit(**VARIANTS["layerscale_qk_norm"])
+    images = _images()
+    expected = _reference_tome_logits(copy.deepcopy(model), images, [3] * DEPTH, False)[0]
+    fastvl_timm.apply_tome(model, 3, prop_attn=False, backend="torch")
+    torch.testing.assert_close(model(images), expected, **TIGHT64)
+
+
+def test_schedules():
+    assert fastvl_timm.tome_schedule(4, 3, 17, 1) == [4, 4, 4]
+    assert fastvl_timm.tome_schedule(8, 3, 17, 1) == [8, 4, 2]  # later blocks capped
+    assert fastvl_timm.tome_schedule((4, 0.5), 3, 17, 1) == [2, 4, 5]
+    assert fastvl_timm.tome_schedule([1, 0, 5], 3, 41, 1) == [1, 0, 5]
+    assert fastvl_timm.tome_schedule((4, 0.5), 3, 41, 1) == [2, 4, 6]  # increasing
+    assert fastvl_timm.tome_schedule((4, -1.0), 3, 41, 1) == [8, 4, 0]  # decreasing
+    assert fastvl_timm.tome_schedule((4, 0.0), 3, 41, 2) == [4, 4, 4]
+
+
+@pytest.mark.parametrize("r, schedule", [([1, 0, 5], [1, 0, 5]), ((3, 0.5), [1, 3, 5])])
+def test_schedule_in_model_and_changing_r(r, schedule):
+    model = _vit(**VARIANTS["plain"])
+    images = _images()
+    reference = copy.deepcopy(model)
+    fastvl_timm.apply_tome(model, r, backend="torch")
+    torch.testing.assert_close(
+        model(images), _reference_tome_logits(reference, images, schedule)[0], **TIGHT64
+    )
+    model.r = 1  # a plain attribute, read at every forward
+    assert model.forward_features(images).shape[1] == 17 - DEPTH
+    torch.testing.assert_close(
+        model(images), _reference_tome_logits(reference, images, [1] * DEPTH)[0], **TIGHT64
+    )
+
+
+def test_remove_restores():
+    model = _vit(dtype=torch.float32, **VARIANTS["layerscale_qk_norm"])
+    images = _images(dtype=torch.float32)
+    expected = model(images)
+    keys = list(model.state_dict())
+    handle = fastvl_timm.apply_tome(model, 2)
+    assert list(model.state_dict()) == keys  # same parameters, same keys
+    assert all(type(block.attn) is Attention for block in model.blocks)
+    assert not torch.allclose(model(images), expected)
+    assert handle.remove() and not handle.remove()
+    assert type(model.blocks) is nn.Sequential and not hasattr(model, "r")
+    assert all(type(block.attn).__module__.startswith("timm") for block in model.blocks)
+    assert torch.equal(model(images), expected)
+    # Removing the attention patch alone leaves the wrapper unable to run: a clear error.
+    handle = fastvl_timm.apply_tome(model, 2)
+    fastvl_timm.remove(model)
+    with pytest.raises(RuntimeError, match="remove_token_reduction"):
+        model(images)
+    assert fastvl_timm.remove_token_reduction(model)
+    assert not fastvl_timm.remove_token_reduction(model)
+
+
+def test_train_step_gradients_match_reference():
+    model = _vit(**VARIANTS["layerscale_qk_norm"]).train()
+    reference = copy.deepcopy(model)
+    images = _images()
+    fastvl_timm.apply_tome(model, 2, backend="torch")
+    target = torch.tensor([1, 3], device=DEVICE)
+    F.cross_entropy(model(images), target).backward()
+    F.cross_entropy(_reference_tome_logits(reference, images, [2] * DEPTH)[0], target).backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        torch.testing.assert_close(p.grad, q.grad, **TIGHT64, msg=name)
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert torch.isfinite(model(images)).all()
+
+
+def test_compiles_fullgraph():
+    model = _vit(dtype=torch.float32, **VARIANTS["registers"])
+    images = _images(dtype=torch.float32)
+    fastvl_timm.apply_tome(model, 2)
+    compiler = "aot_eager" if DEVICE.type == "cpu" else "inductor"
+    compiled = torch.compile(model, fullgraph=True, backend=compiler)
+    torch.testing.assert_close(compiled(images), model(images), rtol=1e-4, atol=1e-5)
+    model.r = 3  # a new r recompiles
+    torch.testing.assert_close(compiled(images), model(images), rtol=1e-4, atol=1e-5)
+
+
+def test_trace_source_and_render_png(tmp_path):
+    model = _vit(**VARIANTS["plain"])
+    images = _images()
+    source = _reference_tome_logits(copy.deepcopy(model), images, [3] * DEPTH)[2]
+    fastvl_timm.apply_tome(model, 3, trace_source=True, backend="torch")
+    assert model.blocks.source is None
+    model(images)
+    assert torch.equal(model.blocks.source, source)
+    path = tmp_path / "regions.png"
+    fastvl_timm.render_tome_regions(images[0].sigmoid(), model.blocks.source[0], PATCH, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as png:
+        assert png.size == (IMG, IMG) and png.mode == "RGB"
+        # 16 patches in 16 - 9 = 7 regions: region outlines are drawn between patches.
+        assert len(png.getcolors(maxcolors=IMG * IMG)) > 7
+    with pytest.raises(ValueError, match="num_prefix_tokens"):
+        fastvl_timm.render_tome_regions(images[0], source[0, 1:], PATCH, path)
+
+
+@pytest.mark.gpu
+def test_tome_triton_matches_torch_backend():
+    model = _vit(dtype=torch.float32, **VARIANTS["layerscale_qk_norm"])
+    images = _images(dtype=torch.float32)
+    reference = copy.deepcopy(model)
+    fastvl_timm.apply_tome(model, 3, trace_source=True, backend="triton")
+    fastvl_timm.apply_tome(reference, 3, trace_source=True, backend="torch")
+    got, expected = model(images), reference(images)
+    assert torch.equal(model.blocks.source, reference.blocks.source)
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)
+
+
+# ---- EViT ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["plain", "registers", "res_post_block"])
+def test_evit_matches_reference(variant):
+    model = _vit(**VARIANTS[variant])
+    images = _images()
+    expected = _reference_evit_logits(copy.deepcopy(model), images, 0.5, (1, 2))
+    fastvl_timm.apply_evit(model, 0.5, [2, 1], backend="torch")
+    prefix = model.num_prefix_tokens
+    # 16 -> ceil(8) kept + 1 fused = 9 -> ceil(4.5) = 5 kept + 1 fused.
+    assert model.forward_features(images).shape[1] == prefix + 6
+    torch.testing.assert_close(model(images), expected, **EVIT64)
+
+
+def test_evit_keep_all_and_compile():
+    model = _vit(dtype=torch.float32)
+    images = _images(dtype=torch.float32)
+    expected = model(images)
+    handle = fastvl_timm.apply_evit(model, 1.0, [0, 1, 2])
+    torch.testing.assert_close(model(images), expected, rtol=1e-5, atol=1e-6)
+    handle.remove()
+    fastvl_timm.apply_evit(model, 0.7, [1])
+    compiler = "aot_eager" if DEVICE.type == "cpu" else "inductor"
+    compiled = torch.compile(model, fullgraph=True, backend=compiler)
+    torch.testing.assert_close(compiled(images), model(images), rtol=1e-4, atol=1e-5)
+
+
+# ---- errors --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("r, error, match", [
+    (-1, ValueError, ">= 0"),
+    (9, ValueError, r"at most \(N - num_prefix_tokens\) // 2 = 8"),
+    ([1, 2], ValueError, "one int per block"),
+    ((2, 1.5), ValueError, "inflection"),
+    (2.0, TypeError, "must be an int"),
+    (True, TypeError, "must be an int"),
+])
+def test_tome_bad_r(r, error, match):
+    model = _vit()
+    with pytest.raises(error, match=match):
+        fastvl_timm.apply_tome(model, r)
+    assert type(model.blocks) is nn.Sequential  # nothing changed
+    fastvl_timm.apply_tome(model, 1)
+    model.r = 20  # checked again at forward time
+    with pytest.raises(ValueError, match="model.r"):
+        model(_images())
+
+
+@pytest.mark.parametrize("keep_rate, layers, error, match", [
+    (0.0, [1], ValueError, r"keep_rate must lie in \(0, 1\]"),
+    (1.5, [1], ValueError, r"keep_rate must lie in \(0, 1\]"),
+    (0.5, [3], ValueError, r"in \[0, 3\)"),
+    (0.5, [1, 1], ValueError, "distinct"),
+    (0.5, 1, TypeError, "sequence of ints"),
+])
+def test_evit_bad_arguments(keep_rate, layers, error, match):
+    with pytest.raises(error, match=match):
+        fastvl_timm.apply_evit(_vit(), keep_rate, layers)
+
+
+def test_unsupported_models():
+    with pytest.raises(ValueError, match="no class token"):
+        fastvl_timm.apply_evit(_vit(**VARIANTS["avg_pool_no_class_token"]), 0.5, [1])
+    with pytest.raises(ValueError, match="ParallelScalingBlock"):
+        fastvl_timm.apply_tome(_vit(block_fn=ParallelScalingBlock), 1)
+    with pytest.raises(TypeError, match="VisionTransformer"):
+        fastvl_timm.apply_tome(nn.Sequential(nn.Linear(2, 2)), 1)
+    model = _vit()
+    fastvl_timm.apply_tome(model, 1)
+    with pytest.raises(ValueError, match="already has token reduction"):
+        fastvl_timm.apply_evit(model, 0.5, [1])
+    with pytest.raises(ValueError, match="backend"):
+        fastvl_timm.apply_tome(_vit(), 1, backend="cuda")
