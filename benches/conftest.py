@@ -89,6 +89,7 @@ def _built(case, dtype, mode, scale):
 def bench_impl(request):
     """A function ``run(benchmark)`` timing one implementation of one case."""
     from fastvl.bench.cases import SCALES
+    from fastvl.bench.timing import peak_memory
 
     case, dtype, mode, impl = request.param
     quick = request.config.getoption("--fastvl-quick")
@@ -113,10 +114,12 @@ def bench_impl(request):
         benchmark.extra_info.update(
             op=case.op, case=case.name, dtype=dtype_name, mode=mode, impl=impl,
             baseline=impl == case.baseline, shapes=built.shapes, bytes=built.bytes,
-            flops=built.flops, device=str(DEVICE),
+            flops=built.flops, items=built.items, device=str(DEVICE),
             device_name=torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
         )
         timed()  # warm-up (Triton compiles on first call)
+        if built.track_memory:  # None off CUDA
+            benchmark.extra_info["peak_mem_bytes"] = peak_memory(fn, DEVICE)
         if quick:  # calibrated rounds would fill 1 s per benchmark: too long for a smoke test
             benchmark.pedantic(timed, rounds=QUICK_ROUNDS)
         else:

@@ -110,8 +110,17 @@ class Built:
     tensors); ``skipped``: name -> why that implementation cannot run here;
     ``interpreted``: names that run but under an interpreter (Triton on CPU) -- correct, so
     the case tests use them, but not something to time. ``bytes`` / ``flops`` per call give
-    GB/s and TFLOP/s in the report (None where not meaningful). ``rtol``/``atol``: how close
-    results must be to the baseline's (None: torch.testing defaults for the dtype).
+    GB/s and TFLOP/s in the report (None where not meaningful); ``items`` per call (images,
+    prompts) gives items/s. ``track_memory``: also report each implementation's peak CUDA
+    memory during a call (:func:`fastvl.bench.timing.peak_memory`).
+
+    Checks. Each implementation's result must match its reference's: the baseline's, unless
+    ``references`` names another implementation (or None: computes something no other
+    implementation does, e.g. a model with fewer tokens; then other implementations are
+    checked against it instead). ``compare[name](actual, expected)`` returns None if that
+    implementation's result matches, else what differs (e.g. an order-independent check);
+    for implementations not in ``compare``, :func:`torch.testing.assert_close` elementwise
+    with ``rtol``/``atol`` (None: torch.testing defaults for the dtype). See :meth:`mismatch`.
     """
 
     impls: dict[str, Callable[[], Any]] = field(default_factory=dict)
@@ -123,12 +132,37 @@ class Built:
     rtol: Optional[float] = None
     atol: Optional[float] = None
     auto: Optional[str] = None  # the implementation fastvl's backend="auto" uses here
+    items: Optional[float] = None
+    track_memory: bool = False
+    references: dict[str, Optional[str]] = field(default_factory=dict)
+    compare: dict[str, Callable[[Any, Any], Optional[str]]] = field(default_factory=dict)
 
     def add(self, name: str, fn: Callable[[], Any]) -> None:
         self.impls[name] = fn
 
     def skip(self, name: str, reason: str) -> None:
         self.skipped[name] = reason
+
+    def mismatch(self, impl: str, actual, expected) -> Optional[str]:
+        """None if ``impl``'s result ``actual`` matches its reference's result ``expected``,
+        else what differs (``compare[impl]``, or elementwise closeness of each tensor)."""
+        if impl in self.compare:
+            return self.compare[impl](actual, expected)
+        if isinstance(expected, torch.Tensor):
+            actual, expected = (actual,), (expected,)
+        actual, expected = tuple(actual), tuple(expected)
+        if len(actual) != len(expected):
+            return f"returned {len(actual)} results, the reference {len(expected)}"
+        tolerance = {}
+        if self.rtol is not None or self.atol is not None:
+            tolerance = {"rtol": self.rtol or 0.0, "atol": self.atol or 0.0}
+        for position, (a, e) in enumerate(zip(actual, expected)):
+            try:
+                torch.testing.assert_close(a, e, **tolerance)
+            except AssertionError as exc:
+                first = str(exc).strip().splitlines()
+                return f"result {position} differs from the reference's: " + " ".join(first[:3])
+        return None
 
 
 @dataclass(frozen=True)
@@ -168,7 +202,19 @@ class Case:
                 f"{self.id}: the baseline {self.baseline!r} must always run "
                 f"({built.skipped.get(self.baseline, 'not built')})"
             )
+        for impl, reference in built.references.items():
+            if impl not in built.impls or (
+                reference is not None and (reference == impl or reference not in built.impls)
+            ):
+                raise RuntimeError(
+                    f"{self.id}: references[{impl!r}] = {reference!r}: both must be "
+                    "implementations built here, and different"
+                )
         return built
+
+    def reference(self, built: Built, impl: str) -> Optional[str]:
+        """The implementation whose result ``impl``'s must match (None: not compared)."""
+        return built.references.get(impl, self.baseline) if impl != self.baseline else None
 
 
 _CASES: dict[str, Case] = {}

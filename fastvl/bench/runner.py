@@ -30,7 +30,7 @@ from typing import Any, Optional, Sequence, TextIO
 import torch
 
 from fastvl.bench.cases import SCALES, Built, Case, Scale, all_cases
-from fastvl.bench.timing import Timing, time_callable, warm_up_device
+from fastvl.bench.timing import Timing, peak_memory, time_callable, warm_up_device
 
 __all__ = ["add_arguments", "run", "Settings", "run_cases", "format_table", "main"]
 
@@ -179,25 +179,6 @@ class Settings:
 # --------------------------------------------------------------------------- running
 
 
-def _compare(actual, expected, built: Built) -> Optional[str]:
-    """None if ``actual`` matches the baseline's ``expected``, else what differs."""
-    if isinstance(expected, torch.Tensor):
-        actual, expected = (actual,), (expected,)
-    actual, expected = tuple(actual), tuple(expected)
-    if len(actual) != len(expected):
-        return f"returned {len(actual)} results, the baseline {len(expected)}"
-    for position, (a, e) in enumerate(zip(actual, expected)):
-        try:
-            tolerance = {}
-            if built.rtol is not None or built.atol is not None:
-                tolerance = {"rtol": built.rtol or 0.0, "atol": built.atol or 0.0}
-            torch.testing.assert_close(a, e, **tolerance)
-        except AssertionError as exc:
-            first = str(exc).strip().splitlines()
-            return f"result {position} differs from the baseline's: " + " ".join(first[:3])
-    return None
-
-
 def _short_error(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
@@ -217,6 +198,15 @@ def _format_seconds(seconds: Optional[float]) -> str:
     if seconds < 1.0:
         return f"{seconds * 1e3:.3f} ms"
     return f"{seconds:.3f} s"
+
+
+def _format_bytes(count: Optional[int]) -> str:
+    if count is None:
+        return "-"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:.2f} {unit}"
+    return f"{count} B"
 
 
 def _can_print(text: str) -> bool:
@@ -252,6 +242,7 @@ def run_cases(
             _sync(settings.device)
         except Exception as exc:  # a broken case must not stop the other cases
             build_error = f"building the case failed: {_short_error(exc)}"
+        results = {case.baseline: expected}  # reference results, computed once per group
         base = {
             "op": case.op,
             "case": case.name,
@@ -261,8 +252,11 @@ def run_cases(
             "shapes": built.shapes if built else None,
             "bytes": built.bytes if built else None,
             "flops": built.flops if built else None,
+            "items": built.items if built else None,
             "baseline": case.baseline,
         }
+        if built is not None and built.track_memory:
+            base["peak_mem_bytes"] = None
         group: list[dict[str, Any]] = []
         for impl in case.impls:
             done += 1
@@ -270,7 +264,8 @@ def run_cases(
             row = dict(base, impl=impl, is_baseline=impl == case.baseline,
                        auto=built is not None and built.auto == impl)
             row.update(status="ok", reason=None, median_s=None, iqr_s=None, q1_s=None,
-                       q3_s=None, min_s=None, repeats=0, ratio=None, gbps=None, tflops=None)
+                       q3_s=None, min_s=None, repeats=0, ratio=None, gbps=None, tflops=None,
+                       items_per_s=None, checked_against=None)
             rows.append(row)
             if build_error is not None:
                 row.update(status="error", reason=build_error)
@@ -283,7 +278,7 @@ def run_cases(
                 print(f"{label}: {row['status']}: {row['reason']}", file=progress, flush=True)
                 continue
             print(f"{label} ...", end="", file=progress, flush=True)
-            row.update(_measure(built, impl, case, expected, settings))
+            row.update(_measure(built, impl, case, results, settings))
             if row["status"] == "ok":
                 print(f" {_format_seconds(row['median_s'])}", file=progress, flush=True)
                 group.append(row)
@@ -295,7 +290,7 @@ def run_cases(
             for row in group:
                 if row["median_s"] > 0:
                     row["ratio"] = reference_time / row["median_s"]
-        built = expected = None
+        built = expected = results = None
         if settings.device.type == "cuda":  # hand this case's memory back before the next
             # (a full collection takes ~0.1-0.3 s with torch loaded: worth it on GPUs only;
             # on CPU reference counting frees the case's tensors)
@@ -304,16 +299,30 @@ def run_cases(
     return rows
 
 
-def _measure(built: Built, impl: str, case: Case, expected, settings: Settings) -> dict:
+def _measure(built: Built, impl: str, case: Case, results: dict, settings: Settings) -> dict:
+    """Check ``impl`` against its reference (whose result is computed once into ``results``),
+    then time it (and measure its peak memory if the case asks)."""
     fn = built.impls[impl]
+    reference = case.reference(built, impl)
+    checked = {"checked_against": reference}
     try:
-        if impl != case.baseline:
-            mismatch = _compare(fn(), expected, built)
+        if reference is not None:
+            if reference not in results:
+                try:
+                    results[reference] = built.impls[reference]()
+                except Exception as exc:
+                    results[reference] = exc
+            expected = results[reference]
+            if isinstance(expected, Exception):
+                return {"status": "error", "reason": f"its reference {reference} failed: "
+                        f"{_short_error(expected)}", **checked}
+            mismatch = built.mismatch(impl, fn(), expected)
             if mismatch is not None:
-                return {"status": "mismatch", "reason": mismatch}
+                return {"status": "mismatch", "reason": f"vs {reference}: {mismatch}", **checked}
+        memory = peak_memory(fn, settings.device) if built.track_memory else None
         timing: Timing = time_callable(fn, settings.device, **settings.timing_kwargs())
     except Exception as exc:  # an impl that fails (OOM, compile error) is reported, not fatal
-        return {"status": "error", "reason": _short_error(exc)}
+        return {"status": "error", "reason": _short_error(exc), **checked}
     result = {
         "median_s": timing.median,
         "iqr_s": timing.iqr,
@@ -321,11 +330,16 @@ def _measure(built: Built, impl: str, case: Case, expected, settings: Settings) 
         "q3_s": timing.q3,
         "min_s": timing.min,
         "repeats": timing.repeats,
+        **checked,
     }
     if built.bytes:
         result["gbps"] = built.bytes / timing.median / 1e9
     if built.flops:
         result["tflops"] = built.flops / timing.median / 1e12
+    if built.items:
+        result["items_per_s"] = built.items / timing.median
+    if built.track_memory:
+        result["peak_mem_bytes"] = memory
     return result
 
 
@@ -336,8 +350,12 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """The comparison table (rows that ran, errors included), then what did not run."""
     shown = [r for r in rows if r["status"] != "skipped"]
     with_flops = any(r.get("tflops") for r in shown)
+    with_items = any(r.get("items_per_s") for r in shown)
+    with_memory = any("peak_mem_bytes" in r for r in shown)
     headers = ["op", "case", "dtype", "mode", "impl", "median", "IQR", "GB/s"]
     headers += ["TFLOP/s"] if with_flops else []
+    headers += ["items/s"] if with_items else []
+    headers += ["peak mem"] if with_memory else []
     headers += ["vs baseline"]
     lines_data = []
     group_key = None
@@ -367,6 +385,13 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
                 cells.append(
                     "-" if not tflops else f"{tflops:.2f}" if tflops >= 0.1 else f"{tflops:.2g}"
                 )
+            if with_items:
+                items = row.get("items_per_s")
+                cells.append(
+                    "-" if not items else f"{items:.1f}" if items >= 10 else f"{items:.3g}"
+                )
+            if with_memory:
+                cells.append(_format_bytes(row.get("peak_mem_bytes")))
             cells.append(speed)
         lines_data.append([row["op"], row["case"], row["dtype"], row["mode"], impl, *cells])
     widths = [len(h) for h in headers]
@@ -387,6 +412,10 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         "vs baseline = baseline median / impl median (>1: faster than the baseline); "
         "(auto) = what backend=\"auto\" uses; GB/s = minimum bytes moved / median."
         + (" TFLOP/s = the case's FLOP count / median." if with_flops else "")
+        + (" items/s = the case's items per call (images, prompts) / median." if with_items
+           else "")
+        + (" peak mem = CUDA memory a call allocates at its peak beyond what existed before "
+           "it (- off CUDA)." if with_memory else "")
     )
     problems = [r for r in rows if r["status"] not in ("ok", "skipped")]
     for row in problems:
@@ -576,7 +605,9 @@ def run(args: argparse.Namespace) -> int:
     for name in wanted:
         if not any(case.op == name for case in cases):
             notes.append(f"{name}: no benchmark cases registered yet")
-        elif name not in OPS:
+        elif name not in OPS and not any(
+            impl.startswith("fastvl") for case in cases if case.op == name for impl in case.impls
+        ):  # (cases of a workload, e.g. a patched model, name their fastvl implementations)
             notes.append(f"{name}: has cases but fastvl has no such op (only peers run)")
     selected = [case for case in cases if case.op in wanted]
     for note in notes:

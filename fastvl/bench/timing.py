@@ -22,7 +22,15 @@ from typing import Any, Callable, Optional
 
 import torch
 
-__all__ = ["Timing", "summarize", "time_cpu", "time_cuda", "time_callable", "warm_up_device"]
+__all__ = [
+    "Timing",
+    "peak_memory",
+    "summarize",
+    "time_cpu",
+    "time_cuda",
+    "time_callable",
+    "warm_up_device",
+]
 
 
 @dataclass(frozen=True)
@@ -185,6 +193,22 @@ def time_callable(fn: Callable[[], Any], device: torch.device, **kwargs) -> Timi
     kwargs.pop("flush_l2", None)
     kwargs.pop("device", None)
     return time_cpu(fn, **kwargs)
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device) -> Optional[int]:
+    """Bytes of CUDA memory one call of ``fn()`` allocates at its peak on top of what was
+    allocated before it (activations, caches, outputs; not weights or inputs that already
+    exist): ``torch.cuda.max_memory_allocated`` after a reset, minus the memory allocated
+    before the call. None on other devices (no comparable allocator statistics)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
 
 
 def warm_up_device(device: torch.device, seconds: float = 0.3) -> None:

@@ -1,0 +1,12 @@
+"""MAE pretraining under pytest-benchmark: one training step (forward + backward + AdamW) of
+fastvl.models.MaskedAutoencoderViT, fused=True vs the plain-PyTorch path.
+
+The cases come from fastvl/bench/suites/mae.py; benches/conftest.py parametrises this test
+over them. On CUDA ``extra_info["peak_mem_bytes"]`` holds each implementation's peak memory.
+"""
+
+OP = "mae"
+
+
+def test_mae(benchmark, bench_impl):
+    bench_impl(benchmark)

@@ -1,0 +1,345 @@
+"""ToMe cases: the merge step (op ``tome``) and end-to-end timm ViTs (op ``vit_tome``).
+
+``tome``: one ToMe step as a ViT block runs it, after attention: plan the merge on the keys
+averaged over heads (the metric, (B, N, 64)) and merge the tokens x (B, N, C) and their sizes.
+``fastvl[<backend>]`` is :func:`fastvl.ops.tome_match` + :func:`fastvl.ops.tome_merge` on each
+backend that can serve the call; the baseline ``torch ToMe`` is :func:`plain_tome_step`,
+ToMe's bipartite soft matching written the plain-PyTorch way (a dense similarity matrix,
+argsort, gather and ``scatter_reduce``). forward+backward adds the gradient w.r.t. x through
+the merge (the matching is not differentiable).
+
+The two order the merged tokens differently (fastvl keeps the original order, ToMe puts the
+unmerged even tokens first), so forward results are compared as sets: each merged token of
+one is paired with the nearest token (x and size) of the other, the pairing must be one to
+one, and paired tokens must match. The backward is made order-independent too: the gradient
+flowing back is the merged output itself (the gradient of ``sum(merged^2) / 2``), and the
+gradients w.r.t. x (in input order for both) must match elementwise.
+
+``vit_tome``: images/s of a timm ViT (``pretrained=False``, eval, ``torch.inference_mode``):
+unpatched timm (its attention is SDPA; the baseline), ``torch ToMe r<r>`` (the model run block
+by block with :func:`plain_tome_step` after each attention and proportional attention through
+an SDPA float mask, see :func:`plain_tome_vit`) and ``fastvl ToMe r<r>``
+(:func:`fastvl.patch.timm.apply_tome` on a copy of the model, backend "auto"). The token order
+decides the next block's alternating split, so the plain ToMe puts merged tokens back in
+their original order (fastvl's convention; one gather per block) and both compute the same
+model. ToMe changes the model's output, so each fastvl ToMe is checked against the plain ToMe
+with the same r; the plain ones are not compared with anything else.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from fastvl.bench.cases import (
+    BACKWARD,
+    FASTVL_IMPLS,
+    FORWARD,
+    Built,
+    Scale,
+    fastvl_impls,
+    register_case,
+    requires_module,
+)
+from fastvl.bench.suites.attention import TOLERANCES
+from fastvl.ops import tome_match, tome_merge
+
+STEP_BASELINE = "torch ToMe"
+STEP_IMPLS = (*FASTVL_IMPLS, STEP_BASELINE)
+METRIC_DIM = 64  # ToMe's metric: the keys averaged over heads, head dim 64 in ViT-B/L/16
+
+VIT_BASELINE = "timm sdpa"
+VIT_RS = (8, 13, 16)
+VIT_IMPLS = (
+    VIT_BASELINE,
+    *(f"torch ToMe r{r}" for r in VIT_RS),
+    *(f"fastvl ToMe r{r}" for r in VIT_RS),
+)
+# Relative error ||a - e|| / ||e|| allowed between the logits of fastvl ToMe and plain ToMe:
+# the two run different (equally valid) attention kernels and similarity arithmetic, so in
+# half precision a near-tie in the matching can occasionally merge a different pair.
+VIT_LOGITS_RTOL = {torch.float16: 3e-2, torch.bfloat16: 6e-2, torch.float32: 1e-4}
+
+
+# --------------------------------------------------------------------------- the ToMe step
+
+
+def plain_tome_step(
+    metric: torch.Tensor, x: torch.Tensor, size: torch.Tensor, r: int, keep_order: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ToMe merge step in plain PyTorch, class token (token 0) protected.
+
+    metric: (B, N, Cm); x: (B, N, C); size: (B, N) float, patches per token.
+    Returns (merged (B, N - r, C), size (B, N - r)): the size-weighted mean of each group, in
+    ToMe's order (unmerged even tokens by position, class token first, then the odd tokens),
+    or with ``keep_order`` in fastvl's (every surviving token at its original rank: one more
+    gather).
+
+    Even positions are the candidates, odd positions the destinations; each candidate's score
+    is its best cosine similarity to a destination, and the r best candidates are summed
+    into their destinations (``scatter_reduce``), weighted by size.
+    """
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    similarity = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)  # (B, N_even, N_odd)
+    similarity[:, 0] = -torch.inf  # the class token is never merged
+    score, partner = similarity.max(dim=-1)  # (B, N_even)
+    ranked = score.argsort(dim=-1, descending=True)
+    merging = ranked[:, :r]
+    staying = ranked[:, r:].sort(dim=-1).values
+
+    def rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return t.gather(1, index[..., None].expand(-1, -1, t.shape[-1]))
+
+    def merge(t: torch.Tensor) -> torch.Tensor:  # t: (B, N, K) size-weighted values
+        even, odd = t[:, ::2], t[:, 1::2]
+        into = partner.gather(1, merging)[..., None].expand(-1, -1, t.shape[-1])
+        odd = odd.scatter_reduce(1, into, rows(even, merging), reduce="sum")
+        return torch.cat([rows(even, staying), odd], dim=1)
+
+    weights = size[..., None]
+    total = merge(weights)  # (B, N - r, 1) in size's dtype
+    merged = merge(x * weights.to(x.dtype)) / total.to(x.dtype)
+    if keep_order:  # surviving tokens: even ones at 2 * index, odd ones at 2 * index + 1
+        odd = torch.arange(1, x.shape[1], 2, device=x.device).expand(x.shape[0], -1)
+        order = torch.cat([2 * staying, odd], dim=1).argsort(dim=1)
+        merged, total = rows(merged, order), rows(total, order)
+    return merged, total[..., 0]
+
+
+def _pair_tokens(actual, expected, rtol: float, atol: float) -> Optional[str]:
+    """Compare two (merged (B, M, C), size (B, M)) results as sets of tokens (see module)."""
+    (x_a, size_a), (x_e, size_e) = actual, expected
+    if x_a.shape != x_e.shape or size_a.shape != size_e.shape:
+        return (f"shapes {tuple(x_a.shape)}, {tuple(size_a.shape)} vs "
+                f"{tuple(x_e.shape)}, {tuple(size_e.shape)}")
+    tokens_a, tokens_e = (
+        torch.cat([x.double(), s.double()[..., None]], dim=-1)
+        for x, s in ((x_a, size_a), (x_e, size_e))
+    )
+    nearest = torch.cdist(tokens_a, tokens_e).argmin(dim=-1)  # (B, M) into expected
+    positions = torch.arange(nearest.shape[1], device=nearest.device)
+    if not torch.equal(nearest.sort(dim=-1).values, positions.expand_as(nearest)):
+        return "the merged tokens do not pair up one to one with the reference's"
+    paired_x = x_e.gather(1, nearest[..., None].expand_as(x_e))
+    for name, got, want in (("merged", x_a, paired_x), ("size", size_a, size_e.gather(1, nearest))):
+        try:
+            torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+        except AssertionError as exc:
+            return f"paired {name} tokens differ: " + " ".join(str(exc).strip().splitlines()[:3])
+    return None
+
+
+def _build_step(device, dtype, scale: Scale, mode: str, batch, tokens, channels, r) -> Built:
+    B, N, C = scale.batch(batch), scale.size(tokens), scale.size(channels)
+    Cm, r = scale.size(METRIC_DIM), scale.size(r)
+    backward = mode == BACKWARD
+    generator = torch.Generator(device=device).manual_seed(0)
+    metric = torch.randn(B, N, Cm, generator=generator, device=device, dtype=dtype)
+    x = torch.randn(B, N, C, generator=generator, device=device, dtype=dtype)
+    x.requires_grad_(backward)
+    # a block after the first: tokens already hold 1-4 patches
+    size = torch.randint(1, 5, (B, N), generator=generator, device=device).float()
+
+    element, M = x.element_size(), N - r
+    moved = element * (metric.numel() + x.numel() + B * M * C) + 4 * (B * N + B * M)
+    if backward:  # read the merged output's gradient, write x's
+        moved += element * (B * M * C + B * N * C)
+    rtol, atol = TOLERANCES[dtype]
+    built = Built(
+        shapes={"metric": [B, N, Cm], "x": [B, N, C], "size": [B, N], "r": r,
+                "merged": [B, M, C]},
+        bytes=moved,
+        rtol=rtol,
+        atol=atol,
+    )
+    if not backward:
+        built.compare = dict.fromkeys(
+            FASTVL_IMPLS, lambda actual, expected: _pair_tokens(actual, expected, rtol, atol)
+        )
+
+    def finish(step):
+        if not backward:
+            return step
+
+        def run():
+            merged, _ = step()
+            return torch.autograd.grad(merged, x, merged.detach())
+
+        return run
+
+    def fastvl_step(backend):
+        def step():
+            plan = tome_match(metric, r, num_prefix_tokens=1, backend=backend)
+            return tome_merge(plan, x, size, backend=backend)
+
+        return finish(step)
+
+    # tome_match and tome_merge have the same backends with the same dtype support
+    fastvl_impls(built, "tome_match", device, (metric, r, 1), fastvl_step)
+    built.add(STEP_BASELINE, finish(lambda: plain_tome_step(metric, x, size, r)))
+    return built
+
+
+def _step_case(name: str, description: str, batch, tokens, channels, r) -> None:
+    @register_case(
+        op="tome",
+        name=name,
+        description=(
+            f"{description}: one ToMe step, merge r {r} of N {tokens} tokens (B {batch}, "
+            f"C {channels}, metric (B, N, {METRIC_DIM}) = keys averaged over heads, sizes "
+            "1-4; batch / 8 on CPU) vs a plain-PyTorch ToMe step. forward+backward: the "
+            "gradient w.r.t. x through the merge."
+        ),
+        impls=STEP_IMPLS,
+        baseline=STEP_BASELINE,
+    )
+    def build(device, dtype, scale, mode):
+        return _build_step(device, dtype, scale, mode, batch, tokens, channels, r)
+
+
+_step_case("vit-b16-r16", "ViT-B/16", 256, 197, 768, 16)
+_step_case("vit-l16-r8", "ViT-L/16", 256, 197, 1024, 8)
+
+
+# --------------------------------------------------------------------------- end-to-end ViT
+
+
+def _plain_attention(attn, x: torch.Tensor, size: Optional[torch.Tensor]):
+    """timm ``Attention`` on x (B, N, C) with proportional attention (``log(size)`` added to
+    the scores through an SDPA float mask); returns (out (B, N, C), metric (B, N, D))."""
+    B, N, _ = x.shape
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    mask = None if size is None else size.log().to(q.dtype)[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = attn.norm(out.transpose(1, 2).reshape(B, N, -1))
+    return attn.proj_drop(attn.proj(out)), k.mean(dim=1)
+
+
+def plain_tome_vit(model, images: torch.Tensor, r: int) -> torch.Tensor:
+    """Logits of a timm ``VisionTransformer`` (pre-norm ``Block``\\ s, class token) with ToMe:
+    in every block, :func:`plain_tome_step` of r tokens (at most (N - 1) // 2, as in ToMe)
+    after attention, proportional attention from the first merge on. The merged tokens are
+    kept in their original order (fastvl's convention; the next block's alternating split
+    depends on it), so this computes the model :func:`fastvl.patch.timm.apply_tome` does.
+    images: (B, 3, H, W) -> (B, num_classes)."""
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+    size = None
+    for block in model.blocks:
+        out, metric = _plain_attention(block.attn, block.norm1(x), size)
+        x = x + block.drop_path1(block.ls1(out))
+        if size is None:
+            size = torch.ones(x.shape[:2], device=x.device, dtype=torch.float32)
+        x, size = plain_tome_step(
+            metric, x, size, min(r, (x.shape[1] - 1) // 2), keep_order=True
+        )
+        x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    return model.forward_head(model.norm(x))
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> Optional[str]:
+    if actual.shape != expected.shape:
+        return f"shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
+    error = (actual.double() - expected.double()).norm() / expected.double().norm()
+    if not error <= rtol:  # (also catches NaN)
+        return f"relative error ||a - e|| / ||e|| = {error:.3g} > {rtol:g}"
+    return None
+
+
+def vit_batch(scale: Scale, gpu_batch: int) -> int:
+    """GPU batch at full scale; 8 images on CPU (the issue's CPU target), 2 for --quick."""
+    return {"full": gpu_batch, "cpu": 8}.get(scale.name, 2)
+
+
+def _build_vit(device, dtype, scale: Scale, mode: str, model_name: str, gpu_batch: int):
+    import timm
+
+    overrides = {}
+    if scale.name == "quick":  # 50 tokens (r up to 16 stays valid), a tiny width, 3 blocks
+        overrides = {"img_size": 112, "embed_dim": 64, "depth": 3, "num_heads": 2}
+    torch.manual_seed(0)
+    model = timm.create_model(model_name, pretrained=False, **overrides)
+    model = model.to(device=device, dtype=dtype).eval()
+    B = vit_batch(scale, gpu_batch)
+    size = model.patch_embed.img_size
+    images = torch.randn(B, 3, *size, device=device, dtype=dtype)
+    built = Built(
+        shapes={"images": [B, 3, *size], "tokens": model.patch_embed.num_patches + 1,
+                "width": model.embed_dim, "depth": len(model.blocks)},
+        items=B,
+        references={f"torch ToMe r{r}": None for r in VIT_RS},
+    )
+
+    def inference(fn):
+        def run():
+            with torch.inference_mode():
+                return fn()
+
+        return run
+
+    built.add(VIT_BASELINE, inference(lambda: model(images)))
+    for r in VIT_RS:
+        built.add(f"torch ToMe r{r}", inference(lambda r=r: plain_tome_vit(model, images, r)))
+    try:
+        from fastvl.patch.timm import apply_tome
+    except ImportError as exc:
+        for r in VIT_RS:
+            built.skip(f"fastvl ToMe r{r}", f"fastvl.patch.timm.apply_tome is unavailable: {exc}")
+        return built
+    patched = copy.deepcopy(model)
+    apply_tome(patched, VIT_RS[0])
+
+    def fastvl_tome(r):
+        def run():
+            patched.r = r  # read by the patched blocks at every forward
+            return patched(images)
+
+        return inference(run)
+
+    for r in VIT_RS:
+        built.add(f"fastvl ToMe r{r}", fastvl_tome(r))
+        built.references[f"fastvl ToMe r{r}"] = f"torch ToMe r{r}"
+        built.compare[f"fastvl ToMe r{r}"] = lambda actual, expected: _relative_error(
+            actual, expected, VIT_LOGITS_RTOL[dtype]
+        )
+    return built
+
+
+def _vit_dtypes(gpu_only: bool):
+    def dtypes(device: torch.device) -> tuple[torch.dtype, ...]:
+        if device.type == "cuda":
+            return (torch.float16,)
+        return () if gpu_only else (torch.float32,)
+
+    return dtypes
+
+
+def _vit_case(name: str, model_name: str, gpu_batch: int, gpu_only: bool) -> None:
+    where = "GPU only" if gpu_only else "CPU: 8 images, float32"
+    description = (
+        f"timm {model_name} images/s (pretrained=False, eval, inference_mode; batch "
+        f"{gpu_batch} float16 on GPU, {where}): unpatched (SDPA), plain-PyTorch ToMe and "
+        f"fastvl.patch.timm.apply_tome at r {', '.join(map(str, VIT_RS))} (proportional "
+        "attention); fastvl ToMe logits checked against plain ToMe at the same r"
+    )
+
+    @register_case(
+        op="vit_tome",
+        name=name,
+        description=description,
+        impls=VIT_IMPLS,
+        baseline=VIT_BASELINE,
+        modes=(FORWARD,),
+        dtypes=_vit_dtypes(gpu_only),
+    )
+    def build(device, dtype, scale, mode):
+        return _build_vit(device, dtype, scale, mode, model_name, gpu_batch)
+
+
+if requires_module("timm") is None:
+    _vit_case("vit-b16", "vit_base_patch16_224", 256, gpu_only=False)
+    _vit_case("vit-l16", "vit_large_patch16_224", 256, gpu_only=True)
