@@ -170,13 +170,16 @@ def tome_merge(plan: TomePlan, x: torch.Tensor, size: Optional[torch.Tensor] = N
     differentiable in x only. ``size_merged`` has size's dtype (float32 / float64 default).
     """
     size = default_size(x) if size is None else size.detach()
-    batch, _, channels = x.shape
-    size_merged = size.new_zeros(batch, plan.num_merged_tokens).scatter_add(1, plan.dest, size)
+    batch, num_tokens, channels = x.shape
+    num_merged = plan.num_merged_tokens
+    size_merged = size.new_zeros(batch, num_merged).scatter_add(1, plan.dest, size)
     weight = (size / size_merged.gather(1, plan.dest)).to(x.dtype)
-    merged = x.new_zeros(batch, plan.num_merged_tokens, channels).scatter_add(
-        1, plan.dest.unsqueeze(-1).expand(-1, -1, channels), x * weight.unsqueeze(-1)
-    )
-    return merged, size_merged
+    # One index_add over the flattened rows: no (B, N, C) expanded index (several times faster
+    # than scatter_add on CPU).
+    rows = (plan.dest + torch.arange(batch, device=x.device).unsqueeze(1) * num_merged).reshape(-1)
+    weighted = (x * weight.unsqueeze(-1)).reshape(batch * num_tokens, channels)
+    merged = x.new_zeros(batch * num_merged, channels).index_add_(0, rows, weighted)
+    return merged.view(batch, num_merged, channels), size_merged
 
 
 def tome_unmerge(plan: TomePlan, x: torch.Tensor) -> torch.Tensor:
