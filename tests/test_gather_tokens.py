@@ -215,7 +215,7 @@ def _inputs():
         (lambda x, i: (x, i[0]), ValueError, r"index must be \(B, K\)"),
         (lambda x, i: (x, i.int()), TypeError, r"index must be torch.int64"),
         (lambda x, i: (x, i.float()), TypeError, r"index must be torch.int64"),
-        (lambda x, i: (x, i[:1]), ValueError, r"index batch size 1 does not match x's 2"),
+        (lambda x, i: (x, i[:1]), ValueError, r"index batch size 1 does not match x \(batch 2\)"),
         (lambda x, i: (x.tolist(), i), TypeError, r"x must be a torch.Tensor"),
         (lambda x, i: (x, i.to("meta")), ValueError, r"x is on cpu but index is on meta"),
         (lambda x, i: (x, i - 1), ValueError, r"index values must lie in \[0, 5\).*from -1"),

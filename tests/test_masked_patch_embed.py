@@ -329,7 +329,7 @@ def _replace(**changes):
         (_replace(ids_keep=lambda a: a["ids_keep"].int()), TypeError,
          r"ids_keep must be torch.int64"),
         (_replace(ids_keep=lambda a: a["ids_keep"][:1]), ValueError,
-         r"ids_keep batch size 1 does not match imgs' 2"),
+         r"ids_keep batch size 1 does not match imgs \(batch 2\)"),
         (_replace(ids_keep=lambda a: a["ids_keep"] + 1), ValueError,
          r"index values must lie in \[0, 6\).*to 6"),
         (_replace(ids_keep=lambda a: a["ids_keep"] - 1), ValueError,

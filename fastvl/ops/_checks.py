@@ -36,3 +36,16 @@ def value_check_allowed(t: torch.Tensor) -> bool:
     if t.numel() == 0 or torch.compiler.is_compiling():
         return False
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def check_token_index(op: str, name: str, index, batch: int, other: str) -> None:
+    """index must be a (B, K) int64 tensor whose B matches ``batch`` (the batch of ``other``)."""
+    check_tensor(op, name, index)
+    if index.dim() != 2:
+        raise ValueError(f"{op}: {name} must be (B, K), got shape {tuple(index.shape)}")
+    if index.dtype != torch.int64:
+        raise TypeError(f"{op}: {name} must be torch.int64, got {index.dtype}")
+    if index.shape[0] != batch:
+        raise ValueError(
+            f"{op}: {name} batch size {index.shape[0]} does not match {other} (batch {batch})"
+        )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from fastvl import _extension, reference
-from fastvl.ops._checks import value_check_allowed
+from fastvl.ops._checks import check_tensor, check_token_index, value_check_allowed
 from fastvl.ops.registry import TRITON_IMPORT_ERROR, dtype_reasons, register_op
 
 GATHER_TOKENS = register_op("gather_tokens")
@@ -90,20 +90,10 @@ if _extension.is_built():
 
 
 def _validate(x, index) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"gather_tokens: x must be a torch.Tensor, got {type(x).__name__}")
-    if not isinstance(index, torch.Tensor):
-        raise TypeError(f"gather_tokens: index must be a torch.Tensor, got {type(index).__name__}")
+    check_tensor("gather_tokens", "x", x)
     if x.dim() != 3:
         raise ValueError(f"gather_tokens: x must be (B, N, C), got shape {tuple(x.shape)}")
-    if index.dim() != 2:
-        raise ValueError(f"gather_tokens: index must be (B, K), got shape {tuple(index.shape)}")
-    if index.dtype != torch.int64:
-        raise TypeError(f"gather_tokens: index must be torch.int64, got {index.dtype}")
-    if index.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"gather_tokens: index batch size {index.shape[0]} does not match x's {x.shape[0]}"
-        )
+    check_token_index("gather_tokens", "index", index, x.shape[0], "x")
     if index.device != x.device:
         raise ValueError(
             f"gather_tokens: x is on {x.device} but index is on {index.device}; "

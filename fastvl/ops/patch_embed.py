@@ -27,7 +27,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from fastvl.ops._checks import check_tensor, is_int
+from fastvl.ops._checks import check_tensor, check_token_index, is_int
 from fastvl.ops.gather import check_index_range
 from fastvl.ops.registry import TRITON_IMPORT_ERROR, dtype_reasons, register_op
 from fastvl.reference.patch_embed import masked_patch_embed_gather_first
@@ -227,14 +227,7 @@ def _validate(imgs, weight, bias, pos_embed, ids_keep, patch_size, cls_token) ->
                 f"{OP}: pos_embed must be (1, N, D) or (N, D) with D = {dim} and N = L = "
                 f"{rows_text}, got shape {shape}"
             )
-    if ids_keep.dim() != 2:
-        raise ValueError(f"{OP}: ids_keep must be (B, K), got shape {tuple(ids_keep.shape)}")
-    if ids_keep.dtype != torch.int64:
-        raise TypeError(f"{OP}: ids_keep must be torch.int64, got {ids_keep.dtype}")
-    if ids_keep.shape[0] != imgs.shape[0]:
-        raise ValueError(
-            f"{OP}: ids_keep batch size {ids_keep.shape[0]} does not match imgs' {imgs.shape[0]}"
-        )
+    check_token_index(OP, "ids_keep", ids_keep, imgs.shape[0], "imgs")
     for name, t in {"weight": weight, **optional}.items():
         if t is None:
             continue

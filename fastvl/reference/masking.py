@@ -86,16 +86,18 @@ def unshuffle_with_mask_token(
     return out
 
 
-def patchify(imgs: torch.Tensor, patch_size: tuple) -> torch.Tensor:
+def patchify(imgs: torch.Tensor, patch_size: tuple, *, channel_last: bool = True) -> torch.Tensor:
     """imgs (B, C, H, W) / (B, C, T, H, W), patch_size (ph, pw) / (pt, ph, pw) -> (B, L, N),
-    N = prod(patch_size) * C, each patch flattened (pt, ph, pw, C) with the channel last."""
+    N = prod(patch_size) * C, patches in row-major grid order, each flattened ([pt,] ph, pw, C)
+    with the channel last (MAE's pixel targets) or, with ``channel_last=False``,
+    (C, [pt,] ph, pw) like a conv weight."""
     batch, channels, *size = imgs.shape
     grid = [n // p for n, p in zip(size, patch_size)]
     split = [d for g, p in zip(grid, patch_size) for d in (g, p)]  # (g0, p0, g1, p1, ...)
-    spatial = len(size)
-    grid_dims = [2 + 2 * i for i in range(spatial)]
-    patch_dims = [3 + 2 * i for i in range(spatial)]
-    patches = imgs.reshape(batch, channels, *split).permute(0, *grid_dims, *patch_dims, 1)
+    grid_dims = [2 + 2 * i for i in range(len(size))]
+    patch_dims = [3 + 2 * i for i in range(len(size))]
+    order = [*patch_dims, 1] if channel_last else [1, *patch_dims]
+    patches = imgs.reshape(batch, channels, *split).permute(0, *grid_dims, *order)
     return patches.reshape(batch, math.prod(grid), math.prod(patch_size) * channels)
 
 

@@ -21,28 +21,15 @@ flattened (C, pt, ph, pw). An image is the video case with T = pt = 1.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from fastvl.reference.gather import gather_tokens
+from fastvl.reference.masking import patchify
 
-__all__ = ["masked_patch_embed", "masked_patch_embed_gather_first", "patchify_channel_major"]
-
-
-def patchify_channel_major(imgs: torch.Tensor, patch_size: tuple) -> torch.Tensor:
-    """imgs (B, C, H, W) / (B, C, T, H, W), patch_size (ph, pw) / (pt, ph, pw) -> patches
-    (B, L, C * prod(patch_size)), each flattened (C, [pt,] ph, pw) to match the conv weight."""
-    batch, channels, *size = imgs.shape
-    grid = [n // p for n, p in zip(size, patch_size)]
-    split = [d for g, p in zip(grid, patch_size) for d in (g, p)]  # (g0, p0, g1, p1, ...)
-    spatial = len(size)
-    grid_dims = [2 + 2 * i for i in range(spatial)]
-    patch_dims = [3 + 2 * i for i in range(spatial)]
-    patches = imgs.reshape(batch, channels, *split).permute(0, *grid_dims, 1, *patch_dims)
-    return patches.reshape(batch, math.prod(grid), channels * math.prod(patch_size))
+__all__ = ["masked_patch_embed", "masked_patch_embed_gather_first"]
 
 
 def _patch_pos(pos_embed: Optional[torch.Tensor], num_patches: int):
@@ -97,7 +84,7 @@ def masked_patch_embed_gather_first(
 ) -> torch.Tensor:
     """The same result projecting only the kept patches (the torch backend): patchify, gather
     the K kept patches, one matmul, + bias + their positions, prepend CLS. Same arguments."""
-    patches = patchify_channel_major(imgs, patch_size)
+    patches = patchify(imgs, patch_size, channel_last=False)
     x = F.linear(gather_tokens(patches, ids_keep), weight.reshape(weight.shape[0], -1), bias)
     patch_pos, cls_pos = _patch_pos(pos_embed, patches.shape[1])
     if patch_pos is not None:
