@@ -7,6 +7,7 @@ cannot serve it raises :class:`BackendNotSupportedError` listing the reasons.
 from fastvl.ops.attention import attention, varlen_attention
 from fastvl.ops.attention_key_mass import attention_key_mass
 from fastvl.ops.gather import gather_tokens
+from fastvl.ops.lora import lora_linear, routed_lora_linear
 from fastvl.ops.masking import masked_pixel_loss, random_masking, unshuffle_with_mask_token
 from fastvl.ops.patch_embed import masked_patch_embed
 from fastvl.ops.pruning import keep_topk_tokens, topk_candidate_index, topk_token_index
@@ -18,9 +19,11 @@ __all__ = [
     "attention_key_mass",
     "gather_tokens",
     "keep_topk_tokens",
+    "lora_linear",
     "masked_patch_embed",
     "masked_pixel_loss",
     "random_masking",
+    "routed_lora_linear",
     "topk_candidate_index",
     "topk_token_index",
     "tome_match",

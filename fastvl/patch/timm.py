@@ -19,12 +19,13 @@ them, so later changes to those (e.g. a wrapped ``qkv``) are kept.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 from timm.layers import Attention as TimmAttention
 from torch import nn
 
 from fastvl.nn.attention import TIMM_SUBMODULES, Attention, check_backend
+from fastvl.patch._modules import child_slots
 from fastvl.patch.timm_tome import (
     TokenReductionPatch,
     apply_evit,
@@ -104,18 +105,6 @@ def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _child_slots(model: nn.Module) -> Iterator[tuple[nn.Module, str, str, nn.Module]]:
-    """(parent, attribute, qualified name, child) for every parent -> child edge in ``model``.
-
-    Edges, not modules: a module registered in two places is seen at both.
-    """
-    for parent_name, parent in list(model.named_modules(remove_duplicate=False)):
-        for attribute, child in list(parent._modules.items()):
-            if child is not None:
-                name = f"{parent_name}.{attribute}" if parent_name else attribute
-                yield parent, attribute, name, child
-
-
 def _skip_reason(module: nn.Module) -> Optional[str]:
     """Why an attention-like module is not swapped, or None if it is not attention-like."""
     cls = type(module)
@@ -160,7 +149,7 @@ def apply(model: nn.Module, *, backend: str = "auto") -> TimmPatch:
 
     replacements: dict[int, Attention] = {}
     swaps, replaced, skipped = [], [], []
-    for parent, attribute, name, child in _child_slots(model):
+    for parent, attribute, name, child in child_slots(model):
         if type(child) is TimmAttention:
             if id(child) not in replacements:
                 fast = Attention.from_timm(child, backend)
@@ -178,7 +167,7 @@ def apply(model: nn.Module, *, backend: str = "auto") -> TimmPatch:
 def _restore(model: nn.Module, selected: Callable[[Attention], bool]) -> list[str]:
     """Swap the selected patched fastvl modules of ``model`` back; the names restored."""
     restored_names, restored_modules = [], {}
-    for parent, attribute, name, child in _child_slots(model):
+    for parent, attribute, name, child in child_slots(model):
         original = getattr(child, _ORIGINAL, None) if isinstance(child, Attention) else None
         if original is None or not selected(child):
             continue

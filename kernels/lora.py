@@ -1,0 +1,251 @@
+"""LoRA branch kernels: the fused shrink + expand added into a base output, and its backward.
+
+Layouts as :mod:`fastvl.reference.lora`, with the plain op seen as one adapter: x (N, in),
+lora_a (E, r, in), lora_b (E, out, r), per-adapter scale (E,) float32, optional route (N,)
+int64 in [-1, E). The base GEMMs (``x Wᵀ + b`` forward, ``dY W`` backward) are cuBLAS's; these
+kernels add the LoRA terms into their outputs in place.
+
+Rows are visited in ``order``: ``argsort(route)`` (stable, on the device: no host sync, CUDA
+graph safe), so a block of BLOCK_M rows mostly shares one adapter. A program takes one row
+block and loops over the adapters its rows use (from the first to the last, sorted), each
+pass masked to the rows of that adapter. For every adapter pass:
+
+* forward: ``s = dropout(x) Aₑᵀ`` (BLOCK_M, r) kept in registers (r <= 64) while x is read
+  once, then ``out += scaleₑ · s Bₑᵀ`` over the output columns; s (unscaled, float32) is
+  stored for the backward (N·r values);
+* backward, pass over dY: ``ds = scaleₑ · dY Bₑ`` and ``dBₑ += scaleₑ · dYᵀ s`` together;
+* backward, pass over x: ``dX += dropout'(ds Aₑ)`` and ``dAₑ += dsᵀ dropout(x)``.
+
+Dropout keeps ``x[n, k]`` iff ``tl.rand(seed, n · in + k) >= p`` (Philox), regenerated in the
+backward, never stored. dA and dB are float32 atomic sums over row blocks: their summation
+order (hence the last bits) can differ between runs; everything else is deterministic.
+Route values outside [-1, E) must be excluded by the caller (the op layer checks them).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+_PRECISION = "ieee"  # float32 dots are not rounded to tf32
+MAX_RANK = 64
+
+
+def shrink_columns(device: torch.device, rank: int) -> int:
+    """Columns of the float32 shrink s the forward stores: r padded to a power of two >= 16."""
+    return _blocks(device, rank)[3]
+
+
+def _blocks(device: torch.device, rank: int):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, num_warps)."""
+    block_r = max(16, triton.next_power_of_2(rank))
+    if device.type != "cuda":
+        return 16, 16, 16, block_r, 4  # small blocks so the tests' shapes span several
+    return 64, 64, 64, block_r, 4
+
+
+@triton.jit
+def _block_rows(route_ptr, order_ptr, num_rows, ROUTED: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's rows: (row index, in range, adapter per row (-1 none), first and last
+    adapter used in the block)."""
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_rows = m < num_rows
+    if ROUTED:
+        rows = tl.load(order_ptr + m, mask=in_rows, other=0)
+        adapter = tl.load(route_ptr + rows, mask=in_rows, other=-1)
+    else:
+        rows = m.to(tl.int64)
+        adapter = tl.where(in_rows, 0, -1).to(tl.int64)
+    first = tl.maximum(tl.min(tl.where(adapter >= 0, adapter, 1 << 40)), 0)
+    last = tl.max(adapter)
+    return rows, in_rows, adapter, first, last
+
+
+@triton.jit
+def _dropout(values, rows, cols, in_features, seed, dropout_p):
+    """Inverted dropout of a (rows, cols) tile of an (N, in) tensor; the same mask every call."""
+    keep = tl.rand(seed, rows[:, None] * in_features + cols[None, :]) >= dropout_p
+    return tl.where(keep, values * (1.0 / (1.0 - dropout_p)), 0.0).to(values.dtype)
+
+
+@triton.jit
+def _lora_fwd_kernel(
+    x_ptr, a_ptr, b_ptr, scale_ptr, route_ptr, order_ptr, out_ptr, s_ptr,
+    num_rows, in_features, out_features, rank, seed, dropout_p,
+    stride_xm, stride_xk, stride_ae, stride_ar, stride_ak, stride_be, stride_bo, stride_br,
+    stride_om, stride_on,
+    ROUTED: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    rows, in_rows, adapter, first, last = _block_rows(route_ptr, order_ptr, num_rows, ROUTED,
+                                                      BLOCK_M)
+    r = tl.arange(0, BLOCK_R)
+    r_mask = r < rank
+    for e in range(first, last + 1):
+        mine = in_rows & (adapter == e)
+        s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, in_features, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = k < in_features
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk,
+                        mask=mine[:, None] & k_mask[None, :], other=0.0)
+            if DROPOUT:
+                x = _dropout(x, rows, k, in_features, seed, dropout_p)
+            a = tl.load(a_ptr + e * stride_ae + r[None, :] * stride_ar + k[:, None] * stride_ak,
+                        mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+            s = tl.dot(x, a, s, input_precision=PRECISION)
+        tl.store(s_ptr + rows[:, None] * BLOCK_R + r[None, :], s, mask=mine[:, None])
+        scaled = (s * tl.load(scale_ptr + e)).to(x_ptr.dtype.element_ty)
+        for n0 in range(0, out_features, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = n < out_features
+            b = tl.load(b_ptr + e * stride_be + n[None, :] * stride_bo + r[:, None] * stride_br,
+                        mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+            out_ptrs = out_ptr + rows[:, None] * stride_om + n[None, :] * stride_on
+            out_mask = mine[:, None] & n_mask[None, :]
+            base = tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+            total = tl.dot(scaled, b, base, input_precision=PRECISION)
+            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _lora_bwd_dy_kernel(
+    g_ptr, b_ptr, scale_ptr, route_ptr, order_ptr, s_ptr, ds_ptr, db_ptr,
+    num_rows, out_features, rank,
+    stride_gm, stride_gn, stride_be, stride_bo, stride_br,
+    ROUTED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """ds[n] = scale · dY[n] B (float32, (N, BLOCK_R)); db[e] += scale · dYᵀ s (float32,
+    (E, out, BLOCK_R)); one pass over dY."""
+    rows, in_rows, adapter, first, last = _block_rows(route_ptr, order_ptr, num_rows, ROUTED,
+                                                      BLOCK_M)
+    r = tl.arange(0, BLOCK_R)
+    r_mask = r < rank
+    for e in range(first, last + 1):
+        mine = in_rows & (adapter == e)
+        scale = tl.load(scale_ptr + e)
+        s = tl.load(s_ptr + rows[:, None] * BLOCK_R + r[None, :], mask=mine[:, None], other=0.0)
+        s = s.to(g_ptr.dtype.element_ty)
+        ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for n0 in range(0, out_features, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = n < out_features
+            g = tl.load(g_ptr + rows[:, None] * stride_gm + n[None, :] * stride_gn,
+                        mask=mine[:, None] & n_mask[None, :], other=0.0)
+            b = tl.load(b_ptr + e * stride_be + n[:, None] * stride_bo + r[None, :] * stride_br,
+                        mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+            ds = tl.dot(g, b, ds, input_precision=PRECISION)
+            db = tl.dot(tl.trans(g), s, input_precision=PRECISION) * scale
+            tl.atomic_add(db_ptr + (e * out_features + n[:, None]) * BLOCK_R + r[None, :],
+                          db, mask=n_mask[:, None] & r_mask[None, :])
+        tl.store(ds_ptr + rows[:, None] * BLOCK_R + r[None, :], ds * scale, mask=mine[:, None])
+
+
+@triton.jit
+def _lora_bwd_x_kernel(
+    x_ptr, a_ptr, route_ptr, order_ptr, ds_ptr, dx_ptr, da_ptr,
+    num_rows, in_features, rank, seed, dropout_p,
+    stride_xm, stride_xk, stride_ae, stride_ar, stride_ak, stride_dm, stride_dk,
+    ROUTED: tl.constexpr, DROPOUT: tl.constexpr, COMPUTE_DX: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """dx[n] += dropout'(ds[n] A) in place; da[e] += dsᵀ dropout(x) (float32, (E, BLOCK_R,
+    in)); one pass over x."""
+    rows, in_rows, adapter, first, last = _block_rows(route_ptr, order_ptr, num_rows, ROUTED,
+                                                      BLOCK_M)
+    r = tl.arange(0, BLOCK_R)
+    r_mask = r < rank
+    for e in range(first, last + 1):
+        mine = in_rows & (adapter == e)
+        ds = tl.load(ds_ptr + rows[:, None] * BLOCK_R + r[None, :], mask=mine[:, None], other=0.0)
+        ds = ds.to(x_ptr.dtype.element_ty)
+        for k0 in range(0, in_features, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = k < in_features
+            tile_mask = mine[:, None] & k_mask[None, :]
+            if COMPUTE_DX:
+                a = tl.load(a_ptr + e * stride_ae + r[:, None] * stride_ar + k[None, :] * stride_ak,
+                            mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+                dx_ptrs = dx_ptr + rows[:, None] * stride_dm + k[None, :] * stride_dk
+                dx_lora = tl.dot(ds, a, input_precision=PRECISION)
+                if DROPOUT:
+                    dx_lora = _dropout(dx_lora, rows, k, in_features, seed, dropout_p)
+                dx = tl.load(dx_ptrs, mask=tile_mask, other=0.0).to(tl.float32) + dx_lora
+                tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=tile_mask)
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk,
+                        mask=tile_mask, other=0.0)
+            if DROPOUT:
+                x = _dropout(x, rows, k, in_features, seed, dropout_p)
+            da = tl.dot(tl.trans(ds), x, input_precision=PRECISION)
+            tl.atomic_add(da_ptr + (e * BLOCK_R + r[:, None]) * in_features + k[None, :],
+                          da, mask=r_mask[:, None] & k_mask[None, :])
+
+
+def _route_order(route: Optional[torch.Tensor]):
+    """(route, order) for the kernels: rows sorted by adapter, or (None, None) unrouted."""
+    if route is None:
+        return None, None
+    return route, torch.argsort(route, stable=True)
+
+
+def lora_forward(x, lora_a, lora_b, scale, route, dropout_p: float, seed: int, out):
+    """Add ``scale[e] · (dropout(x) Aₑᵀ) Bₑᵀ`` into ``out`` (N, out) in place, e = route[n]
+    (adapter 0 when route is None). x (N, in), lora_a (E, r, in), lora_b (E, out, r), scale
+    (E,) float32. Returns s = dropout(x) Aₑᵀ, float32 (N, BLOCK_R) (columns >= r unused)."""
+    num_rows, in_features = x.shape
+    out_features, rank = lora_b.shape[1:]
+    block_m, block_n, block_k, block_r, warps = _blocks(x.device, rank)
+    s = torch.zeros((num_rows, block_r), dtype=torch.float32, device=x.device)
+    if num_rows == 0 or out_features == 0:
+        return s
+    route, order = _route_order(route)
+    wrap_triton(_lora_fwd_kernel)[(triton.cdiv(num_rows, block_m),)](
+        x, lora_a, lora_b, scale, route, order, out, s,
+        num_rows, in_features, out_features, rank, seed, dropout_p,
+        *x.stride(), *lora_a.stride(), *lora_b.stride(), *out.stride(),
+        ROUTED=route is not None, DROPOUT=dropout_p > 0,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
+        PRECISION=_PRECISION, num_warps=warps,
+    )
+    return s
+
+
+def lora_backward(grad_out, x, lora_a, lora_b, scale, route, s, dropout_p: float, seed: int,
+                  dx):
+    """The LoRA branch's backward: adds its part of dX into ``dx`` (N, in) in place unless dx
+    is None, and returns (da (E, r, in), db (E, out, r)) float32, zeros for adapters without
+    rows. s: the forward's float32 (N, BLOCK_R) shrink."""
+    num_rows, in_features = x.shape
+    num_adapters, out_features, rank = lora_b.shape
+    block_m, block_n, block_k, block_r, warps = _blocks(x.device, rank)
+    da = torch.zeros((num_adapters, block_r, in_features), dtype=torch.float32, device=x.device)
+    db = torch.zeros((num_adapters, out_features, block_r), dtype=torch.float32, device=x.device)
+    if num_rows and out_features and in_features:
+        route, order = _route_order(route)
+        grid = (triton.cdiv(num_rows, block_m),)
+        ds = torch.empty((num_rows, block_r), dtype=torch.float32, device=x.device)
+        wrap_triton(_lora_bwd_dy_kernel)[grid](
+            grad_out, lora_b, scale, route, order, s, ds, db,
+            num_rows, out_features, rank, *grad_out.stride(), *lora_b.stride(),
+            ROUTED=route is not None,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, PRECISION=_PRECISION,
+            num_warps=warps,
+        )
+        dx_strides = (0, 0) if dx is None else dx.stride()
+        wrap_triton(_lora_bwd_x_kernel)[grid](
+            x, lora_a, route, order, ds, dx, da,
+            num_rows, in_features, rank, seed, dropout_p,
+            *x.stride(), *lora_a.stride(), *dx_strides,
+            ROUTED=route is not None, DROPOUT=dropout_p > 0, COMPUTE_DX=dx is not None,
+            BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, PRECISION=_PRECISION,
+            num_warps=warps,
+        )
+    return da[:, :rank], db[:, :, :rank]

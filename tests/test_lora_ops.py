@@ -1,0 +1,405 @@
+"""lora_linear / routed_lora_linear on every backend against float64 references.
+
+Tolerance rule (flash-attn's): a backend's max error against the op computed in float64 is at
+most 2x (forward) / 3x (gradients of x, weight, bias, lora_a, lora_b) the error of the torch
+backend run in the tested dtype, plus a small absolute floor. The torch backend itself is
+checked against an independent per-token formula (boolean row selection, the implementation
+this op replaces) and by gradcheck in float64.
+
+On a CPU machine the Triton kernels run in the interpreter with 16-wide blocks, so the small
+shapes here span several blocks of rows, of in / out features and (with r = 20) of the rank
+padding; bf16 and large shapes are `gpu` tests.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastvl.ops import BackendNotSupportedError, lora_linear, routed_lora_linear
+from fastvl.testing import (
+    ERROR_FLOOR,
+    assert_grads_within_reference_error,
+    assert_opcheck,
+    assert_within_reference_error,
+    poison_outputs,
+    random_tensor,
+)
+from tests.conftest import DEVICE, require_backend
+
+ALL_BACKENDS = ("torch", "triton")
+CPU_DTYPES = (torch.float32, torch.float16)
+NAMES = ("x", "weight", "bias", "lora_a", "lora_b")
+
+
+def _gen(seed):
+    return torch.Generator(device=DEVICE).manual_seed(seed)
+
+
+def _params(lead, in_f, out_f, rank, num_adapters, seed):
+    """float64 (x, weight, bias, lora_a, lora_b), scaled so outputs are O(1)."""
+    g = _gen(seed)
+    adapters = () if num_adapters is None else (num_adapters,)
+    return (
+        random_tensor(*lead, in_f, dtype=torch.float64, device=DEVICE, generator=g),
+        random_tensor(out_f, in_f, dtype=torch.float64, device=DEVICE, generator=g) / in_f**0.5,
+        random_tensor(out_f, dtype=torch.float64, device=DEVICE, generator=g),
+        random_tensor(*adapters, rank, in_f, dtype=torch.float64, device=DEVICE, generator=g)
+        / in_f**0.5,
+        random_tensor(*adapters, out_f, rank, dtype=torch.float64, device=DEVICE, generator=g)
+        / rank**0.5,
+    )
+
+
+def _run(fn, params, dtype, trainable_base=True):
+    """fn(*leaves) and the gradients of every leaf for a fixed random output gradient."""
+    leaves = [t.to(dtype).detach().requires_grad_(trainable_base or i not in (1, 2))
+              for i, t in enumerate(params)]
+    out = fn(*leaves)
+    grad = random_tensor(*out.shape, dtype=torch.float64, device=DEVICE, generator=_gen(99))
+    out.backward(grad.to(dtype))
+    return out, [leaf.grad for leaf in leaves]
+
+
+def _check_backend(backend, dtype, params, call, trainable_base=True):
+    """The backend in dtype vs the torch backend in float64, by the error rule."""
+    with poison_outputs():
+        out, grads = _run(lambda *t: call(*t, backend=backend), params, dtype, trainable_base)
+    ref, ref_grads = _run(lambda *t: call(*t, backend="torch"), params, torch.float64)
+    low, low_grads = _run(lambda *t: call(*t, backend="torch"), params, dtype)
+    floor = ERROR_FLOOR[dtype]
+    assert out.dtype == dtype
+    assert_within_reference_error(out, ref, low, factor=2, atol=floor)
+    present = [i for i, g in enumerate(grads) if g is not None]
+    if not trainable_base:
+        assert present == [0, 3, 4]
+    assert_grads_within_reference_error(
+        [NAMES[i] for i in present], [grads[i] for i in present],
+        [ref_grads[i] for i in present], [low_grads[i] for i in present], atol=floor,
+    )
+    return grads
+
+
+def _per_token_branch(x, lora_a, lora_b, scaling, route):
+    """PLoRA's formulation of the LoRA branch: each adapter's rows selected by boolean
+    indexing."""
+    scales = scaling if isinstance(scaling, torch.Tensor) else [scaling] * lora_a.shape[0]
+    out = x.new_zeros(*x.shape[:-1], lora_b.shape[1])
+    for e in range(lora_a.shape[0]):
+        rows = route == e
+        out[rows] += scales[e] * (x[rows] @ lora_a[e].t()) @ lora_b[e].t()
+    return out
+
+
+def _routes(kind, lead, num_adapters, seed):
+    g = _gen(seed)
+    if kind == "mixed":  # -1 rows and an adapter (the last) with no rows
+        return torch.randint(-1, num_adapters - 1, lead, generator=g, device=DEVICE)
+    if kind == "one_adapter":
+        return torch.full(lead, 1, dtype=torch.int64, device=DEVICE)
+    return torch.full(lead, -1, dtype=torch.int64, device=DEVICE)  # "none"
+
+
+# ---- torch backend against independent references, gradcheck -----------------------------
+
+
+def test_torch_backend_matches_formula():
+    x, weight, bias, lora_a, lora_b = _params((2, 9), 12, 10, 4, None, seed=1)
+    out = lora_linear(x, weight, bias, lora_a, lora_b, 0.5, backend="torch")
+    expected = x @ weight.t() + bias + 0.5 * (x @ lora_a.t()) @ lora_b.t()
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+    x, weight, bias, lora_a, lora_b = _params((3, 7), 12, 10, 4, 3, seed=2)
+    scaling = torch.tensor([0.5, -2.0, 3.0], dtype=torch.float64, device=DEVICE)
+    for kind in ("mixed", "one_adapter", "none"):
+        route = _routes(kind, (3, 7), 3, seed=3)
+        for scale in (scaling, 1.5):
+            out = routed_lora_linear(x, weight, bias, lora_a, lora_b, scale, route,
+                                     backend="torch")
+            expected = x @ weight.t() + bias + _per_token_branch(x, lora_a, lora_b, scale, route)
+            torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("routed", [False, True])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.4])
+def test_torch_backend_gradcheck(routed, dropout_p):
+    x, weight, bias, lora_a, lora_b = _params((2, 5), 6, 5, 3, 3 if routed else None, seed=4)
+    route = _routes("mixed", (2, 5), 3, seed=5)
+
+    def fn(*tensors):
+        if routed:
+            return routed_lora_linear(*tensors, 0.7, route, dropout_p=dropout_p, seed=6,
+                                      backend="torch")
+        return lora_linear(*tensors, 0.7, dropout_p=dropout_p, seed=6, backend="torch")
+
+    leaves = [t.detach().requires_grad_(True) for t in (x, weight, bias, lora_a, lora_b)]
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+# ---- backends vs float64 -----------------------------------------------------------------
+
+PLAIN_CASES = [  # (lead dims, in, out, rank)
+    ((2, 19), 40, 33, 8),
+    ((37,), 24, 50, 20),
+    ((1,), 16, 16, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("case", PLAIN_CASES)
+def test_plain(backend, dtype, case):
+    require_backend("lora_linear", backend)
+    lead, in_f, out_f, rank = case
+    params = _params(lead, in_f, out_f, rank, None, seed=7)
+    _check_backend(backend, dtype, params,
+                   lambda *t, backend: lora_linear(*t, 0.8, backend=backend))
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("kind", ["mixed", "one_adapter", "none"])
+def test_routed(backend, dtype, kind):
+    require_backend("routed_lora_linear", backend)
+    lead, in_f, out_f, rank, num_adapters = (3, 13), 40, 33, 8, 3
+    params = _params(lead, in_f, out_f, rank, num_adapters, seed=8)
+    route = _routes(kind, lead, num_adapters, seed=9)
+    scaling = torch.tensor([0.5, 2.0, 1.0], device=DEVICE)
+
+    def call(*t, backend):
+        return routed_lora_linear(*t, scaling, route, backend=backend)
+
+    grads = _check_backend(backend, dtype, params, call)
+    used = set(route.unique().tolist()) - {-1}
+    for e in range(num_adapters):  # adapters without tokens: zero gradients, not None
+        if e not in used:
+            assert torch.count_nonzero(grads[3][e]) == 0 and torch.count_nonzero(grads[4][e]) == 0
+    if kind == "none":  # the base layer alone
+        out = call(*[t.to(dtype) for t in params], backend=backend)
+        x, weight, bias = (t.to(dtype) for t in params[:3])
+        torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, bias))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_frozen_base_gets_no_gradient(backend):
+    require_backend("lora_linear", backend)
+    params = _params((2, 11), 20, 18, 4, None, seed=10)
+    _check_backend(backend, torch.float32, params,
+                   lambda *t, backend: lora_linear(*t, 2.0, backend=backend),
+                   trainable_base=False)
+
+
+# ---- dropout -----------------------------------------------------------------------------
+
+
+def _dropout_mask(backend, lead, rank, dropout_p, seed, routed):
+    """The keep-mask a backend applies to x (lead, r) for ``seed``, read through identity
+    adapters (in = out = r, zero base weight): out = dropout(x) exactly."""
+    x = random_tensor(*lead, rank, device=DEVICE, generator=_gen(11))
+    eye = torch.eye(rank, device=DEVICE)
+    zero = torch.zeros(rank, rank, device=DEVICE)
+    if routed:
+        route = torch.zeros(lead, dtype=torch.int64, device=DEVICE)
+        out = routed_lora_linear(x, zero, None, eye[None], eye[None], 1.0, route,
+                                 dropout_p=dropout_p, seed=seed, backend=backend)
+    else:
+        out = lora_linear(x, zero, None, eye, eye, 1.0, dropout_p=dropout_p, seed=seed,
+                          backend=backend)
+    keep = out != 0
+    torch.testing.assert_close(out[keep], x[keep] / (1 - dropout_p))
+    return keep
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_dropout_statistics_and_determinism(backend):
+    require_backend("lora_linear", backend)
+    p = 0.3
+    mask = _dropout_mask(backend, (64,), 32, p, seed=12, routed=False)
+    # 2048 Bernoulli(0.7) draws: the kept fraction is within 5 sigma (0.05) of 0.7.
+    assert abs(mask.float().mean().item() - (1 - p)) < 0.05
+    assert torch.equal(mask, _dropout_mask(backend, (64,), 32, p, seed=12, routed=False))
+    assert not torch.equal(mask, _dropout_mask(backend, (64,), 32, p, seed=13, routed=False))
+    # The routed op draws the same mask (same rows, same seed).
+    assert torch.equal(mask, _dropout_mask(backend, (64,), 32, p, seed=12, routed=True))
+
+
+@pytest.mark.parametrize("routed", [False, True])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_dropout_forward_backward(backend, routed):
+    """Forward and gradients with dropout against float64 with the backend's own mask."""
+    require_backend("lora_linear", backend)
+    lead, in_f, out_f, p, seed = (2, 9), 16, 21, 0.25, 14
+    keep = _dropout_mask(backend, lead, in_f, p, seed, routed).double()
+    params = _params(lead, in_f, out_f, 6, 2 if routed else None, seed=15)
+    route = _routes("mixed", lead, 2, seed=16)
+
+    def call(*t):
+        if routed:
+            return routed_lora_linear(*t, 1.5, route, dropout_p=p, seed=seed, backend=backend)
+        return lora_linear(*t, 1.5, dropout_p=p, seed=seed, backend=backend)
+
+    def masked_reference(x, weight, bias, lora_a, lora_b):
+        xd = x * keep / (1 - p)
+        if routed:
+            return x @ weight.t() + bias + _per_token_branch(xd, lora_a, lora_b, 1.5, route)
+        return x @ weight.t() + bias + 1.5 * (xd @ lora_a.t()) @ lora_b.t()
+
+    with poison_outputs():
+        out, grads = _run(call, params, torch.float32)
+    ref, ref_grads = _run(masked_reference, params, torch.float64)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    for name, got, want in zip(NAMES, grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_dropout_without_seed_follows_torch_generator():
+    params = [t.float() for t in _params((4, 8), 16, 12, 4, None, seed=17)]
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(18)
+        outs.append(lora_linear(*params, 1.0, dropout_p=0.5))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    assert not torch.equal(outs[0], lora_linear(*params, 1.0, dropout_p=0.5))
+
+
+# ---- registration, compile, dispatch -----------------------------------------------------
+
+
+def test_opcheck_triton_ops():
+    require_backend("lora_linear", "triton")
+    from fastvl.kernels.lora import shrink_columns
+
+    x, weight, bias, lora_a, lora_b = (t.float() for t in _params((9,), 20, 18, 4, 2, seed=19))
+    scale = torch.tensor([0.5, 2.0], device=DEVICE)
+    route = torch.tensor([1, -1, 0, 0, 1, 1, -1, 0, 1], device=DEVICE)
+    fwd = torch.ops.fastvl.lora_linear_fwd_triton.default
+    bwd = torch.ops.fastvl.lora_linear_bwd_triton.default
+    leaves = [t.clone().requires_grad_(True) for t in (x, weight, bias, lora_a, lora_b)]
+    assert_opcheck(fwd, (*leaves, scale, route, 0.2, 5))
+    assert_opcheck(fwd, (x, weight, None, lora_a[:1], lora_b[:1], scale[:1], None, 0.0, 0))
+    out, s = fwd(x, weight, bias, lora_a, lora_b, scale, route, 0.2, 5)
+    assert s.shape == (9, shrink_columns(x.device, 4))
+    grad_out = random_tensor(*out.shape, device=DEVICE, generator=_gen(20))
+    assert_opcheck(bwd, (grad_out, x, weight, lora_a, lora_b, scale, route, s, 0.2, 5, True,
+                         True))
+    assert_opcheck(bwd, (grad_out, x, weight, lora_a, lora_b, scale, route, s, 0.2, 5, False,
+                         False))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_compiles_without_graph_breaks(backend):
+    require_backend("routed_lora_linear", backend)
+    torch._dynamo.reset()
+    if DEVICE.type == "cuda":
+        compiler = "inductor"
+    else:
+        compiler = "aot_eager" if backend == "torch" else "eager"
+    params = [t.float() for t in _params((2, 7), 20, 18, 4, 2, seed=21)]
+    route = _routes("mixed", (2, 7), 2, seed=22)
+
+    def fn(x, weight, bias, lora_a, lora_b):
+        plain = lora_linear(x, weight, bias, lora_a[0], lora_b[0], 0.5, backend=backend)
+        routed = routed_lora_linear(x, weight, bias, lora_a, lora_b, 2.0, route,
+                                    backend=backend)
+        return plain + routed
+
+    compiled = torch.compile(fn, fullgraph=True, backend=compiler)
+    leaves = [t.clone().requires_grad_(True) for t in params]
+    expected_leaves = [t.clone().requires_grad_(True) for t in params]
+    out, expected = compiled(*leaves), fn(*expected_leaves)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    expected.sum().backward()
+    for got, want in zip(leaves, expected_leaves):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5)
+    if backend == "triton":  # seeded dropout traces too (the mask is a function of the seed)
+        x, weight, bias, lora_a, lora_b = params
+        dropped = torch.compile(
+            lambda x: lora_linear(x, weight, bias, lora_a[0], lora_b[0], 0.5, dropout_p=0.3,
+                                  seed=7, backend=backend),
+            fullgraph=True, backend=compiler,
+        )
+        torch.testing.assert_close(
+            dropped(x), lora_linear(x, weight, bias, lora_a[0], lora_b[0], 0.5, dropout_p=0.3,
+                                    seed=7, backend=backend), rtol=1e-5, atol=1e-5,
+        )
+
+
+def test_auto_uses_torch_on_cpu_and_triton_reasons():
+    from fastvl.ops.registry import OPS
+
+    params = [t.float() for t in _params((3,), 8, 8, 4, None, seed=23)]
+    assert OPS["lora_linear"].select("auto", torch.device("cpu"), *params, 1.0, 0.0, None) \
+        is OPS["lora_linear"].impls["torch"].fn
+    require_backend("lora_linear", "triton")
+    x, weight, bias, lora_a, lora_b = _params((3,), 8, 8, 65, None, seed=24)
+    with pytest.raises(BackendNotSupportedError) as info:
+        lora_linear(x, weight, bias, lora_a, lora_b, 1.0, backend="triton")
+    assert any("float64" in r for r in info.value.reasons)
+    assert any("rank r = 65" in r for r in info.value.reasons)
+
+
+# ---- bad inputs --------------------------------------------------------------------------
+
+
+def _bad_plain(**change):
+    """A lora_linear call on CPU tensors with some arguments replaced."""
+    args = dict(zip(NAMES, (t.float().cpu() for t in _params((2, 3), 8, 6, 4, None, seed=25))))
+    args.update(scaling=1.0)
+    kwargs = {k: change.pop(k) for k in ("dropout_p", "seed") if k in change}
+    args.update(change)
+    return lambda: lora_linear(*args.values(), **kwargs)
+
+
+def _bad_routed(**change):
+    args = dict(zip(NAMES, (t.float().cpu() for t in _params((2, 3), 8, 6, 4, 2, seed=26))))
+    args.update(scaling=1.0, route=torch.zeros(2, 3, dtype=torch.int64))
+    args.update(change)
+    return lambda: routed_lora_linear(*args.values())
+
+
+@pytest.mark.parametrize("make_call, error, match", [
+    (_bad_plain(x=torch.randn(2, 3, 7)), ValueError, "last dim 7 does not match"),
+    (_bad_plain(weight=torch.randn(6, 8, 1)), ValueError, r"weight must be \(out, in\)"),
+    (_bad_plain(bias=torch.randn(5)), ValueError, "bias must be"),
+    (_bad_plain(lora_a=torch.randn(3, 8)), ValueError, "rank mismatch"),
+    (_bad_plain(lora_a=torch.randn(4, 9)), ValueError, "lora_a .* in = 8"),
+    (_bad_plain(lora_b=torch.randn(7, 4)), ValueError, "lora_b .* out = 6"),
+    (_bad_plain(lora_a=torch.randn(2, 4, 8)), ValueError, r"lora_a must be \(r, in\)"),
+    (_bad_plain(lora_b=torch.randn(6, 4, dtype=torch.float64)), TypeError, "share one dtype"),
+    (_bad_plain(x=torch.ones(2, 3, 8, dtype=torch.int64)), TypeError, "floating-point"),
+    (_bad_plain(scaling=torch.tensor(1.0)), TypeError, "scaling must be a float"),
+    (_bad_plain(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
+    (_bad_plain(seed=1.5), TypeError, "seed must be an int"),
+    (_bad_routed(route=torch.tensor([[0, 2, 0], [0, 0, 0]])), ValueError,
+     r"route values must lie in \[-1, 2\)"),
+    (_bad_routed(route=torch.tensor([[0, -2, 0], [0, 0, 0]])), ValueError, "from -2 to 0"),
+    (_bad_routed(route=torch.zeros(2, 3, dtype=torch.int32)), TypeError, "torch.int64"),
+    (_bad_routed(route=torch.zeros(6, dtype=torch.int64)), ValueError, "x's shape without"),
+    (_bad_routed(scaling=torch.ones(3)), ValueError, r"\(E,\) = \(2,\)"),
+    (_bad_routed(lora_b=torch.randn(3, 6, 4)), ValueError, "2 adapters but lora_b 3"),
+    (_bad_routed(lora_a=torch.randn(2, 5, 8)), ValueError, "rank mismatch"),
+    (_bad_routed(lora_a=torch.randn(4, 8)), ValueError, r"lora_a must be \(E, r, in\)"),
+])
+def test_bad_inputs_raise_clear_errors(make_call, error, match):
+    with pytest.raises(error, match=match):
+        make_call()
+
+
+# ---- GPU ---------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["plain", "mixed", "one_adapter"])
+def test_gpu_large_shapes(dtype, kind):
+    lead, in_f, out_f, rank = (4, 577), 1024, 1000, 64
+    if kind == "plain":
+        params = _params(lead, in_f, out_f, rank, None, seed=27)
+        call = lambda *t, backend: lora_linear(*t, 2.0, backend=backend)  # noqa: E731
+    else:
+        params = _params(lead, in_f, out_f, rank, 4, seed=28)
+        route = _routes(kind, lead, 4, seed=29)
+        call = lambda *t, backend: routed_lora_linear(*t, 2.0, route,  # noqa: E731
+                                                      backend=backend)
+    _check_backend("triton", dtype, params, call)
