@@ -66,7 +66,6 @@ prunes), different image-token counts per sample.
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -80,6 +79,9 @@ from fastvl.ops._checks import is_int
 from fastvl.ops.attention_key_mass import attention_key_mass
 from fastvl.ops.gather import gather_tokens
 from fastvl.ops.pruning import topk_candidate_index
+from fastvl.patch._decoder import (
+    IMAGE_TOKEN_MASK_KWARG, declare_image_token_mask, decoder_of, replace_forward,
+)
 from fastvl.patch.transformers import ATTENTION_PROBE_KWARG, ATTN_IMPLEMENTATION, KeyBiasMask
 
 __all__ = [
@@ -87,7 +89,6 @@ __all__ = [
 ]
 
 CRITERIA = ("last_query", "all_queries")
-IMAGE_TOKEN_MASK_KWARG = "image_token_mask"
 _CONTEXT_KWARG = "fastvl_fastv_context"
 _RECORD_ATTR = "fastvl_fastv_record"
 _PATCH_ATTR = "_fastvl_fastv_patch"
@@ -208,22 +209,6 @@ def _check_stages(layer, keep_ratio, num_layers: int) -> list[FastVStage]:
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{_OP}: keep_ratio must lie in [0, 1], got {value}")
     return [FastVStage(int(k), float(r)) for k, r in zip(layers, ratios)]
-
-
-def _decoder_of(model: nn.Module) -> nn.Module:
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    layers = getattr(decoder, "layers", None)
-    if not (
-        isinstance(layers, nn.ModuleList)
-        and len(layers) > 0
-        and isinstance(getattr(decoder, "rotary_emb", None), nn.Module)
-        and all(hasattr(layer, "self_attn") for layer in layers)
-    ):
-        raise TypeError(
-            f"{_OP}: {type(model).__name__} is not a LLaMA-style decoder (expected "
-            "model.get_decoder() with .layers of decoder layers with .self_attn and .rotary_emb)"
-        )
-    return decoder
 
 
 # ---- per-forward pieces ----------------------------------------------------------------------
@@ -405,55 +390,6 @@ def _add_context(module, args, kwargs):
     return args, kwargs
 
 
-def _declare_image_token_mask(model: nn.Module, image_token_id: Optional[int]):
-    """A forward for ``model`` that declares the ``image_token_mask`` keyword argument (generate
-    checks model kwargs against ``forward``'s signature) and, with ``image_token_id``, fills it
-    with ``input_ids == image_token_id`` when not given; calls the model's forward."""
-    original = model.forward
-    signature = inspect.signature(original)
-    params = list(signature.parameters.values())
-    if not params or params[-1].kind is not inspect.Parameter.VAR_KEYWORD:
-        raise TypeError(
-            f"{_OP}: {type(model).__name__}.forward takes no **kwargs, so it cannot pass "
-            f"{IMAGE_TOKEN_MASK_KWARG} on to the decoder layers"
-        )
-    if IMAGE_TOKEN_MASK_KWARG not in signature.parameters:
-        mask_param = inspect.Parameter(
-            IMAGE_TOKEN_MASK_KWARG, inspect.Parameter.KEYWORD_ONLY, default=None
-        )
-        params.insert(len(params) - 1, mask_param)
-    input_ids_position = list(signature.parameters).index("input_ids") \
-        if "input_ids" in signature.parameters else None
-
-    @functools.wraps(original)
-    def forward(*args, **kwargs):
-        if image_token_id is not None and kwargs.get(IMAGE_TOKEN_MASK_KWARG) is None:
-            input_ids = kwargs.get("input_ids")
-            if input_ids is None and input_ids_position is not None and len(args) > input_ids_position:
-                input_ids = args[input_ids_position]
-            if input_ids is not None:
-                kwargs[IMAGE_TOKEN_MASK_KWARG] = input_ids == image_token_id
-        return original(*args, **kwargs)
-
-    forward.__signature__ = signature.replace(parameters=params)
-    return forward
-
-
-def _replace_forward(layer: nn.Module, forward) -> callable:
-    """Set ``layer.forward`` on the instance; returns the undo."""
-    had_own = "forward" in layer.__dict__
-    previous = layer.__dict__.get("forward")
-    layer.forward = forward
-
-    def undo():
-        if had_own:
-            layer.forward = previous
-        else:
-            del layer.forward
-
-    return undo
-
-
 def apply_fastv(
     model: nn.Module,
     layer: int | Sequence[int],
@@ -484,7 +420,7 @@ def apply_fastv(
     Returns:
         a :class:`FastVPatch`; ``.remove()`` restores the model.
     """
-    decoder = _decoder_of(model)
+    decoder = decoder_of(model, _OP)
     layers = decoder.layers
     stages = [s for s in _check_stages(layer, keep_ratio, len(layers)) if s.keep_ratio < 1.0]
     if criterion not in CRITERIA:
@@ -513,12 +449,12 @@ def apply_fastv(
         forward = functools.partial(
             _layer_forward, patch, decoder, idx, stage_of.get(idx), module.forward
         )
-        patch._undo.append(_replace_forward(module, forward))
+        patch._undo.append(replace_forward(module, forward))
     patch._undo.append(
         decoder.register_forward_pre_hook(_add_context, with_kwargs=True).remove
     )
     patch._undo.append(
-        _replace_forward(model, _declare_image_token_mask(model, image_token_id))
+        replace_forward(model, declare_image_token_mask(model, image_token_id, _OP))
     )
     setattr(decoder, _PATCH_ATTR, patch)
     patch._undo.append(lambda: delattr(decoder, _PATCH_ATTR))

@@ -94,6 +94,7 @@ __all__ = [
     "unregister",
     "is_registered",
     "apply_fastv",
+    "apply_mm_lora",
 ]
 
 ATTN_IMPLEMENTATION = "fastvl"
@@ -260,10 +261,15 @@ def is_registered() -> bool:
 
 
 def __getattr__(name: str):
-    # ``apply_fastv`` lives in fastvl.patch.fastv, which builds on this module: imported on
-    # first use so that either module can be imported first.
+    # ``apply_fastv`` lives in fastvl.patch.fastv, which builds on this module, and
+    # ``apply_mm_lora`` in fastvl.patch.mm_lora: imported on first use so that either module
+    # can be imported first.
     if name == "apply_fastv":
         from fastvl.patch.fastv import apply_fastv
 
         return apply_fastv
+    if name == "apply_mm_lora":
+        from fastvl.patch.mm_lora import apply_mm_lora
+
+        return apply_mm_lora
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
