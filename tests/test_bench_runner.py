@@ -173,6 +173,10 @@ def test_registry_has_gather_and_attention_cases():
     assert {"vit-b16-r16", "vit-l16-r8"} <= {case.name for case in all_cases(["tome"])}
     assert {"vit-b16", "vit-l16"} <= {case.name for case in all_cases(["vit_tome"])}
     assert {"llama-prefill-576img"} <= {case.name for case in all_cases(["fastv"])}
+    assert {"t4096-h4096-r16"} <= {case.name for case in all_cases(["lora_linear"])}
+    assert {"t4096-h4096-r16-split50", "multi-adapter-decode"} <= {
+        case.name for case in all_cases(["routed_lora_linear"])
+    }
     for case in all_cases():
         assert case.baseline in case.impls and case.description
         assert len(set(case.impls)) == len(case.impls)
