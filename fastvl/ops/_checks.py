@@ -49,3 +49,26 @@ def check_token_index(op: str, name: str, index, batch: int, other: str) -> None
         raise ValueError(
             f"{op}: {name} batch size {index.shape[0]} does not match {other} (batch {batch})"
         )
+
+
+def check_float_tensor(op: str, name: str, value) -> None:
+    """TypeError unless ``value`` is a floating-point tensor."""
+    check_tensor(op, name, value)
+    if not value.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating-point tensor, got {value.dtype}")
+
+
+def check_value_range(op: str, name: str, t: torch.Tensor, low: int, high: int,
+                      meaning: str) -> None:
+    """ValueError unless every value of t lies in [low, high); ``meaning`` explains the range.
+
+    One reduction and one host sync, so skipped where :func:`value_check_allowed` says no.
+    """
+    if not value_check_allowed(t):
+        return
+    found_low, found_high = torch.stack(torch.aminmax(t)).tolist()
+    if found_low < low or found_high >= high:
+        raise ValueError(
+            f"{op}: {name} values must lie in [{low}, {high}) ({meaning}), "
+            f"found values from {found_low} to {found_high}"
+        )

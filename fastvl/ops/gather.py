@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from fastvl import _extension, reference
-from fastvl.ops._checks import check_tensor, check_token_index, value_check_allowed
+from fastvl.ops._checks import check_tensor, check_token_index, check_value_range
 from fastvl.ops.registry import TRITON_IMPORT_ERROR, dtype_reasons, register_op
 
 GATHER_TOKENS = register_op("gather_tokens")
@@ -107,14 +107,7 @@ def check_index_range(index: torch.Tensor, num_tokens: int, op: str) -> None:
     Costs one reduction and one host sync, so it is skipped while torch.compile traces and
     while a CUDA graph is being captured.
     """
-    if not value_check_allowed(index):
-        return
-    low, high = torch.stack(torch.aminmax(index)).tolist()
-    if low < 0 or high >= num_tokens:
-        raise ValueError(
-            f"{op}: index values must lie in [0, {num_tokens}) (the token axis of x), "
-            f"found values from {low} to {high}"
-        )
+    check_value_range(op, "index", index, 0, num_tokens, "the token axis of x")
 
 
 def gather_tokens(

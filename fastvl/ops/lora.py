@@ -38,7 +38,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from fastvl.ops._checks import check_tensor, is_int, value_check_allowed
+from fastvl.ops._checks import check_tensor, check_value_range, is_int
 from fastvl.ops.registry import TRITON_IMPORT_ERROR, dtype_reasons, register_op
 from fastvl.reference import lora as reference
 
@@ -291,14 +291,10 @@ def lora_linear(
 def _check_route_range(route: torch.Tensor, num_adapters: int, op: str) -> None:
     """ValueError unless every route value lies in [-1, E) (one host sync; skipped while
     torch.compile traces or a CUDA graph is captured)."""
-    if not value_check_allowed(route):
-        return
-    low, high = torch.stack(torch.aminmax(route)).tolist()
-    if low < -1 or high >= num_adapters:
-        raise ValueError(
-            f"{op}: route values must lie in [-1, {num_adapters}) (-1: no adapter, else an "
-            f"adapter of lora_a's E = {num_adapters}), found values from {low} to {high}"
-        )
+    check_value_range(
+        op, "route", route, -1, num_adapters,
+        f"-1: no adapter, else an adapter of lora_a's E = {num_adapters}",
+    )
 
 
 def routed_lora_linear(

@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from fastvl.ops._checks import check_int, check_tensor, host_readable, is_int
+from fastvl.ops._checks import check_float_tensor, check_int, check_tensor, host_readable, is_int
 from fastvl.ops.registry import TRITON_IMPORT_ERROR, dtype_reasons, register_op
 from fastvl.reference import masking as _reference
 
@@ -221,12 +221,6 @@ if TRITON_IMPORT_ERROR is None:
     )
 
 
-def _check_float(op: str, name: str, t) -> None:
-    check_tensor(op, name, t)
-    if not t.is_floating_point():
-        raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
-
-
 def _check_same_device(op: str, name: str, t, x, x_name: str = "x") -> None:
     if t.device != x.device:
         raise ValueError(f"{op}: {x_name} is on {x.device} but {name} is on {t.device}")
@@ -247,9 +241,9 @@ def _check_restore_values(ids_restore: torch.Tensor) -> None:
 
 def _validate_unshuffle(x, ids_restore, mask_token, num_prefix_tokens, pos_embed) -> None:
     op = "unshuffle_with_mask_token"
-    _check_float(op, "x", x)
+    check_float_tensor(op, "x", x)
     check_tensor(op, "ids_restore", ids_restore)
-    _check_float(op, "mask_token", mask_token)
+    check_float_tensor(op, "mask_token", mask_token)
     check_int(op, "num_prefix_tokens", num_prefix_tokens)
     if x.dim() != 3:
         raise ValueError(f"{op}: x must be (B, P + K, D), got shape {tuple(x.shape)}")
@@ -280,7 +274,7 @@ def _validate_unshuffle(x, ids_restore, mask_token, num_prefix_tokens, pos_embed
     _check_same_device(op, "ids_restore", ids_restore, x)
     _check_same_device(op, "mask_token", mask_token, x)
     if pos_embed is not None:
-        _check_float(op, "pos_embed", pos_embed)
+        check_float_tensor(op, "pos_embed", pos_embed)
         rows = num_prefix_tokens + num_patches
         if tuple(pos_embed.shape) not in ((rows, dim), (1, rows, dim)):
             raise ValueError(
@@ -454,8 +448,8 @@ def _check_mask_rows(mask: torch.Tensor, num_rows: int) -> None:
 def _validate_loss(pred, imgs, mask, patch_size, norm_pix, eps, eps_style) -> tuple:
     """All checks; returns patch_size as a tuple."""
     op = "masked_pixel_loss"
-    _check_float(op, "pred", pred)
-    _check_float(op, "imgs", imgs)
+    check_float_tensor(op, "pred", pred)
+    check_float_tensor(op, "imgs", imgs)
     check_tensor(op, "mask", mask)
     if imgs.dim() not in (4, 5):
         raise ValueError(

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from fastvl.ops._checks import check_tensor, is_int, value_check_allowed
+from fastvl.ops._checks import check_float_tensor, check_tensor, is_int, value_check_allowed
 from fastvl.ops.gather import gather_tokens
 from fastvl.ops.registry import BACKENDS
 
@@ -43,11 +43,9 @@ def _check_count(op: str, name: str, value, high=None, high_text: str = "") -> N
 
 
 def _check_scores(op: str, scores) -> None:
-    check_tensor(op, "scores", scores)
+    check_float_tensor(op, "scores", scores)
     if scores.dim() != 2:
         raise ValueError(f"{op}: scores must be 2-D (B, tokens), got shape {tuple(scores.shape)}")
-    if not scores.is_floating_point():
-        raise TypeError(f"{op}: scores must be a floating-point tensor, got {scores.dtype}")
 
 
 def _check_candidate_values(candidates: torch.Tensor, num_tokens: int) -> None:

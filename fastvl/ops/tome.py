@@ -44,7 +44,7 @@ from typing import Optional
 
 import torch
 
-from fastvl.ops._checks import check_int, check_tensor
+from fastvl.ops._checks import check_float_tensor, check_int, check_tensor
 from fastvl.ops.registry import TRITON_IMPORT_ERROR, dtype_reasons, register_op
 from fastvl.reference import tome as _reference
 from fastvl.reference.tome import TomePlan
@@ -228,11 +228,9 @@ if TRITON_IMPORT_ERROR is None:
 
 
 def _check_tokens(op: str, name: str, t, shape_name: str = "(B, N, C)") -> None:
-    check_tensor(op, name, t)
+    check_float_tensor(op, name, t)
     if t.dim() != 3:
         raise ValueError(f"{op}: {name} must be {shape_name}, got shape {tuple(t.shape)}")
-    if not t.is_floating_point():
-        raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
 
 
 def _check_plan(op: str, plan) -> None:

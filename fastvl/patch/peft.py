@@ -29,7 +29,7 @@ from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
 from fastvl.nn.lora import LORA_BACKENDS, LoRALinear
-from fastvl.patch._modules import child_slots
+from fastvl.patch._modules import marked_slots, patched_names, swap_back, swap_children
 
 __all__ = ["accelerate", "restore", "peft_layers", "PeftPatch", "Skipped"]
 
@@ -138,54 +138,42 @@ def accelerate(model: nn.Module, *, backend: str = "auto") -> PeftPatch:
             "accelerate: model is itself a peft LoRA layer and cannot be replaced in place; use "
             "fastvl.nn.LoRALinear.sharing(...) instead"
         )
-    patched = [name for name, m in model.named_modules() if hasattr(m, _ORIGINAL)]
+    patched = patched_names(model, _ORIGINAL)
     if patched:
         raise ValueError(
             f"accelerate: model is already accelerated ({len(patched)} layers, e.g. "
             f"{patched[0]!r}); call fastvl.patch.peft.restore(model) first"
         )
 
-    replacements: dict[int, LoRALinear] = {}
-    swaps, replaced, skipped = [], [], []
-    for parent, attribute, name, child in child_slots(model):
+    def replacement_for(child):
         if not isinstance(child, LoraLayer):
-            continue
+            return None
         reason = _skip_reason(child)
         if reason is not None:
-            skipped.append(Skipped(name, f"{type(child).__module__}.{type(child).__qualname__}",
-                                   reason))
-            continue
-        if id(child) not in replacements:
-            fast = _fastvl_layer(child, backend)
-            fast.train(child.training)
-            object.__setattr__(fast, _ORIGINAL, child)  # not a registered submodule
-            replacements[id(child)] = fast
-        swaps.append((parent, attribute, replacements[id(child)]))
-        replaced.append(name)
-    for parent, attribute, fast in swaps:
-        setattr(parent, attribute, fast)
-    return PeftPatch(model, backend, replaced, skipped, tuple(replacements.values()))
+            return reason
+        return lambda: _fastvl_layer(child, backend).train(child.training)
+
+    replaced, skipped, modules = swap_children(model, _ORIGINAL, replacement_for)
+    skipped = [
+        Skipped(name, f"{type(child).__module__}.{type(child).__qualname__}", reason)
+        for name, child, reason in skipped
+    ]
+    return PeftPatch(model, backend, replaced, skipped, modules)
 
 
 def _restore(model: nn.Module, selected: Callable[[LoRALinear], bool]) -> list[tuple]:
     """Swap the selected accelerated layers of ``model`` back; the swaps done, as
     (parent, attribute, name, fastvl module, peft layer)."""
-    slots = [
-        (parent, attribute, name, child, child.__dict__[_ORIGINAL])
-        for parent, attribute, name, child in child_slots(model)
-        if isinstance(child, LoRALinear) and _ORIGINAL in child.__dict__ and selected(child)
-    ]
+    slots = marked_slots(model, _ORIGINAL, lambda m: isinstance(m, LoRALinear) and selected(m))
     merged = [name for *_, name, child, _ in slots if child.merged]
     if merged:
         raise ValueError(
             f"restore: fastvl layers {merged} are merged; call unmerge() on them first (the "
             "peft layers would not know their adapter is in the base weight)"
         )
-    for parent, attribute, _, fast, original in slots:
+    for _, _, _, fast, original in slots:
         original.train(fast.training)
-        setattr(parent, attribute, original)
-    for _, _, _, fast, _ in slots:  # after the loop: a shared module has several slots
-        fast.__dict__.pop(_ORIGINAL, None)
+    swap_back(slots, _ORIGINAL)
     return slots
 
 

@@ -25,7 +25,7 @@ from timm.layers import Attention as TimmAttention
 from torch import nn
 
 from fastvl.nn.attention import TIMM_SUBMODULES, Attention, check_backend
-from fastvl.patch._modules import child_slots
+from fastvl.patch._modules import marked_slots, patched_names, swap_back, swap_children
 from fastvl.patch.timm_tome import (
     TokenReductionPatch,
     apply_evit,
@@ -140,46 +140,32 @@ def apply(model: nn.Module, *, backend: str = "auto") -> TimmPatch:
             "apply: model is itself a timm Attention and cannot be replaced in place; use "
             "fastvl.nn.Attention.from_timm(model) instead"
         )
-    patched = [name for name, m in model.named_modules() if hasattr(m, _ORIGINAL)]
+    patched = patched_names(model, _ORIGINAL)
     if patched:
         raise ValueError(
             f"apply: model is already patched by fastvl.patch.timm ({len(patched)} modules, "
             f"e.g. {patched[0]!r}); call fastvl.patch.timm.remove(model) first"
         )
 
-    replacements: dict[int, Attention] = {}
-    swaps, replaced, skipped = [], [], []
-    for parent, attribute, name, child in child_slots(model):
+    def replacement_for(child):
         if type(child) is TimmAttention:
-            if id(child) not in replacements:
-                fast = Attention.from_timm(child, backend)
-                object.__setattr__(fast, _ORIGINAL, child)  # not a registered submodule
-                replacements[id(child)] = fast
-            swaps.append((parent, attribute, replacements[id(child)]))
-            replaced.append(name)
-        elif (reason := _skip_reason(child)) is not None:
-            skipped.append(Skipped(name, _qualname(type(child)), reason))
-    for parent, attribute, fast in swaps:
-        setattr(parent, attribute, fast)
-    return TimmPatch(model, backend, replaced, skipped, tuple(replacements.values()))
+            return lambda: Attention.from_timm(child, backend)
+        return _skip_reason(child)
+
+    replaced, skipped, modules = swap_children(model, _ORIGINAL, replacement_for)
+    skipped = [Skipped(name, _qualname(type(child)), reason) for name, child, reason in skipped]
+    return TimmPatch(model, backend, replaced, skipped, modules)
 
 
 def _restore(model: nn.Module, selected: Callable[[Attention], bool]) -> list[str]:
     """Swap the selected patched fastvl modules of ``model`` back; the names restored."""
-    restored_names, restored_modules = [], {}
-    for parent, attribute, name, child in child_slots(model):
-        original = getattr(child, _ORIGINAL, None) if isinstance(child, Attention) else None
-        if original is None or not selected(child):
-            continue
+    slots = marked_slots(model, _ORIGINAL, lambda m: isinstance(m, Attention) and selected(m))
+    for _, _, _, fast, original in slots:
         for submodule in TIMM_SUBMODULES:
-            setattr(original, submodule, getattr(child, submodule))
-        original.training = child.training
-        setattr(parent, attribute, original)
-        restored_names.append(name)
-        restored_modules[id(child)] = child
-    for fast in restored_modules.values():  # after the loop: a shared module has several slots
-        delattr(fast, _ORIGINAL)
-    return restored_names
+            setattr(original, submodule, getattr(fast, submodule))
+        original.training = fast.training
+    swap_back(slots, _ORIGINAL)
+    return [name for _, _, name, _, _ in slots]
 
 
 def remove(model: nn.Module) -> list[str]:
