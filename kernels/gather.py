@@ -15,7 +15,8 @@ from fastvl._outputs import empty_output
 _MAX_BLOCK_BYTES = 4096
 
 
-def _block_c(channels: int, element_size: int) -> int:
+def channel_block(channels: int, element_size: int) -> int:
+    """Power-of-two block of channels: all of a row, capped at 4 KiB per program."""
     return min(triton.next_power_of_2(max(channels, 1)), _MAX_BLOCK_BYTES // element_size)
 
 
@@ -71,7 +72,7 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     out = empty_output((batch, num_kept, channels), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    block_c = _block_c(channels, x.element_size())
+    block_c = channel_block(channels, x.element_size())
     grid = (batch * num_kept, triton.cdiv(channels, block_c))
     wrap_triton(_gather_tokens_kernel)[grid](
         x, index, out,
@@ -93,7 +94,7 @@ def scatter_add_tokens(src: torch.Tensor, index: torch.Tensor, num_tokens: int) 
     acc_dtype = torch.float64 if src.dtype == torch.float64 else torch.float32
     acc = torch.zeros((batch, num_tokens, channels), dtype=acc_dtype, device=src.device)
     if src.numel() > 0:
-        block_c = _block_c(channels, 4)
+        block_c = channel_block(channels, 4)
         grid = (batch * num_kept, triton.cdiv(channels, block_c))
         wrap_triton(_scatter_add_tokens_kernel)[grid](
             src, index, acc,

@@ -16,7 +16,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from fastvl._outputs import empty_output
-from fastvl.kernels.gather import _block_c
+from fastvl.kernels.gather import channel_block
 
 NORM_NONE, NORM_MAE, NORM_VIDEOMAE = 0, 1, 2
 
@@ -106,7 +106,7 @@ def unshuffle_forward(x, ids_restore, mask_token, pos_embed, num_prefix_tokens, 
         return out
     has_pos = pos_embed is not None
     pos = pos_embed if has_pos else mask_token.view(1, dim)  # a dummy pointer when absent
-    block_d = _block_c(dim, 4)
+    block_d = channel_block(dim, 4)
     grid = (batch * num_rows, triton.cdiv(dim, block_d))
     wrap_triton(_unshuffle_fwd_kernel)[grid](
         x, ids_restore, mask_token, pos, out,
@@ -135,7 +135,7 @@ def unshuffle_backward(grad_out, ids_restore, num_prefix_tokens, num_visible, co
     )
     if dtoken_rows.numel() == 0:
         return dx, dtoken_rows, dpos
-    block_d = _block_c(dim, 4)
+    block_d = channel_block(dim, 4)
     grid = (num_rows, triton.cdiv(dim, block_d))
     wrap_triton(_unshuffle_bwd_kernel)[grid](
         grad_out, ids_restore, dx, dtoken_rows, dpos,

@@ -32,7 +32,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from fastvl._outputs import empty_output
-from fastvl.kernels.gather import _block_c
+from fastvl.kernels.gather import channel_block
 from fastvl.reference.tome import NORM_EPS, token_sets
 
 
@@ -217,7 +217,7 @@ def segment_reduce(x: torch.Tensor, size: Optional[torch.Tensor], offsets: torch
         size_out = empty_output((batch, num_merged), dtype=size_dtype, device=x.device)
     if batch * num_merged == 0:
         return out, size_out
-    block_c = _block_c(channels, x.element_size())
+    block_c = channel_block(channels, x.element_size())
     grid = (batch * num_merged, max(1, triton.cdiv(channels, block_c)))
     wrap_triton(_segment_reduce_kernel)[grid](
         x, size if size is not None else x, offsets, sources, out,
@@ -240,7 +240,7 @@ def spread(y: torch.Tensor, size: Optional[torch.Tensor], size_merged: Optional[
     out = empty_output((batch, num_tokens, channels), dtype=y.dtype, device=y.device)
     if out.numel() == 0:
         return out
-    block_c = _block_c(channels, y.element_size())
+    block_c = channel_block(channels, y.element_size())
     grid = (batch * num_tokens, triton.cdiv(channels, block_c))
     wrap_triton(_spread_kernel)[grid](
         y, size if size is not None else y, size_merged if size_merged is not None else y,
