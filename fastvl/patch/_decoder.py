@@ -9,6 +9,17 @@ from typing import Callable, Optional
 from torch import nn
 
 IMAGE_TOKEN_MASK_KWARG = "image_token_mask"
+# The KV cache argument of models and decoder layers: "cache" since transformers 5.2x,
+# "past_key_values" before (still accepted there, with a deprecation warning).
+CACHE_KWARGS = ("cache", "past_key_values")
+
+
+def cache_argument(arguments: dict):
+    """The KV cache among a forward's keyword ``arguments`` (either name), or None."""
+    for name in CACHE_KWARGS:
+        if arguments.get(name) is not None:
+            return arguments[name]
+    return None
 
 
 def decoder_of(model: nn.Module, op: str) -> nn.Module:

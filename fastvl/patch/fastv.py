@@ -80,7 +80,7 @@ from fastvl.ops.attention_key_mass import attention_key_mass
 from fastvl.ops.gather import gather_tokens
 from fastvl.ops.pruning import topk_candidate_index
 from fastvl.patch._decoder import (
-    IMAGE_TOKEN_MASK_KWARG, declare_image_token_mask, decoder_of, replace_forward,
+    IMAGE_TOKEN_MASK_KWARG, cache_argument, declare_image_token_mask, decoder_of, replace_forward,
 )
 from fastvl.patch.transformers import ATTENTION_PROBE_KWARG, ATTN_IMPLEMENTATION, KeyBiasMask
 
@@ -298,7 +298,7 @@ def _layer_forward(patch: FastVPatch, decoder: nn.Module, layer_idx: int,
     if stage_idx is None:
         return original_forward(hidden_states, **kwargs)
 
-    cache = kwargs.get("past_key_values")
+    cache = cache_argument(kwargs)
     if cache is not None:
         _check_cache(cache)
     if cache is not None and cache.get_seq_length(layer_idx) > 0:  # decode / continuation

@@ -39,7 +39,7 @@ from torch import nn
 from fastvl.nn.lora import RoutedLoRALinear, lora_route
 from fastvl.ops._checks import is_int
 from fastvl.patch._decoder import (
-    IMAGE_TOKEN_MASK_KWARG, declare_image_token_mask, decoder_of, replace_forward,
+    IMAGE_TOKEN_MASK_KWARG, cache_argument, declare_image_token_mask, decoder_of, replace_forward,
 )
 from fastvl.patch._modules import child_slots
 
@@ -128,7 +128,7 @@ def _routed_forward(original, vision: int, language: int, passes_mask: bool):
             tokens = bound.get("inputs_embeds")
         if tokens is None:
             raise ValueError(f"{_OP}: the forward got neither input_ids nor inputs_embeds")
-        cache = bound.get("past_key_values")
+        cache = cache_argument(bound)
         past = cache.get_seq_length() if cache is not None else 0
         with lora_route(_token_route(image_token_mask, tokens, past, vision, language)):
             return original(*args, **kwargs)
