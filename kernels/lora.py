@@ -5,16 +5,28 @@ lora_a (E, r, in), lora_b (E, out, r), per-adapter scale (E,) float32, optional 
 int64 in [-1, E). The base GEMMs (``x Wᵀ + b`` forward, ``dY W`` backward) are cuBLAS's; these
 kernels add the LoRA terms into their outputs in place.
 
-Rows are visited in ``order``: ``argsort(route)`` (stable, on the device: no host sync, CUDA
-graph safe), so a block of BLOCK_M rows mostly shares one adapter. A program takes one row
-block and loops over the adapters its rows use (from the first to the last, sorted), each
-pass masked to the rows of that adapter. For every adapter pass:
+Two forward paths, chosen by the row count alone (a shape, never data: compiled graphs and
+CUDA graphs stay whole):
 
-* forward: ``s = dropout(x) Aₑᵀ`` (BLOCK_M, r) kept in registers (r <= 64) while x is read
-  once, then ``out += scaleₑ · s Bₑᵀ`` over the output columns; s (unscaled, float32) is
-  stored for the backward (N·r values);
-* backward, pass over dY: ``ds = scaleₑ · dY Bₑ`` and ``dBₑ += scaleₑ · dYᵀ s`` together;
-* backward, pass over x: ``dX += dropout'(ds Aₑ)`` and ``dAₑ += dsᵀ dropout(x)``.
+* **row blocks** (prefill, training): rows are visited in ``order``, ``argsort(route)``
+  (stable, on the device: no host sync, CUDA graph safe), so a block of BLOCK_M rows mostly
+  shares one adapter. A program takes one row block and loops over the adapters its rows use
+  (from the first to the last, sorted), each pass masked to the rows of that adapter. For
+  every adapter pass:
+
+  * forward: ``s = dropout(x) Aₑᵀ`` (BLOCK_M, r) kept in registers (r <= 64) while x is read
+    once, then ``out += scaleₑ · s Bₑᵀ`` over the output columns; s (unscaled, float32) is
+    stored for the backward (N·r values);
+  * backward, pass over dY: ``ds = scaleₑ · dY Bₑ`` and ``dBₑ += scaleₑ · dYᵀ s`` together;
+  * backward, pass over x: ``dX += dropout'(ds Aₑ)`` and ``dAₑ += dsᵀ dropout(x)``.
+
+* **rows** (decode: at most :func:`row_path_max_rows` rows, e.g. one token per sequence of a
+  serving batch whose sequences use tens of adapters): no sort, one program per (row, chunk
+  of ``in``) computes a partial shrink of its row with its own adapter (a GEMV: a decode row
+  block would hold as many adapters as rows), then one program per (row, block of output
+  columns) sums the partials and adds ``scaleₑ · s Bₑᵀ`` into its columns. Partials are
+  summed in a fixed order (no atomics). The same s is stored, so the backward is the one
+  above.
 
 Dropout keeps ``x[n, k]`` iff ``tl.rand(seed, n · in + k) >= p`` (Philox), regenerated in the
 backward, never stored. dA and dB are float32 atomic sums over row blocks: their summation
@@ -31,6 +43,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from fastvl._outputs import empty_output
+
 _PRECISION = "ieee"  # float32 dots are not rounded to tf32
 MAX_RANK = 64
 
@@ -38,6 +52,18 @@ MAX_RANK = 64
 def shrink_columns(device: torch.device, rank: int) -> int:
     """Columns of the float32 shrink s the forward stores: r padded to a power of two >= 16."""
     return _blocks(device, rank)[3]
+
+
+def row_path_max_rows(device: torch.device) -> int:
+    """The forward takes the row (decode) path for at most this many rows, else row blocks."""
+    return 256 if device.type == "cuda" else 8  # small on CPU: the tests' shapes take both
+
+
+def _row_blocks(device: torch.device, block_r: int):
+    """(BLOCK_K, BLOCK_N) of the row path: tiles of 8192 float32 values (r=16: 512 columns)."""
+    if device.type != "cuda":
+        return 16, 16
+    return 8192 // block_r, 8192 // block_r
 
 
 def _blocks(device: torch.device, rank: int):
@@ -66,9 +92,10 @@ def _block_rows(route_ptr, order_ptr, num_rows, ROUTED: tl.constexpr, BLOCK_M: t
 
 
 @triton.jit
-def _dropout(values, rows, cols, in_features, seed, dropout_p):
-    """Inverted dropout of a (rows, cols) tile of an (N, in) tensor; the same mask every call."""
-    keep = tl.rand(seed, rows[:, None] * in_features + cols[None, :]) >= dropout_p
+def _dropout(values, offsets, seed, dropout_p):
+    """Inverted dropout of the elements at ``offsets`` (row · in + column) of an (N, in)
+    tensor; the same mask for the same offsets every call, whatever the tile shape."""
+    keep = tl.rand(seed, offsets) >= dropout_p
     return tl.where(keep, values * (1.0 / (1.0 - dropout_p)), 0.0).to(values.dtype)
 
 
@@ -95,7 +122,7 @@ def _lora_fwd_kernel(
             x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk,
                         mask=mine[:, None] & k_mask[None, :], other=0.0)
             if DROPOUT:
-                x = _dropout(x, rows, k, in_features, seed, dropout_p)
+                x = _dropout(x, rows[:, None] * in_features + k[None, :], seed, dropout_p)
             a = tl.load(a_ptr + e * stride_ae + r[None, :] * stride_ar + k[:, None] * stride_ak,
                         mask=k_mask[:, None] & r_mask[None, :], other=0.0)
             s = tl.dot(x, a, s, input_precision=PRECISION)
@@ -111,6 +138,71 @@ def _lora_fwd_kernel(
             base = tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
             total = tl.dot(scaled, b, base, input_precision=PRECISION)
             tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _row_adapter(route_ptr, row, ROUTED: tl.constexpr):
+    """(adapter of ``row`` clamped to >= 0 for addressing, whether it has one)."""
+    if ROUTED:
+        adapter = tl.load(route_ptr + row)
+    else:
+        adapter = row * 0
+    return tl.maximum(adapter, 0), adapter >= 0
+
+
+@triton.jit
+def _lora_shrink_rows_kernel(
+    x_ptr, a_ptr, route_ptr, partial_ptr,
+    num_rows, in_features, rank, seed, dropout_p,
+    stride_xm, stride_xk, stride_ae, stride_ar, stride_ak,
+    ROUTED: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """partial[c, n] = dropout(x[n, chunk c]) Aₑ[:, chunk c]ᵀ for row n = program 0 and the
+    chunk c = program 1 of BLOCK_K columns; float32 (chunks, N, BLOCK_R), zeros for rows
+    without an adapter."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    adapter, used = _row_adapter(route_ptr, row, ROUTED)
+    r = tl.arange(0, BLOCK_R)
+    k = chunk * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = (k < in_features) & used
+    x = tl.load(x_ptr + row * stride_xm + k * stride_xk, mask=k_mask, other=0.0)
+    if DROPOUT:
+        x = _dropout(x, row * in_features + k, seed, dropout_p)
+    a = tl.load(a_ptr + adapter * stride_ae + r[:, None] * stride_ar + k[None, :] * stride_ak,
+                mask=(r < rank)[:, None] & k_mask[None, :], other=0.0)
+    partial = tl.sum(a.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+    tl.store(partial_ptr + (chunk * num_rows + row) * BLOCK_R + r, partial)
+
+
+@triton.jit
+def _lora_expand_rows_kernel(
+    partial_ptr, b_ptr, scale_ptr, route_ptr, out_ptr, s_ptr,
+    num_rows, out_features, rank, num_chunks,
+    stride_be, stride_bo, stride_br, stride_om, stride_on,
+    ROUTED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """s[n] = the sum of row n's partial shrinks (in chunk order), stored by the programs of
+    the first column block; out[n, cols] += scaleₑ · s[n] Bₑ[cols]ᵀ for row n = program 0 and
+    the BLOCK_N columns of program 1."""
+    row = tl.program_id(0).to(tl.int64)
+    column_block = tl.program_id(1)
+    adapter, used = _row_adapter(route_ptr, row, ROUTED)
+    r = tl.arange(0, BLOCK_R)
+    s = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for chunk in range(0, num_chunks):
+        s += tl.load(partial_ptr + (chunk * num_rows + row) * BLOCK_R + r)
+    tl.store(s_ptr + row * BLOCK_R + r, s, mask=(r < BLOCK_R) & (column_block == 0))
+    # Rounded to the input dtype like the row-block path's expand operand.
+    scaled = (s * tl.load(scale_ptr + adapter)).to(out_ptr.dtype.element_ty).to(tl.float32)
+    n = column_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = (n < out_features) & used
+    b = tl.load(b_ptr + adapter * stride_be + n[:, None] * stride_bo + r[None, :] * stride_br,
+                mask=n_mask[:, None] & (r < rank)[None, :], other=0.0)
+    delta = tl.sum(b.to(tl.float32) * scaled[None, :], axis=1)
+    out_ptrs = out_ptr + row * stride_om + n * stride_on
+    base = tl.load(out_ptrs, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, (base + delta).to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
 @triton.jit
@@ -177,13 +269,14 @@ def _lora_bwd_x_kernel(
                 dx_ptrs = dx_ptr + rows[:, None] * stride_dm + k[None, :] * stride_dk
                 dx_lora = tl.dot(ds, a, input_precision=PRECISION)
                 if DROPOUT:
-                    dx_lora = _dropout(dx_lora, rows, k, in_features, seed, dropout_p)
+                    dx_lora = _dropout(dx_lora, rows[:, None] * in_features + k[None, :], seed,
+                                       dropout_p)
                 dx = tl.load(dx_ptrs, mask=tile_mask, other=0.0).to(tl.float32) + dx_lora
                 tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=tile_mask)
             x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk,
                         mask=tile_mask, other=0.0)
             if DROPOUT:
-                x = _dropout(x, rows, k, in_features, seed, dropout_p)
+                x = _dropout(x, rows[:, None] * in_features + k[None, :], seed, dropout_p)
             da = tl.dot(tl.trans(ds), x, input_precision=PRECISION)
             tl.atomic_add(da_ptr + (e * BLOCK_R + r[:, None]) * in_features + k[None, :],
                           da, mask=r_mask[:, None] & k_mask[None, :])
@@ -196,16 +289,23 @@ def _route_order(route: Optional[torch.Tensor]):
     return route, torch.argsort(route, stable=True)
 
 
-def lora_forward(x, lora_a, lora_b, scale, route, dropout_p: float, seed: int, out):
+def lora_forward(x, lora_a, lora_b, scale, route, dropout_p: float, seed: int, out,
+                 row_path: Optional[bool] = None):
     """Add ``scale[e] · (dropout(x) Aₑᵀ) Bₑᵀ`` into ``out`` (N, out) in place, e = route[n]
     (adapter 0 when route is None). x (N, in), lora_a (E, r, in), lora_b (E, out, r), scale
-    (E,) float32. Returns s = dropout(x) Aₑᵀ, float32 (N, BLOCK_R) (columns >= r unused)."""
+    (E,) float32. ``row_path``: the decode path (default: N <= :func:`row_path_max_rows`).
+    Returns s = dropout(x) Aₑᵀ, float32 (N, BLOCK_R) (columns >= r unused)."""
     num_rows, in_features = x.shape
     out_features, rank = lora_b.shape[1:]
     block_m, block_n, block_k, block_r, warps = _blocks(x.device, rank)
-    s = torch.zeros((num_rows, block_r), dtype=torch.float32, device=x.device)
+    if row_path is None:
+        row_path = num_rows <= row_path_max_rows(x.device)
     if num_rows == 0 or out_features == 0:
-        return s
+        return torch.zeros((num_rows, block_r), dtype=torch.float32, device=x.device)
+    if row_path:
+        return _row_forward(x, lora_a, lora_b, scale, route, dropout_p, seed, out, block_r,
+                            warps)
+    s = torch.zeros((num_rows, block_r), dtype=torch.float32, device=x.device)
     route, order = _route_order(route)
     wrap_triton(_lora_fwd_kernel)[(triton.cdiv(num_rows, block_m),)](
         x, lora_a, lora_b, scale, route, order, out, s,
@@ -214,6 +314,28 @@ def lora_forward(x, lora_a, lora_b, scale, route, dropout_p: float, seed: int, o
         ROUTED=route is not None, DROPOUT=dropout_p > 0,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
         PRECISION=_PRECISION, num_warps=warps,
+    )
+    return s
+
+
+def _row_forward(x, lora_a, lora_b, scale, route, dropout_p, seed, out, block_r, warps):
+    """The row path of :func:`lora_forward` (two launches, no sort)."""
+    num_rows, in_features = x.shape
+    out_features, rank = lora_b.shape[1:]
+    block_k, block_n = _row_blocks(x.device, block_r)
+    num_chunks = triton.cdiv(in_features, block_k)
+    partial = empty_output((num_chunks, num_rows, block_r), dtype=torch.float32, device=x.device)
+    s = empty_output((num_rows, block_r), dtype=torch.float32, device=x.device)
+    wrap_triton(_lora_shrink_rows_kernel)[(num_rows, num_chunks)](
+        x, lora_a, route, partial, num_rows, in_features, rank, seed, dropout_p,
+        *x.stride(), *lora_a.stride(),
+        ROUTED=route is not None, DROPOUT=dropout_p > 0, BLOCK_K=block_k, BLOCK_R=block_r,
+        num_warps=warps,
+    )
+    wrap_triton(_lora_expand_rows_kernel)[(num_rows, triton.cdiv(out_features, block_n))](
+        partial, lora_b, scale, route, out, s, num_rows, out_features, rank, num_chunks,
+        *lora_b.stride(), *out.stride(),
+        ROUTED=route is not None, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=warps,
     )
     return s
 

@@ -180,6 +180,78 @@ def test_routed(backend, dtype, kind):
         torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, bias))
 
 
+# ---- multi-adapter decode: the row path, routes per sequence ------------------------------
+
+DECODE_ADAPTERS = 12
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("num_rows, in_f, out_f, rank", [
+    (1, 16, 16, 1), (5, 37, 50, 20), (7, 40, 33, 8), (19, 24, 18, 4),
+])
+@pytest.mark.parametrize("routed", [False, True])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_row_path_matches_row_blocks(dtype, num_rows, in_f, out_f, rank, routed, dropout_p):
+    """The decode (row) forward and the row-block forward give the same output, the same
+    stored shrink s and the same dropout mask, and both are within the error rule."""
+    require_backend("lora_linear", "triton")
+    from fastvl.kernels.lora import lora_forward
+
+    num_adapters = DECODE_ADAPTERS if routed else 1
+    x, weight, _, lora_a, lora_b = _params((num_rows,), in_f, out_f, rank, num_adapters, seed=40)
+    route = _routes("mixed", (num_rows,), num_adapters, seed=41) if routed else None
+    scale = torch.rand(num_adapters, generator=_gen(42), device=DEVICE) + 0.5
+
+    def run(row_path, dt):
+        out = torch.nn.functional.linear(x.to(dt), weight.to(dt))
+        with poison_outputs():
+            s = lora_forward(x.to(dt), lora_a.to(dt), lora_b.to(dt), scale, route, dropout_p,
+                             43, out, row_path=row_path)
+        return out, s[:, :rank]
+
+    rows, s_rows = run(True, dtype)
+    blocks, s_blocks = run(False, dtype)
+    torch.testing.assert_close(s_rows, s_blocks, rtol=1e-5, atol=1e-5)
+    if dropout_p == 0.0:
+        ref, _ = run(False, torch.float64)  # (the interpreter runs float64 too)
+        xl, wl, al, bl = (t.to(dtype) for t in (x, weight, lora_a, lora_b))
+        if routed:
+            low = routed_lora_linear(xl, wl, None, al, bl, scale, route, backend="torch")
+        else:
+            low = lora_linear(xl, wl, None, al[0], bl[0], scale[0].item(), backend="torch")
+        for got in (rows, blocks):
+            assert_within_reference_error(got, ref, low, factor=2, atol=ERROR_FLOOR[dtype])
+    else:  # same mask: identical up to the summation order of the shrink
+        torch.testing.assert_close(rows.float(), blocks.float(), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_multi_adapter_decode_step(backend, dtype):
+    """A decode step of 6 sequences over 12 adapters, one adapter per sequence given as a
+    (B, 1) route (one sequence without an adapter): forward and gradients vs float64."""
+    require_backend("routed_lora_linear", backend)
+    params = _params((6, 1), 40, 33, 8, DECODE_ADAPTERS, seed=44)
+    route = torch.tensor([[3], [11], [-1], [0], [3], [7]], device=DEVICE)
+    scaling = torch.linspace(0.5, 2.0, DECODE_ADAPTERS, device=DEVICE)
+    _check_backend(backend, dtype, params, lambda *t, backend: routed_lora_linear(
+        *t, scaling, route, backend=backend))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_route_per_sequence_broadcasts(backend):
+    """route (B, 1) for x (B, N, in) = the per-token route with each sequence's adapter."""
+    require_backend("routed_lora_linear", backend)
+    x, weight, bias, lora_a, lora_b = (t.float() for t in _params((3, 10), 24, 18, 4, 5,
+                                                                    seed=45))
+    per_sequence = torch.tensor([[4], [-1], [1]], device=DEVICE)
+    out = routed_lora_linear(x, weight, bias, lora_a, lora_b, 1.5, per_sequence,
+                             backend=backend)
+    expected = routed_lora_linear(x, weight, bias, lora_a, lora_b, 1.5,
+                                  per_sequence.expand(3, 10).contiguous(), backend=backend)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_frozen_base_gets_no_gradient(backend):
     require_backend("lora_linear", backend)
@@ -277,6 +349,8 @@ def test_opcheck_triton_ops():
     leaves = [t.clone().requires_grad_(True) for t in (x, weight, bias, lora_a, lora_b)]
     assert_opcheck(fwd, (*leaves, scale, route, 0.2, 5))
     assert_opcheck(fwd, (x, weight, None, lora_a[:1], lora_b[:1], scale[:1], None, 0.0, 0))
+    decode_rows = [leaves[0][:5].detach().requires_grad_(True), *leaves[1:]]  # the row path
+    assert_opcheck(fwd, (*decode_rows, scale, route[:5], 0.2, 5))
     out, s = fwd(x, weight, bias, lora_a, lora_b, scale, route, 0.2, 5)
     assert s.shape == (9, shrink_columns(x.device, 4))
     grad_out = random_tensor(*out.shape, device=DEVICE, generator=_gen(20))
@@ -376,6 +450,7 @@ def _bad_routed(**change):
     (_bad_routed(route=torch.tensor([[0, -2, 0], [0, 0, 0]])), ValueError, "from -2 to 0"),
     (_bad_routed(route=torch.zeros(2, 3, dtype=torch.int32)), TypeError, "torch.int64"),
     (_bad_routed(route=torch.zeros(6, dtype=torch.int64)), ValueError, "x's shape without"),
+    (_bad_routed(route=torch.zeros(2, 2, dtype=torch.int64)), ValueError, "size-1 dims"),
     (_bad_routed(scaling=torch.ones(3)), ValueError, r"\(E,\) = \(2,\)"),
     (_bad_routed(lora_b=torch.randn(3, 6, 4)), ValueError, "2 adapters but lora_b 3"),
     (_bad_routed(lora_a=torch.randn(2, 5, 8)), ValueError, "rank mismatch"),
@@ -391,10 +466,15 @@ def test_bad_inputs_raise_clear_errors(make_call, error, match):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("kind", ["plain", "mixed", "one_adapter"])
+@pytest.mark.parametrize("kind", ["plain", "mixed", "one_adapter", "decode"])
 def test_gpu_large_shapes(dtype, kind):
     lead, in_f, out_f, rank = (4, 577), 1024, 1000, 64
-    if kind == "plain":
+    if kind == "decode":  # 32 sequences over 16 adapters, one token each: the row path
+        params = _params((32, 1), 4096, 4000, 16, 16, seed=30)
+        route = torch.randint(-1, 16, (32, 1), generator=_gen(31), device=DEVICE)
+        call = lambda *t, backend: routed_lora_linear(*t, 2.0, route,  # noqa: E731
+                                                      backend=backend)
+    elif kind == "plain":
         params = _params(lead, in_f, out_f, rank, None, seed=27)
         call = lambda *t, backend: lora_linear(*t, 2.0, backend=backend)  # noqa: E731
     else:

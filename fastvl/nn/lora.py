@@ -46,7 +46,9 @@ _ACTIVE_ROUTE: contextvars.ContextVar[Optional[torch.Tensor]] = contextvars.Cont
 def lora_route(route: torch.Tensor) -> Iterator[torch.Tensor]:
     """Route every :class:`RoutedLoRALinear` called (without a ``route`` argument) in the block.
 
-    ``route``: int64 of the token shape ``x.shape[:-1]`` each module sees, entries in [-1, E).
+    ``route``: int64 of the token shape ``x.shape[:-1]`` each module sees, entries in [-1, E);
+    size-1 dims broadcast, so ``(B, 1)`` gives each sequence of a batch its adapter for the
+    prefill and every decode step of ``generate`` alike (multi-adapter serving).
     Blocks nest; the innermost wins and the outer route is back on exit.
     """
     if not isinstance(route, torch.Tensor):
@@ -218,7 +220,8 @@ class RoutedLoRALinear(nn.Module):
     Parameters: ``lora_A`` (E, r, in), ``lora_B`` (E, out, r), each adapter initialised like
     peft's; ``scaling = alpha / r`` (``alpha / sqrt(r)`` if ``use_rslora``) for all of them.
 
-    Forward: x (..., in), route (x.shape[:-1]) int64 in [-1, E) (-1: base only) -> (..., out).
+    Forward: x (..., in), route (x.shape[:-1], or broadcastable from size-1 dims such as
+    (B, 1) per sequence) int64 in [-1, E) (-1: base only) -> (..., out).
     Without ``route``, the one set by :func:`lora_route` is used.
     """
 

@@ -26,7 +26,9 @@ Backends:
 * ``triton`` (``fastvl::lora_linear_fwd_triton`` / ``..._bwd_triton``,
   :mod:`fastvl.kernels.lora`): torch's GEMM for the base (cuBLAS on GPU), one kernel adding
   the LoRA branch into its output (x read once per row block, the shrink kept in registers,
-  r <= 64); backward: ``dY W`` by torch, then one pass over dY (ds and dB) and one over x
+  r <= 64); for a decode batch (few rows, up to ``kernels.lora.row_path_max_rows``, any
+  number of adapters) two GEMV-style launches per row instead, so a step over tens of
+  adapters runs in parallel over rows and output columns; backward: ``dY W`` by torch, then one pass over dY (ds and dB) and one over x
   (dX and dA), the dropout mask regenerated from the seed (Philox). dA / dB are float32 atomic
   sums (last-bit run-to-run differences). float16 / bfloat16 / float32. No double backward.
 """
@@ -320,7 +322,9 @@ def routed_lora_linear(
         x: (..., in). weight: (out, in). bias: (out,) or None.
         lora_a: (E, r, in). lora_b: (E, out, r).
         scaling: float, or (E,) floating tensor (one per adapter; a constant, no gradient).
-        route: int64, x's shape without the last dim, values in [-1, E).
+        route: int64, x's shape without the last dim, values in [-1, E); size-1 dims
+            broadcast, so (B, 1) for x (B, N, in) gives each sequence one adapter (serving
+            batches of many adapters: the same route for prefill and every decode step).
         dropout_p, seed, backend: as :func:`lora_linear`.
         check_route: verify the route range first (one host sync; skipped under
             torch.compile and CUDA-graph capture). Unchecked out-of-range values get no
@@ -349,9 +353,13 @@ def routed_lora_linear(
     check_tensor(op, "route", route)
     if route.dtype != torch.int64:
         raise TypeError(f"{op}: route must be torch.int64, got {route.dtype}")
-    if _shape(route) != _shape(x)[:-1]:
+    tokens = _shape(x)[:-1]
+    if route.dim() != len(tokens) or any(
+        size not in (1, want) for size, want in zip(route.shape, tokens)
+    ):
         raise ValueError(
-            f"{op}: route must have x's shape without the last dim, {_shape(x)[:-1]}, got "
+            f"{op}: route must have x's shape without the last dim, {tokens}, or that shape "
+            f"with size-1 dims to broadcast (e.g. (B, 1): one adapter per sequence), got "
             f"{_shape(route)}"
         )
     if route.device != x.device:
@@ -359,6 +367,6 @@ def routed_lora_linear(
     if check_route:
         _check_route_range(route, num_adapters, op)
     args = (x.reshape(-1, in_features), weight, bias, lora_a, lora_b, scaling,
-            route.reshape(-1), float(dropout_p), seed)
+            route.expand(tokens).reshape(-1), float(dropout_p), seed)
     out = ROUTED_LORA_LINEAR.select(backend, x.device, *args)(*args)
     return out.view(*x.shape[:-1], out_features)
