@@ -24,7 +24,7 @@ from transformers import (
 import fastvl.patch.transformers as fastvl_hf
 from fastvl.nn.lora import RoutedLoRALinear
 from fastvl.patch.mm_lora import MMLoRAPatch, _token_route
-from tests.conftest import DEVICE
+from tests.conftest import DEVICE, require_backend
 
 ATOL, RTOL = 1e-5, 1e-4
 IMAGE_TOKEN_ID = 127
@@ -189,6 +189,67 @@ def test_only_lora_trains_and_unused_adapter_gets_zero_grads():
             assert module.base_layer.weight.grad is None
     patch.remove()
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def _lora_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind, backend, use_reentrant, enable_first", [
+    *[(kind, "torch", reentrant, first) for kind in ("llama", "llava")
+      for reentrant in (False, True) for first in (False, True)],
+    ("llama", "triton", False, False),  # (interpreted on CPU: one case)
+])
+def test_gradient_checkpointing_matches_plain_backward(kind, backend, use_reentrant,
+                                                       enable_first):
+    """Checkpointed decoder layers recompute in the backward with the forward's route: loss
+    and every LoRA gradient equal the run without checkpointing (attention and MLP targets,
+    LoRA dropout, gradient checkpointing enabled before or after the patch)."""
+    model = _llama() if kind == "llama" else _llava()
+    targets = (*TARGETS, "gate_proj", "up_proj", "down_proj")
+    ids = _ids()
+    inputs = dict(input_ids=ids, labels=ids)
+    if kind == "llava":
+        inputs.update(pixel_values=_pixels(2))
+    else:
+        inputs.update(image_token_mask=ids == IMAGE_TOKEN_ID)
+
+    def checkpointing():
+        kwargs = {"use_reentrant": use_reentrant}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if use_reentrant:  # reentrant checkpoints need an input that requires grad
+            model.enable_input_require_grads()
+
+    if enable_first:
+        checkpointing()
+        getattr(model, "activation_checkpointing_disable",
+                getattr(model, "gradient_checkpointing_disable", None))()
+    require_backend("routed_lora_linear", backend)
+    patch = fastvl_hf.apply_mm_lora(model, r=4, alpha=8, target_modules=targets,
+                                    dropout=0.1, backend=backend)
+    _randomize_lora_b(model)
+    model.train()
+    torch.manual_seed(7)  # the same dropout masks in both runs (and in the recompute)
+    plain_loss = model(**inputs).loss
+    plain_loss.backward()
+    plain = _lora_grads(model)
+    model.zero_grad(set_to_none=True)
+    checkpointing()
+    functions = {m: m.__dict__["_gradient_checkpointing_func"] for m in model.modules()
+                 if "_gradient_checkpointing_func" in m.__dict__}
+    torch.manual_seed(7)
+    loss = model(**inputs).loss
+    loss.backward()
+    checkpointed = _lora_grads(model)
+    _close(loss, plain_loss)
+    assert len(plain) == 2 * len(patch.replaced) and plain.keys() == checkpointed.keys()
+    for name, grad in plain.items():
+        _close(checkpointed[name], grad)
+    patch.remove()  # the checkpoint functions go back to transformers' own
+    assert functions and all(m._gradient_checkpointing_func is f for m, f in functions.items())
 
 
 def test_route_needs_no_host_sync():

@@ -32,7 +32,7 @@ from torch import nn
 from fastvl.ops.lora import lora_linear, routed_lora_linear
 from fastvl.ops.registry import BACKENDS
 
-__all__ = ["LoRALinear", "RoutedLoRALinear", "lora_route", "LORA_BACKENDS"]
+__all__ = ["LoRALinear", "RoutedLoRALinear", "lora_route", "active_lora_route", "LORA_BACKENDS"]
 
 LORA_BACKENDS = ("auto",) + BACKENDS
 
@@ -58,6 +58,11 @@ def lora_route(route: torch.Tensor) -> Iterator[torch.Tensor]:
         yield route
     finally:
         _ACTIVE_ROUTE.reset(token)
+
+
+def active_lora_route() -> Optional[torch.Tensor]:
+    """The route of the innermost :func:`lora_route` block around this call, or None."""
+    return _ACTIVE_ROUTE.get()
 
 
 def _check_args(cls: str, base, r, alpha, dropout, backend, alpha_name="alpha") -> None:
@@ -253,7 +258,7 @@ class RoutedLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor, route: Optional[torch.Tensor] = None) -> torch.Tensor:
         if route is None:
-            route = _ACTIVE_ROUTE.get()
+            route = active_lora_route()
             if route is None:
                 raise ValueError(
                     "RoutedLoRALinear: no route; pass route= or call the model inside "

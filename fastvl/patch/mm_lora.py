@@ -20,8 +20,14 @@ new ``input_ids`` of a decode step say it themselves.
 Like peft, every parameter of ``model`` is frozen (``requires_grad=False``) and the LoRA
 parameters alone train; :meth:`MMLoRAPatch.remove` puts the ``nn.Linear`` layers, the
 ``requires_grad`` flags and the forward back. Not supported: FastV on the same model (pruned
-layers see fewer tokens than the route), gradient checkpointing (layers recomputed in the
-backward run outside the forward's ``lora_route`` block).
+layers see fewer tokens than the route).
+
+Gradient checkpointing (``model.gradient_checkpointing_enable()``, reentrant or not, before or
+after ``apply_mm_lora``) recomputes decoder layers in the backward, after the forward's
+``lora_route`` block has closed. transformers runs every checkpointed layer through the
+``_gradient_checkpointing_func`` it sets on the decoder's modules; each forward of the patched
+model wraps the ones it finds (once) so that the function they checkpoint re-enters the route
+of the forward that called it, in the forward and in the recompute alike.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastvl.nn.lora import RoutedLoRALinear, lora_route
+from fastvl.nn.lora import RoutedLoRALinear, active_lora_route, lora_route
 from fastvl.ops._checks import is_int
 from fastvl.patch._decoder import (
     IMAGE_TOKEN_MASK_KWARG, cache_argument, declare_image_token_mask, decoder_of, replace_forward,
@@ -48,6 +54,8 @@ __all__ = ["apply_mm_lora", "MMLoRAPatch", "MODALITIES"]
 MODALITIES = ("vision", "language")
 _PATCH_ATTR = "_fastvl_mm_lora_patch"
 _OP = "apply_mm_lora"
+# What transformers' activation checkpointing calls as ``module.<attr>(function, *args)``.
+_CHECKPOINT_FUNC_ATTR = "_gradient_checkpointing_func"
 
 
 @dataclass
@@ -60,6 +68,7 @@ class MMLoRAPatch:
     image_token_id: Optional[int]
     replaced: list[str]
     _undo: list = field(default_factory=list, repr=False)
+    _routed_checkpoints: set = field(default_factory=set, repr=False)
 
     def remove(self) -> None:
         """Put back the linear layers, ``requires_grad`` flags and forward (no-op once done)."""
@@ -113,12 +122,52 @@ def _token_route(image_token_mask, tokens: torch.Tensor, past: int, vision: int,
     return route.masked_fill_(image_token_mask, vision)
 
 
-def _routed_forward(original, vision: int, language: int, passes_mask: bool):
-    """A forward that runs ``original`` inside ``lora_route`` of this forward's tokens."""
+def _checkpoint_in_route(checkpoint):
+    """``checkpoint(function, *args, **kwargs)`` whose ``function`` runs inside the route
+    active at the call, in the forward and again in the backward's recompute."""
+
+    @functools.wraps(checkpoint)
+    def checkpoint_in_route(function, *args, **kwargs):
+        route = active_lora_route()
+        if route is None:
+            return checkpoint(function, *args, **kwargs)
+
+        def in_route(*function_args, **function_kwargs):
+            with lora_route(route):
+                return function(*function_args, **function_kwargs)
+
+        return checkpoint(in_route, *args, **kwargs)
+
+    return checkpoint_in_route
+
+
+def _route_checkpointing(patch: "MMLoRAPatch", modules: Sequence[nn.Module]) -> None:
+    """Wrap each checkpoint function transformers has set on ``modules`` (gradient
+    checkpointing may be enabled after :func:`apply_mm_lora`) with
+    :func:`_checkpoint_in_route`, once; the patch's undo puts the originals back."""
+    for module in modules:
+        current = module.__dict__.get(_CHECKPOINT_FUNC_ATTR)
+        if current is None or current in patch._routed_checkpoints:
+            continue
+        wrapped = _checkpoint_in_route(current)
+        patch._routed_checkpoints.add(wrapped)
+        setattr(module, _CHECKPOINT_FUNC_ATTR, wrapped)
+
+        def undo(module=module, original=current, wrapped=wrapped):
+            if module.__dict__.get(_CHECKPOINT_FUNC_ATTR) is wrapped:
+                setattr(module, _CHECKPOINT_FUNC_ATTR, original)
+
+        patch._undo.append(undo)
+
+
+def _routed_forward(original, vision: int, language: int, passes_mask: bool, before_call):
+    """A forward that calls ``before_call()`` and runs ``original`` inside ``lora_route`` of
+    this forward's tokens."""
     signature = inspect.signature(original)
 
     @functools.wraps(original)
     def forward(*args, **kwargs):
+        before_call()
         image_token_mask = kwargs.get(IMAGE_TOKEN_MASK_KWARG)
         if not passes_mask:
             kwargs.pop(IMAGE_TOKEN_MASK_KWARG, None)
@@ -223,9 +272,11 @@ def apply_mm_lora(
             patch._undo.append(_swap(parent, attribute, module))
             patch.replaced.append(f"{prefix}.{name}" if prefix else name)
         passes_mask = IMAGE_TOKEN_MASK_KWARG in inspect.signature(model.forward).parameters
-        patch._undo.append(replace_forward(
-            model, _routed_forward(model.forward, vision, language, passes_mask)
-        ))
+        checkpointed = (decoder, *decoder.layers)
+        patch._undo.append(replace_forward(model, _routed_forward(
+            model.forward, vision, language, passes_mask,
+            lambda: _route_checkpointing(patch, checkpointed),
+        )))
         patch._undo.append(
             replace_forward(model, declare_image_token_mask(model, image_token_id, _OP))
         )
