@@ -22,7 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from fastvl.nn import LoRALinear, RoutedLoRALinear, lora_route
 from fastvl.patch import peft as fastvl_peft
 from fastvl.testing import random_tensor
-from tests.conftest import DEVICE
+from tests.conftest import DEVICE, require_backend
 
 
 IN, OUT, RANK = 24, 19, 4
@@ -336,6 +336,102 @@ def test_accelerate_restore_refuses_merged_and_bad_arguments():
         fastvl_peft.accelerate(model, backend="cutlass")
     with pytest.raises(ValueError, match="itself a peft LoRA layer"):
         fastvl_peft.accelerate(model.get_submodule(report.replaced[0]))
+
+
+# ---------------------------------------------------------------- serve_adapters(peft model)
+
+SERVED = ("math", "code")
+
+
+def _two_adapter_llama(seed=0):
+    """A tiny peft LLaMA with adapters "math" (r 4, alpha 8, q/v) and "code" (r 8, alpha 4,
+    attention + down_proj): different ranks, scalings and target layers."""
+    model = get_peft_model(_tiny_llama(seed), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), adapter_name="math")
+    model.add_adapter("code", LoraConfig(r=8, lora_alpha=4, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]))
+    _randomize_b(model)
+    return model.eval()
+
+
+def test_routed_lora_linear_stacked_per_adapter_scaling():
+    base = _base()
+    lora_a = random_tensor(2, RANK, IN, device=DEVICE, generator=_generator(1))
+    lora_b = random_tensor(2, OUT, RANK, device=DEVICE, generator=_generator(2))
+    module = RoutedLoRALinear.stacked(base, lora_a, lora_b, [0.5, 3.0])
+    assert module.lora_A.data_ptr() == lora_a.data_ptr() and "scaling" not in module.state_dict()
+    x = random_tensor(4, IN, device=DEVICE, generator=_generator(3))
+    route = torch.tensor([1, 0, -1, 1], device=DEVICE)
+    out = module(x, route)
+    for n, e in enumerate(route.tolist()):
+        delta = 0 if e < 0 else [0.5, 3.0][e] * lora_b[e] @ (lora_a[e] @ x[n])
+        torch.testing.assert_close(out[n], base(x[n]) + delta, **TIGHT)
+    assert "scaling=[0.5, 3.0]" in repr(module)
+    with pytest.raises(ValueError, match="one float or E = 2"):
+        RoutedLoRALinear.stacked(base, lora_a, lora_b, [1.0])
+    with pytest.raises(ValueError, match=r"expected lora_a \(E, r, 24\)"):
+        RoutedLoRALinear.stacked(base, lora_a[:, :, :5], lora_b, 1.0)
+    with pytest.raises(ValueError, match="lora_b must be .*float64"):
+        RoutedLoRALinear.stacked(base.double(), lora_a.double(), lora_b, 1.0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_serve_adapters_equals_peft_mixed_batch_and_generates(backend):
+    """One adapter per sequence (and one sequence on the base model): logits equal peft's
+    ``adapter_names=`` forward; greedy generation (prefill, then decode steps of 3 rows: the
+    row path of the triton backend) gives peft's tokens."""
+    require_backend("routed_lora_linear", backend)
+    model = _two_adapter_llama()
+    ids = _ids(batch=3, tokens=9)
+    names = ["code", "__base__", "math"]
+    with torch.no_grad():
+        expected = model(input_ids=ids, adapter_names=names).logits
+        expected_tokens = model.generate(input_ids=ids, adapter_names=names, max_new_tokens=3,
+                                         do_sample=False, pad_token_id=0)
+    patch = fastvl_peft.serve_adapters(model, SERVED, backend=backend)
+    assert len(patch.replaced) == 2 * 5 and patch.skipped == []
+    layer = model.get_submodule(patch.replaced[0])  # q_proj: both adapters, ranks 4 and 8
+    assert isinstance(layer, RoutedLoRALinear) and layer.lora_A.shape[:2] == (2, 8)
+    torch.testing.assert_close(layer.scaling, torch.tensor([2.0, 0.5], device=DEVICE))
+    route = patch.route(names)
+    assert route.tolist() == [[1], [-1], [0]]
+    with torch.no_grad(), lora_route(route):
+        logits = model(input_ids=ids).logits
+        tokens = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False,
+                                pad_token_id=0)
+    torch.testing.assert_close(logits, expected, **TIGHT)
+    torch.testing.assert_close(tokens, expected_tokens, rtol=0, atol=0)
+    assert len(patch.remove()) == 10 and patch.remove() == []
+    assert isinstance(model.get_submodule(patch.replaced[0]), PeftLoraLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, adapter_names=names).logits, expected)
+
+
+def test_serve_adapters_skips_with_reasons_and_rejects_bad_names():
+    model = _two_adapter_llama()
+    model.add_adapter("dora", LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj"],
+                                         use_dora=True))
+    model.add_adapter("other", LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj"]))
+    layers = model.base_model.model.model.layers
+    layers[1].self_attn.k_proj.merge(adapter_names=["code"])
+    patch = fastvl_peft.serve_adapters(model, ("math", "code", "dora"))
+    reasons = {n.removeprefix("base_model.model.model."): r for n, _, r in patch.skipped}
+    assert "DoRA" in reasons["layers.0.self_attn.v_proj"]
+    assert "merged" in reasons["layers.1.self_attn.k_proj"]
+    assert "holds none of" in reasons["layers.0.mlp.gate_proj"]
+    assert "layers.0.self_attn.q_proj" in {n.removeprefix("base_model.model.model.")
+                                           for n in patch.replaced}
+    with pytest.raises(ValueError, match="already accelerated or serving"):
+        fastvl_peft.accelerate(model)
+    with pytest.raises(ValueError, match=r"unknown adapters \['chat'\]"):
+        patch.route(["math", "chat"])
+    assert fastvl_peft.restore(model)
+    with pytest.raises(ValueError, match=r"holds adapters \['chat'\]"):
+        fastvl_peft.serve_adapters(model, ["math", "chat"])
+    with pytest.raises(ValueError, match="distinct adapter names"):
+        fastvl_peft.serve_adapters(model, ["math", "math"])
+    with pytest.raises(TypeError, match="sequence of str"):
+        fastvl_peft.serve_adapters(model, "math")
 
 
 # ---------------------------------------------------------------- backends, autograd, compile

@@ -248,13 +248,65 @@ class RoutedLoRALinear(nn.Module):
                 f"RoutedLoRALinear: num_adapters must be a positive int, got {num_adapters!r}"
             )
         factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        lora_a = torch.empty(num_adapters, r, base.in_features, **factory)
+        lora_b = torch.empty(num_adapters, base.out_features, r, **factory)
+        _init_lora_(lora_a, lora_b)
+        self._attach(base, lora_a, lora_b, lora_scaling(r, alpha, use_rslora), dropout, backend)
+
+    def _attach(self, base, lora_a, lora_b, scaling, dropout, backend) -> None:
         self.base_layer = base
-        self.lora_A = nn.Parameter(torch.empty(num_adapters, r, base.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.empty(num_adapters, base.out_features, r, **factory))
-        _init_lora_(self.lora_A, self.lora_B)
-        self.r, self.alpha, self.num_adapters = r, alpha, num_adapters
-        self.scaling = lora_scaling(r, alpha, use_rslora)
+        self.lora_A, self.lora_B = nn.Parameter(lora_a), nn.Parameter(lora_b)
+        self.num_adapters, self.r = lora_a.shape[:2]
+        if isinstance(scaling, torch.Tensor):  # one per adapter; moves with the module
+            self.register_buffer("scaling", scaling, persistent=False)
+        else:
+            self.scaling = float(scaling)
         self.dropout, self.backend = float(dropout), backend
+
+    @classmethod
+    def stacked(
+        cls,
+        base: nn.Linear,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        scaling: float | Sequence[float],
+        *,
+        dropout: float = 0.0,
+        backend: str = "auto",
+    ) -> "RoutedLoRALinear":
+        """A RoutedLoRALinear with the given adapters (the tensors become its parameters):
+        ``lora_a`` (E, r, in), ``lora_b`` (E, out, r) in the base's dtype and device, and
+        ``scaling`` one float for all or E floats (e.g. adapters trained with different
+        alpha / r; kept as a float32 (E,) buffer outside the state dict)."""
+        name = "RoutedLoRALinear.stacked"
+        if not isinstance(lora_a, torch.Tensor) or not isinstance(lora_b, torch.Tensor):
+            raise TypeError(f"{name}: lora_a and lora_b must be tensors")
+        if lora_a.dim() != 3 or lora_b.dim() != 3:
+            raise ValueError(f"{name}: lora_a must be (E, r, in) and lora_b (E, out, r), got "
+                             f"{tuple(lora_a.shape)} and {tuple(lora_b.shape)}")
+        num_adapters, r, _ = lora_a.shape
+        _check_args(name, base, r, 1.0, dropout, backend)
+        expected_b = (num_adapters, base.out_features, r)
+        if lora_a.shape[2] != base.in_features or tuple(lora_b.shape) != expected_b:
+            raise ValueError(
+                f"{name}: expected lora_a (E, r, {base.in_features}) and lora_b {expected_b}, "
+                f"got {tuple(lora_a.shape)} and {tuple(lora_b.shape)}"
+            )
+        for tensor_name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
+            if t.dtype != base.weight.dtype or t.device != base.weight.device:
+                raise ValueError(f"{name}: {tensor_name} must be {base.weight.dtype} on "
+                                 f"{base.weight.device} like the base weight, got {t.dtype} "
+                                 f"on {t.device}")
+        if not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
+            values = [float(v) for v in scaling]
+            if len(values) != num_adapters:
+                raise ValueError(f"{name}: scaling must be one float or E = {num_adapters}, "
+                                 f"got {len(values)}")
+            scaling = torch.tensor(values, dtype=torch.float32, device=base.weight.device)
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module._attach(base, lora_a, lora_b, scaling, dropout, backend)
+        return module
 
     def forward(self, x: torch.Tensor, route: Optional[torch.Tensor] = None) -> torch.Tensor:
         if route is None:
@@ -315,5 +367,7 @@ class RoutedLoRALinear(nn.Module):
             self.lora_B[index].copy_(state_dict[f"lora_B.{name}.weight"])
 
     def extra_repr(self) -> str:
-        return (f"num_adapters={self.num_adapters}, r={self.r}, scaling={self.scaling:g}, "
+        scaling = (f"{self.scaling:g}" if isinstance(self.scaling, float)
+                   else str([round(v, 6) for v in self.scaling.tolist()]))
+        return (f"num_adapters={self.num_adapters}, r={self.r}, scaling={scaling}, "
                 f"dropout={self.dropout:g}, backend={self.backend!r}")

@@ -11,6 +11,16 @@ module type (``save_pretrained``, ``get_peft_model_state_dict``) need the peft l
 ``with peft_layers(model):`` puts back for the block. Other peft LoRA layers are left as they
 are and listed in the report with the reason.
 
+``serve_adapters(model, ["a", "b", ...])`` is for multi-adapter inference (peft's
+mixed-batch ``adapter_names=``): every peft LoRA linear layer holding any of those adapters
+becomes one :class:`fastvl.nn.RoutedLoRALinear` with the adapters stacked (copies; ranks
+zero-padded to the largest, per-adapter scaling; an adapter absent from a layer is zero
+there), and each sequence picks its adapter through the route::
+
+    patch = fastvl.patch.peft.serve_adapters(model, ["math", "code"])
+    with fastvl.nn.lora_route(patch.route(["code", "__base__", "math"])):   # (B, 1)
+        out = model.generate(input_ids, max_new_tokens=32)
+
 The outputs and gradients equal peft's; dropout draws its own mask (same distribution, not the
 same random numbers). peft's per-layer machinery does not reach the fastvl modules: call
 :func:`restore` (or ``report.remove()``) before ``merge_and_unload``, ``set_adapter``,
@@ -21,19 +31,29 @@ same random numbers). peft's per-layer machinery does not reach the fastvl modul
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, NamedTuple, Optional
+
+import torch
 
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
-from fastvl.nn.lora import LORA_BACKENDS, LoRALinear
+from fastvl.nn.lora import LORA_BACKENDS, LoRALinear, RoutedLoRALinear
 from fastvl.patch._modules import marked_slots, patched_names, swap_back, swap_children
 
-__all__ = ["accelerate", "restore", "peft_layers", "PeftPatch", "Skipped"]
+__all__ = [
+    "accelerate", "serve_adapters", "restore", "peft_layers", "PeftPatch", "ServingPatch",
+    "Skipped", "BASE_ADAPTER",
+]
 
-# Set (outside the module registry, so not in state_dict) on each module accelerate() made.
+# peft's adapter name for "no adapter" in mixed-batch inference; a route of -1 here.
+BASE_ADAPTER = "__base__"
+
+# Set (outside the module registry, so not in state_dict) on each module accelerate() or
+# serve_adapters() made.
 _ORIGINAL = "_fastvl_peft_original"
 
 
@@ -76,8 +96,8 @@ def _dropout_p(module: nn.Module) -> Optional[float]:
     return None
 
 
-def _skip_reason(layer: LoraLayer) -> Optional[str]:
-    """Why ``layer`` is not replaced, or None if a LoRALinear computes the same thing."""
+def _layer_reason(layer: LoraLayer) -> Optional[str]:
+    """Why fastvl cannot stand in for ``layer`` whatever its adapters, or None."""
     if type(layer) is not PeftLoraLinear:
         return ("not a peft lora.Linear (embedding, conv, quantized or subclassed layers keep "
                 "peft's forward)")
@@ -86,12 +106,11 @@ def _skip_reason(layer: LoraLayer) -> Optional[str]:
         return f"base layer is {type(base).__name__}, not a torch.nn.Linear"
     if layer.merged:
         return f"adapters {layer.merged_adapters} are merged into the base weight"
-    if layer.disable_adapters:
-        return "adapters are disabled on this layer"
-    active = [name for name in layer.active_adapters if name in layer.lora_A]
-    if len(active) != 1:
-        return f"{len(active)} active adapters on this layer ({active}); fastvl serves exactly one"
-    (name,) = active
+    return None
+
+
+def _adapter_reason(layer: PeftLoraLinear, name: str) -> Optional[str]:
+    """Why adapter ``name`` of ``layer`` is not plain LoRA in the base's dtype, or None."""
     if layer.use_dora.get(name, False):
         return f"adapter {name!r} uses DoRA"
     if name in layer.lora_variant:
@@ -101,13 +120,29 @@ def _skip_reason(layer: LoraLayer) -> Optional[str]:
         return f"adapter {name!r} has lora_A / lora_B modules that are not plain nn.Linear"
     if lora_a.bias is not None or lora_b.bias is not None:
         return f"adapter {name!r} has a bias on lora_A / lora_B (lora_bias=True)"
-    if not lora_a.weight.dtype == lora_b.weight.dtype == base.weight.dtype:
+    if not lora_a.weight.dtype == lora_b.weight.dtype == layer.base_layer.weight.dtype:
         return (f"adapter {name!r} weights are {lora_a.weight.dtype} and the base weight "
-                f"{base.weight.dtype}; fastvl needs one dtype (pass autocast_adapter_dtype=False "
-                "to get_peft_model to keep adapters in the base's dtype)")
-    if _dropout_p(layer.lora_dropout[name]) is None:
-        return f"adapter {name!r} has dropout module {type(layer.lora_dropout[name]).__name__}"
+                f"{layer.base_layer.weight.dtype}; fastvl needs one dtype (pass "
+                "autocast_adapter_dtype=False to get_peft_model to keep adapters in the base's "
+                "dtype)")
     return None
+
+
+def _skip_reason(layer: LoraLayer) -> Optional[str]:
+    """Why ``layer`` is not replaced by a LoRALinear, or None if one computes the same."""
+    reason = _layer_reason(layer)
+    if reason is not None:
+        return reason
+    if layer.disable_adapters:
+        return "adapters are disabled on this layer"
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    if len(active) != 1:
+        return f"{len(active)} active adapters on this layer ({active}); fastvl serves exactly one"
+    (name,) = active
+    reason = _adapter_reason(layer, name)
+    if reason is None and _dropout_p(layer.lora_dropout[name]) is None:
+        reason = f"adapter {name!r} has dropout module {type(layer.lora_dropout[name]).__name__}"
+    return reason
 
 
 def _fastvl_layer(layer: PeftLoraLinear, backend: str) -> LoRALinear:
@@ -129,21 +164,7 @@ def accelerate(model: nn.Module, *, backend: str = "auto") -> PeftPatch:
         ValueError: unknown ``backend``; ``model`` is itself a peft LoRA layer (use
             :meth:`fastvl.nn.LoRALinear.sharing`); ``model`` is already accelerated.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"accelerate: model must be a torch.nn.Module, got {type(model).__name__}")
-    if backend not in LORA_BACKENDS:
-        raise ValueError(f"accelerate: backend must be one of {LORA_BACKENDS}, got {backend!r}")
-    if isinstance(model, LoraLayer):
-        raise ValueError(
-            "accelerate: model is itself a peft LoRA layer and cannot be replaced in place; use "
-            "fastvl.nn.LoRALinear.sharing(...) instead"
-        )
-    patched = patched_names(model, _ORIGINAL)
-    if patched:
-        raise ValueError(
-            f"accelerate: model is already accelerated ({len(patched)} layers, e.g. "
-            f"{patched[0]!r}); call fastvl.patch.peft.restore(model) first"
-        )
+    _check_model("accelerate", model, backend)
 
     def replacement_for(child):
         if not isinstance(child, LoraLayer):
@@ -153,19 +174,141 @@ def accelerate(model: nn.Module, *, backend: str = "auto") -> PeftPatch:
             return reason
         return lambda: _fastvl_layer(child, backend).train(child.training)
 
+    replaced, skipped, modules = _swap(model, replacement_for)
+    return PeftPatch(model, backend, replaced, skipped, modules)
+
+
+def _check_model(op: str, model, backend: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{op}: model must be a torch.nn.Module, got {type(model).__name__}")
+    if backend not in LORA_BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {LORA_BACKENDS}, got {backend!r}")
+    if isinstance(model, LoraLayer):
+        raise ValueError(
+            f"{op}: model is itself a peft LoRA layer and cannot be replaced in place; use "
+            "fastvl.nn.LoRALinear.sharing(...) or RoutedLoRALinear.stacked(...) instead"
+        )
+    patched = patched_names(model, _ORIGINAL)
+    if patched:
+        raise ValueError(
+            f"{op}: model is already accelerated or serving ({len(patched)} layers, e.g. "
+            f"{patched[0]!r}); call fastvl.patch.peft.restore(model) first"
+        )
+
+
+def _swap(model: nn.Module, replacement_for):
+    """:func:`swap_children` under this module's marker; skipped layers as :class:`Skipped`."""
     replaced, skipped, modules = swap_children(model, _ORIGINAL, replacement_for)
     skipped = [
         Skipped(name, f"{type(child).__module__}.{type(child).__qualname__}", reason)
         for name, child, reason in skipped
     ]
-    return PeftPatch(model, backend, replaced, skipped, modules)
+    return replaced, skipped, modules
 
 
-def _restore(model: nn.Module, selected: Callable[[LoRALinear], bool]) -> list[tuple]:
+@dataclass
+class ServingPatch(PeftPatch):
+    """What :func:`serve_adapters` did; adapter i of every routed layer is
+    ``adapter_names[i]``. :meth:`route` makes the route of a batch."""
+
+    adapter_names: tuple[str, ...] = ()
+
+    def route(self, names: Sequence[Optional[str]]) -> torch.Tensor:
+        """(B, 1) int64 on the model's device: sequence b uses adapter ``names[b]``
+        (``"__base__"`` or None: the base model). For :func:`fastvl.nn.lora_route`."""
+        if isinstance(names, str) or not isinstance(names, Sequence):
+            raise TypeError(f"ServingPatch.route: names must be a sequence of adapter names, "
+                            f"got {names!r}")
+        index = {name: i for i, name in enumerate(self.adapter_names)}
+        unknown = [n for n in names if n is not None and n != BASE_ADAPTER and n not in index]
+        if unknown:
+            raise ValueError(f"ServingPatch.route: unknown adapters {unknown}; served: "
+                             f"{list(self.adapter_names)} (or {BASE_ADAPTER!r} for none)")
+        device = next(iter(self._created)).lora_A.device if self._created else None
+        values = [index.get(n, -1) if n is not None else -1 for n in names]
+        return torch.tensor(values, dtype=torch.int64, device=device)[:, None]
+
+
+def _stacked_layer(layer: PeftLoraLinear, names: tuple[str, ...], backend: str):
+    """A RoutedLoRALinear holding copies of ``layer``'s adapters ``names`` (zeros for those
+    it lacks), ranks zero-padded to the largest."""
+    base = layer.base_layer
+    present = [name for name in names if name in layer.lora_A]
+    rank = max(layer.r[name] for name in present)
+    factory = dict(dtype=base.weight.dtype, device=base.weight.device)
+    lora_a = torch.zeros(len(names), rank, base.in_features, **factory)
+    lora_b = torch.zeros(len(names), base.out_features, rank, **factory)
+    scaling = [float(layer.scaling[name]) if name in present else 1.0 for name in names]
+    with torch.no_grad():
+        for index, name in enumerate(names):
+            if name in present:
+                r = layer.r[name]
+                lora_a[index, :r] = layer.lora_A[name].weight
+                lora_b[index, :, :r] = layer.lora_B[name].weight
+    module = RoutedLoRALinear.stacked(base, lora_a, lora_b, scaling, backend=backend)
+    module.lora_A.requires_grad_(False)
+    module.lora_B.requires_grad_(False)
+    return module.train(layer.training)
+
+
+def serve_adapters(model: nn.Module, adapter_names: Sequence[str], *,
+                   backend: str = "auto") -> ServingPatch:
+    """Serve several peft LoRA adapters in one batch, one adapter per sequence (inference).
+
+    Every peft ``lora.Linear`` of ``model`` that holds any of ``adapter_names`` (plain LoRA:
+    no DoRA or other variant, not merged, adapter weights in the base's dtype) becomes a
+    :class:`fastvl.nn.RoutedLoRALinear` whose adapter i is ``adapter_names[i]`` (copied:
+    training it does not update peft's weights; dropout off). Others are listed in
+    ``skipped`` with the reason. Run the model inside
+    ``fastvl.nn.lora_route(patch.route(names_per_sequence))``; the outputs equal peft's
+    ``model(..., adapter_names=names_per_sequence)``. :meth:`ServingPatch.remove` or
+    :func:`restore` puts the peft layers back.
+
+    Raises:
+        TypeError / ValueError: as :func:`accelerate`; ``adapter_names`` empty, repeated, or
+            naming an adapter no layer of ``model`` holds.
+    """
+    op = "serve_adapters"
+    _check_model(op, model, backend)
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+        raise TypeError(f"{op}: adapter_names must be a sequence of str, got {adapter_names!r}")
+    names = tuple(adapter_names)
+    if not names or len(set(names)) != len(names) or BASE_ADAPTER in names:
+        raise ValueError(f"{op}: adapter_names must be distinct adapter names (not "
+                         f"{BASE_ADAPTER!r}), at least one, got {names!r}")
+    held = {name for module in model.modules() if isinstance(module, LoraLayer)
+            for name in module.lora_A}
+    missing = [name for name in names if name not in held]
+    if missing:
+        raise ValueError(f"{op}: no LoRA layer of the model holds adapters {missing} "
+                         f"(adapters found: {sorted(held)})")
+
+    def replacement_for(child):
+        if not isinstance(child, LoraLayer):
+            return None
+        reason = _layer_reason(child)
+        present = [name for name in names if name in child.lora_A] if reason is None else []
+        if reason is None and not present:
+            reason = (f"holds none of {list(names)} (peft's forward, with its own active "
+                      "adapters, still runs here)")
+        for name in present:
+            reason = reason or _adapter_reason(child, name)
+        if reason is not None:
+            return reason
+        return lambda: _stacked_layer(child, names, backend)
+
+    replaced, skipped, modules = _swap(model, replacement_for)
+    return ServingPatch(model, backend, replaced, skipped, modules, adapter_names=names)
+
+
+def _restore(model: nn.Module, selected: Callable[[nn.Module], bool]) -> list[tuple]:
     """Swap the selected accelerated layers of ``model`` back; the swaps done, as
     (parent, attribute, name, fastvl module, peft layer)."""
-    slots = marked_slots(model, _ORIGINAL, lambda m: isinstance(m, LoRALinear) and selected(m))
-    merged = [name for *_, name, child, _ in slots if child.merged]
+    slots = marked_slots(
+        model, _ORIGINAL,
+        lambda m: isinstance(m, (LoRALinear, RoutedLoRALinear)) and selected(m),
+    )
+    merged = [name for *_, name, child, _ in slots if getattr(child, "merged", False)]
     if merged:
         raise ValueError(
             f"restore: fastvl layers {merged} are merged; call unmerge() on them first (the "
@@ -178,9 +321,9 @@ def _restore(model: nn.Module, selected: Callable[[LoRALinear], bool]) -> list[t
 
 
 def restore(model: nn.Module) -> list[str]:
-    """Put back every peft layer :func:`accelerate` replaced in ``model``; the names restored
-    ([] for a model that is not accelerated). Parameters were shared, so training done while
-    accelerated is kept."""
+    """Put back every peft layer :func:`accelerate` or :func:`serve_adapters` replaced in
+    ``model``; the names restored ([] for a model that is neither). accelerate shares the
+    parameters, so training done while accelerated is kept."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"restore: model must be a torch.nn.Module, got {type(model).__name__}")
     return [slot[2] for slot in _restore(model, lambda module: True)]
