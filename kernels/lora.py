@@ -29,8 +29,9 @@ CUDA graphs stay whole):
   above.
 
 Dropout keeps ``x[n, k]`` iff ``tl.rand(seed, n · in + k) >= p`` (Philox), regenerated in the
-backward, never stored. dA and dB are float32 atomic sums over row blocks: their summation
-order (hence the last bits) can differ between runs; everything else is deterministic.
+backward, never stored. dA and dB are float32 atomic sums over row blocks, so their last bits
+can differ between runs, unless the backward is asked to be deterministic (then per-block
+slices summed in a fixed order); everything else is deterministic.
 Route values outside [-1, E) must be excluded by the caller (the op layer checks them).
 """
 
@@ -206,11 +207,23 @@ def _lora_expand_rows_kernel(
 
 
 @triton.jit
+def _add_to_weight_grad(grad_ptr, offsets, values, mask, block_stride,
+                        DETERMINISTIC: tl.constexpr):
+    """grad[offsets] += values: a float32 atomic add, or (DETERMINISTIC) a store into this
+    program's own slice, ``block_stride`` apart, which the launcher sums in a fixed order."""
+    if DETERMINISTIC:
+        tl.store(grad_ptr + tl.program_id(0).to(tl.int64) * block_stride + offsets, values,
+                 mask=mask)
+    else:
+        tl.atomic_add(grad_ptr + offsets, values, mask=mask)
+
+
+@triton.jit
 def _lora_bwd_dy_kernel(
     g_ptr, b_ptr, scale_ptr, route_ptr, order_ptr, s_ptr, ds_ptr, db_ptr,
-    num_rows, out_features, rank,
+    num_rows, out_features, rank, db_block_stride,
     stride_gm, stride_gn, stride_be, stride_bo, stride_br,
-    ROUTED: tl.constexpr,
+    ROUTED: tl.constexpr, DETERMINISTIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -235,17 +248,19 @@ def _lora_bwd_dy_kernel(
                         mask=n_mask[:, None] & r_mask[None, :], other=0.0)
             ds = tl.dot(g, b, ds, input_precision=PRECISION)
             db = tl.dot(tl.trans(g), s, input_precision=PRECISION) * scale
-            tl.atomic_add(db_ptr + (e * out_features + n[:, None]) * BLOCK_R + r[None, :],
-                          db, mask=n_mask[:, None] & r_mask[None, :])
+            _add_to_weight_grad(db_ptr, (e * out_features + n[:, None]) * BLOCK_R + r[None, :],
+                                db, n_mask[:, None] & r_mask[None, :], db_block_stride,
+                                DETERMINISTIC)
         tl.store(ds_ptr + rows[:, None] * BLOCK_R + r[None, :], ds * scale, mask=mine[:, None])
 
 
 @triton.jit
 def _lora_bwd_x_kernel(
     x_ptr, a_ptr, route_ptr, order_ptr, ds_ptr, dx_ptr, da_ptr,
-    num_rows, in_features, rank, seed, dropout_p,
+    num_rows, in_features, rank, seed, dropout_p, da_block_stride,
     stride_xm, stride_xk, stride_ae, stride_ar, stride_ak, stride_dm, stride_dk,
     ROUTED: tl.constexpr, DROPOUT: tl.constexpr, COMPUTE_DX: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -278,8 +293,9 @@ def _lora_bwd_x_kernel(
             if DROPOUT:
                 x = _dropout(x, rows[:, None] * in_features + k[None, :], seed, dropout_p)
             da = tl.dot(tl.trans(ds), x, input_precision=PRECISION)
-            tl.atomic_add(da_ptr + (e * BLOCK_R + r[:, None]) * in_features + k[None, :],
-                          da, mask=r_mask[:, None] & k_mask[None, :])
+            _add_to_weight_grad(da_ptr, (e * BLOCK_R + r[:, None]) * in_features + k[None, :],
+                                da, r_mask[:, None] & k_mask[None, :], da_block_stride,
+                                DETERMINISTIC)
 
 
 def _route_order(route: Optional[torch.Tensor]):
@@ -341,33 +357,42 @@ def _row_forward(x, lora_a, lora_b, scale, route, dropout_p, seed, out, block_r,
 
 
 def lora_backward(grad_out, x, lora_a, lora_b, scale, route, s, dropout_p: float, seed: int,
-                  dx):
+                  dx, deterministic: bool = False):
     """The LoRA branch's backward: adds its part of dX into ``dx`` (N, in) in place unless dx
     is None, and returns (da (E, r, in), db (E, out, r)) float32, zeros for adapters without
-    rows. s: the forward's float32 (N, BLOCK_R) shrink."""
+    rows. s: the forward's float32 (N, BLOCK_R) shrink. ``deterministic``: each row block
+    writes its own dA / dB slice and the slices are summed in order (bit-reproducible; one
+    float32 (E, r, in) + (E, out, r) buffer per BLOCK_M rows) instead of atomic adds."""
     num_rows, in_features = x.shape
     num_adapters, out_features, rank = lora_b.shape
     block_m, block_n, block_k, block_r, warps = _blocks(x.device, rank)
-    da = torch.zeros((num_adapters, block_r, in_features), dtype=torch.float32, device=x.device)
-    db = torch.zeros((num_adapters, out_features, block_r), dtype=torch.float32, device=x.device)
+    num_blocks = triton.cdiv(num_rows, block_m)
+    slices = (num_blocks,) if deterministic and num_rows else ()
+    da = torch.zeros((*slices, num_adapters, block_r, in_features), dtype=torch.float32,
+                     device=x.device)
+    db = torch.zeros((*slices, num_adapters, out_features, block_r), dtype=torch.float32,
+                     device=x.device)
     if num_rows and out_features and in_features:
         route, order = _route_order(route)
-        grid = (triton.cdiv(num_rows, block_m),)
         ds = torch.empty((num_rows, block_r), dtype=torch.float32, device=x.device)
-        wrap_triton(_lora_bwd_dy_kernel)[grid](
+        wrap_triton(_lora_bwd_dy_kernel)[(num_blocks,)](
             grad_out, lora_b, scale, route, order, s, ds, db,
-            num_rows, out_features, rank, *grad_out.stride(), *lora_b.stride(),
-            ROUTED=route is not None,
+            num_rows, out_features, rank, db[0].numel() if slices else 0,
+            *grad_out.stride(), *lora_b.stride(),
+            ROUTED=route is not None, DETERMINISTIC=bool(slices),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, PRECISION=_PRECISION,
             num_warps=warps,
         )
         dx_strides = (0, 0) if dx is None else dx.stride()
-        wrap_triton(_lora_bwd_x_kernel)[grid](
+        wrap_triton(_lora_bwd_x_kernel)[(num_blocks,)](
             x, lora_a, route, order, ds, dx, da,
-            num_rows, in_features, rank, seed, dropout_p,
+            num_rows, in_features, rank, seed, dropout_p, da[0].numel() if slices else 0,
             *x.stride(), *lora_a.stride(), *dx_strides,
             ROUTED=route is not None, DROPOUT=dropout_p > 0, COMPUTE_DX=dx is not None,
+            DETERMINISTIC=bool(slices),
             BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, PRECISION=_PRECISION,
             num_warps=warps,
         )
+    if slices:
+        da, db = da.sum(0), db.sum(0)
     return da[:, :rank], db[:, :, :rank]

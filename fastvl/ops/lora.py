@@ -30,7 +30,9 @@ Backends:
   number of adapters) two GEMV-style launches per row instead, so a step over tens of
   adapters runs in parallel over rows and output columns; backward: ``dY W`` by torch, then one pass over dY (ds and dB) and one over x
   (dX and dA), the dropout mask regenerated from the seed (Philox). dA / dB are float32 atomic
-  sums (last-bit run-to-run differences). float16 / bfloat16 / float32. No double backward.
+  sums (last-bit run-to-run differences), or with ``torch.use_deterministic_algorithms(True)``
+  per-row-block sums added in a fixed order (bit-reproducible, one (E, r, in) + (E, out, r)
+  float32 buffer per 64 rows). float16 / bfloat16 / float32. No double backward.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def _fwd_fake(x, weight, bias, lora_a, lora_b, scale, route, dropout_p, seed):
 
 
 def _bwd_fake(grad_out, x, weight, lora_a, lora_b, scale, route, s, dropout_p, seed,
-              compute_dx, compute_dweight):
+              compute_dx, compute_dweight, deterministic):
     return (x.new_empty(x.shape) if compute_dx else x.new_empty(0),
             weight.new_empty(weight.shape) if compute_dweight else x.new_empty(0),
             lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape))
@@ -109,12 +111,13 @@ if TRITON_IMPORT_ERROR is None:
         seed: int,
         compute_dx: bool,
         compute_dweight: bool,
+        deterministic: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (dx (N, in), dweight (out, in), da (E, r, in), db (E, out, r)); dx and dweight
-        empty (shape (0,)) when not asked for."""
+        empty (shape (0,)) when not asked for; ``deterministic``: da / db without atomics."""
         dx = grad_out @ weight if compute_dx else None
         da, db = _kernels.lora_backward(grad_out, x, lora_a, lora_b, scale, route, s,
-                                        dropout_p, seed, dx)
+                                        dropout_p, seed, dx, deterministic)
         dweight = grad_out.t() @ x if compute_dweight else x.new_empty(0)
         return (
             x.new_empty(0) if dx is None else dx,
@@ -133,7 +136,7 @@ if TRITON_IMPORT_ERROR is None:
         needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         dx, dweight, da, db = lora_linear_bwd_triton(
             grad_out, x, weight, lora_a, lora_b, scale, route, s, ctx.dropout_p, ctx.seed,
-            needs_x, needs_weight,
+            needs_x, needs_weight, torch.are_deterministic_algorithms_enabled(),
         )
         dbias = grad_out.sum(0, dtype=torch.float32).to(grad_out.dtype) if needs_bias else None
         return (dx if needs_x else None, dweight if needs_weight else None, dbias, da, db,
