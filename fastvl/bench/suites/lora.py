@@ -16,7 +16,8 @@ A and B (x requires grad, as inside a network) for a random gradient of the outp
 added back with ``index_put``). ``routed_lora_linear/multi-adapter-decode``: a decode step,
 32 tokens each routed to one of 16 adapters at random, forward only; the baseline ``bmm
 gather`` gathers each token's A and B (``lora_a[route]``) and runs two batched matmuls;
-``boolean indexing`` runs here too.
+``boolean indexing`` runs here too. (32 rows: ``fastvl[triton]`` takes its decode path, one
+program per row and column block, see :mod:`fastvl.kernels.lora`.)
 
 On CPU the token count is divided by 8 (the decode batch stays 32); ``--quick`` also divides
 hidden and rank by 8. Results are compared by relative error per tensor,
