@@ -28,11 +28,12 @@ Backends:
   the LoRA branch into its output (x read once per row block, the shrink kept in registers,
   r <= 64); for a decode batch (few rows, up to ``kernels.lora.row_path_max_rows``, any
   number of adapters) two GEMV-style launches per row instead, so a step over tens of
-  adapters runs in parallel over rows and output columns; backward: ``dY W`` by torch, then one pass over dY (ds and dB) and one over x
-  (dX and dA), the dropout mask regenerated from the seed (Philox). dA / dB are float32 atomic
-  sums (last-bit run-to-run differences), or with ``torch.use_deterministic_algorithms(True)``
-  per-row-block sums added in a fixed order (bit-reproducible, one (E, r, in) + (E, out, r)
-  float32 buffer per 64 rows). float16 / bfloat16 / float32. No double backward.
+  adapters runs in parallel over rows and output columns; backward: ``dY W`` by torch, then
+  one pass over dY (ds and dB) and one over x (dX and dA), the dropout mask regenerated from
+  the seed (Philox). dA / dB are float32 atomic sums (last-bit run-to-run differences), or
+  with ``torch.use_deterministic_algorithms(True)`` per-row-block sums added in a fixed order
+  (bit-reproducible, one (E, r, in) + (E, out, r) float32 buffer per 64 rows). float16 /
+  bfloat16 / float32. No double backward.
 """
 
 from __future__ import annotations

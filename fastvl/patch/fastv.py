@@ -80,7 +80,11 @@ from fastvl.ops.attention_key_mass import attention_key_mass
 from fastvl.ops.gather import gather_tokens
 from fastvl.ops.pruning import topk_candidate_index
 from fastvl.patch._decoder import (
-    IMAGE_TOKEN_MASK_KWARG, cache_argument, declare_image_token_mask, decoder_of, replace_forward,
+    IMAGE_TOKEN_MASK_KWARG,
+    cache_argument,
+    declare_image_token_mask,
+    decoder_of,
+    replace_forward,
 )
 from fastvl.patch.transformers import ATTENTION_PROBE_KWARG, ATTN_IMPLEMENTATION, KeyBiasMask
 

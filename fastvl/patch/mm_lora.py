@@ -22,8 +22,9 @@ parameters alone train; :meth:`MMLoRAPatch.remove` puts the ``nn.Linear`` layers
 ``requires_grad`` flags and the forward back. Not supported: FastV on the same model (pruned
 layers see fewer tokens than the route).
 
-Gradient checkpointing (``model.gradient_checkpointing_enable()``, reentrant or not, before or
-after ``apply_mm_lora``) recomputes decoder layers in the backward, after the forward's
+Gradient checkpointing (``model.gradient_checkpointing_enable()``, before or after
+``apply_mm_lora``; reentrant checkpoints also need ``model.enable_input_require_grads()``, as
+with peft) recomputes decoder layers in the backward, after the forward's
 ``lora_route`` block has closed. transformers runs every checkpointed layer through the
 ``_gradient_checkpointing_func`` it sets on the decoder's modules; each forward of the patched
 model wraps the ones it finds (once) so that the function they checkpoint re-enters the route
@@ -45,7 +46,11 @@ from torch import nn
 from fastvl.nn.lora import RoutedLoRALinear, active_lora_route, lora_route
 from fastvl.ops._checks import is_int
 from fastvl.patch._decoder import (
-    IMAGE_TOKEN_MASK_KWARG, cache_argument, declare_image_token_mask, decoder_of, replace_forward,
+    IMAGE_TOKEN_MASK_KWARG,
+    cache_argument,
+    declare_image_token_mask,
+    decoder_of,
+    replace_forward,
 )
 from fastvl.patch._modules import child_slots
 
