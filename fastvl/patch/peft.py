@@ -224,7 +224,7 @@ class ServingPatch(PeftPatch):
         if unknown:
             raise ValueError(f"ServingPatch.route: unknown adapters {unknown}; served: "
                              f"{list(self.adapter_names)} (or {BASE_ADAPTER!r} for none)")
-        device = next(iter(self._created)).lora_A.device if self._created else None
+        device = self._created[0].lora_A.device if self._created else None
         values = [index.get(n, -1) if n is not None else -1 for n in names]
         return torch.tensor(values, dtype=torch.int64, device=device)[:, None]
 
@@ -291,8 +291,9 @@ def serve_adapters(model: nn.Module, adapter_names: Sequence[str], *,
         if reason is None and not present:
             reason = (f"holds none of {list(names)} (peft's forward, with its own active "
                       "adapters, still runs here)")
-        for name in present:
-            reason = reason or _adapter_reason(child, name)
+        if reason is None:
+            reasons = (_adapter_reason(child, name) for name in present)
+            reason = next((r for r in reasons if r is not None), None)
         if reason is not None:
             return reason
         return lambda: _stacked_layer(child, names, backend)
