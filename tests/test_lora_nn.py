@@ -223,6 +223,42 @@ def test_routed_lora_linear_route_from_context_manager():
             pass
 
 
+def _count_route_checks(monkeypatch):
+    """A list that grows by one at every route range check (the one host sync)."""
+    import fastvl.ops.lora as ops_lora
+
+    calls, check = [], ops_lora._check_route_range
+    monkeypatch.setattr(ops_lora, "_check_route_range",
+                        lambda *a: calls.append(a[1]) or check(*a))
+    return calls
+
+
+def test_route_block_is_range_checked_once_per_adapter_count(monkeypatch):
+    """Inside lora_route the route is checked (one host sync) at the first module of each
+    adapter count, not at every layer; num_adapters= skips it; an explicit route is checked
+    at every call; a bad route raises at every module, not just the first."""
+    checks = _count_route_checks(monkeypatch)
+    three, other_three, two = _routed(3), _routed(3, seed=1), _routed(2)
+    x = random_tensor(5, IN, device=DEVICE, generator=_generator(1))
+    route = torch.tensor([0, 1, -1, 1, 0], device=DEVICE)
+    with lora_route(route):
+        for _ in range(3):
+            three(x), other_three(x), two(x)
+    assert checks == [3, 2]
+    with lora_route(route):  # a new block checks again
+        three(x)
+    with lora_route(route, num_adapters=3):  # known to fit 3 adapters: no check for those
+        three(x), other_three(x), two(x)
+    assert checks == [3, 2, 3, 2]
+    three(x, route), three(x, route)
+    assert checks == [3, 2, 3, 2, 3, 3]
+    with lora_route(torch.tensor([0, 2, 2, 1, 0], device=DEVICE)):
+        three(x)
+        for _ in range(2):
+            with pytest.raises(ValueError, match=r"route values must lie in \[-1, 2\)"):
+                two(x)
+
+
 def test_routed_lora_linear_peft_state_dict_round_trip():
     module, other = _routed(seed=0), _routed(seed=1)
     names = ["vision", "text", "audio"]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from typing import Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -32,37 +32,66 @@ from torch import nn
 from fastvl.ops.lora import lora_linear, routed_lora_linear
 from fastvl.ops.registry import BACKENDS
 
-__all__ = ["LoRALinear", "RoutedLoRALinear", "lora_route", "active_lora_route", "LORA_BACKENDS"]
+__all__ = [
+    "LoRALinear", "RoutedLoRALinear", "lora_route", "active_lora_route", "active_route_block",
+    "entered_route_block", "RouteBlock", "LORA_BACKENDS",
+]
 
 LORA_BACKENDS = ("auto",) + BACKENDS
 
-# The route of the RoutedLoRALinear modules called inside a `lora_route` block.
-_ACTIVE_ROUTE: contextvars.ContextVar[Optional[torch.Tensor]] = contextvars.ContextVar(
+class RouteBlock:
+    """The state of one :func:`lora_route` block: its ``route`` and the adapter counts E its
+    values are known to fit ([-1, E)), so that each E is range-checked (one host sync) once
+    per block, not once per layer."""
+
+    def __init__(self, route: torch.Tensor, checked: Iterable[int] = ()):
+        self.route, self.checked = route, set(checked)
+
+
+# The block around the RoutedLoRALinear modules called inside `lora_route`.
+_ACTIVE_ROUTE: contextvars.ContextVar[Optional[RouteBlock]] = contextvars.ContextVar(
     "fastvl_lora_route", default=None
 )
 
 
 @contextlib.contextmanager
-def lora_route(route: torch.Tensor) -> Iterator[torch.Tensor]:
+def lora_route(route: torch.Tensor, *, num_adapters: Optional[int] = None
+               ) -> Iterator[torch.Tensor]:
     """Route every :class:`RoutedLoRALinear` called (without a ``route`` argument) in the block.
 
     ``route``: int64 of the token shape ``x.shape[:-1]`` each module sees, entries in [-1, E);
     size-1 dims broadcast, so ``(B, 1)`` gives each sequence of a batch its adapter for the
     prefill and every decode step of ``generate`` alike (multi-adapter serving).
+    The modules range-check it once per block and number of adapters (the first call: one
+    host sync), not at every layer; ``num_adapters=E`` says its values are known to lie in
+    [-1, E) (e.g. built from a mask), so modules with E adapters skip even that.
     Blocks nest; the innermost wins and the outer route is back on exit.
     """
     if not isinstance(route, torch.Tensor):
         raise TypeError(f"lora_route: route must be a torch.Tensor, got {type(route).__name__}")
-    token = _ACTIVE_ROUTE.set(route)
-    try:
+    with entered_route_block(RouteBlock(route, () if num_adapters is None else (num_adapters,))):
         yield route
+
+
+@contextlib.contextmanager
+def entered_route_block(block: RouteBlock) -> Iterator[RouteBlock]:
+    """Make ``block`` (e.g. one saved by :func:`active_route_block`) the active one."""
+    token = _ACTIVE_ROUTE.set(block)
+    try:
+        yield block
     finally:
         _ACTIVE_ROUTE.reset(token)
 
 
+def active_route_block() -> Optional[RouteBlock]:
+    """The innermost :func:`lora_route` block around this call, or None."""
+    return _ACTIVE_ROUTE.get()
+
+
 def active_lora_route() -> Optional[torch.Tensor]:
     """The route of the innermost :func:`lora_route` block around this call, or None."""
-    return _ACTIVE_ROUTE.get()
+    block = _ACTIVE_ROUTE.get()
+    return None if block is None else block.route
 
 
 def _check_args(cls: str, base, r, alpha, dropout, backend, alpha_name="alpha") -> None:
@@ -309,18 +338,26 @@ class RoutedLoRALinear(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor, route: Optional[torch.Tensor] = None) -> torch.Tensor:
+        block = None
         if route is None:
-            route = active_lora_route()
-            if route is None:
+            block = active_route_block()
+            if block is None:
                 raise ValueError(
                     "RoutedLoRALinear: no route; pass route= or call the model inside "
                     "`with fastvl.nn.lora_route(route):`"
                 )
-        return routed_lora_linear(
+            route = block.route
+        check = block is None or (
+            self.num_adapters not in block.checked and not torch.compiler.is_compiling()
+        )
+        out = routed_lora_linear(
             x, self.base_layer.weight, self.base_layer.bias, self.lora_A, self.lora_B,
             self.scaling, route, dropout_p=self.dropout if self.training else 0.0,
-            backend=self.backend,
+            backend=self.backend, check_route=check,
         )
+        if block is not None and check:
+            block.checked.add(self.num_adapters)
+        return out
 
     def _check_names(self, adapter_names: Sequence[str], caller: str) -> list[str]:
         names = list(adapter_names)

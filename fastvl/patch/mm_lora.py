@@ -43,7 +43,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastvl.nn.lora import RoutedLoRALinear, active_lora_route, lora_route
+from fastvl.nn.lora import (
+    RoutedLoRALinear,
+    active_route_block,
+    entered_route_block,
+    lora_route,
+)
 from fastvl.ops._checks import is_int
 from fastvl.patch._decoder import (
     IMAGE_TOKEN_MASK_KWARG,
@@ -133,12 +138,12 @@ def _checkpoint_in_route(checkpoint):
 
     @functools.wraps(checkpoint)
     def checkpoint_in_route(function, *args, **kwargs):
-        route = active_lora_route()
-        if route is None:
+        block = active_route_block()
+        if block is None:
             return checkpoint(function, *args, **kwargs)
 
         def in_route(*function_args, **function_kwargs):
-            with lora_route(route):
+            with entered_route_block(block):
                 return function(*function_args, **function_kwargs)
 
         return checkpoint(in_route, *args, **kwargs)
@@ -167,7 +172,8 @@ def _route_checkpointing(patch: "MMLoRAPatch", modules: Sequence[nn.Module]) -> 
 
 def _routed_forward(original, vision: int, language: int, passes_mask: bool, before_call):
     """A forward that calls ``before_call()`` and runs ``original`` inside ``lora_route`` of
-    this forward's tokens."""
+    this forward's tokens (valid by construction: no range check, no host sync)."""
+    num_adapters = max(vision, language) + 1
     signature = inspect.signature(original)
 
     @functools.wraps(original)
@@ -184,7 +190,8 @@ def _routed_forward(original, vision: int, language: int, passes_mask: bool, bef
             raise ValueError(f"{_OP}: the forward got neither input_ids nor inputs_embeds")
         cache = cache_argument(bound)
         past = cache.get_seq_length() if cache is not None else 0
-        with lora_route(_token_route(image_token_mask, tokens, past, vision, language)):
+        route = _token_route(image_token_mask, tokens, past, vision, language)
+        with lora_route(route, num_adapters=num_adapters):
             return original(*args, **kwargs)
 
     return forward

@@ -10,10 +10,11 @@ forward+backward trains the adapter: the base weight is frozen, the gradients ar
 A and B (x requires grad, as inside a network) for a random gradient of the output
 (``base linear``: w.r.t. x only).
 
-``routed_lora_linear/t4096-h4096-r16-split50``: two adapters, the middle half of the tokens
-(an image) routed to adapter 0 and the rest (text) to adapter 1; fastvl vs the PLoRA way
-(the baseline ``boolean indexing``: per adapter, ``x[mask]`` through the LoRA branch,
-added back with ``index_put``). ``routed_lora_linear/multi-adapter-decode``: a decode step,
+``routed_lora_linear/...``: fastvl runs with ``check_route=False`` (no host sync), as a model
+does inside one ``lora_route`` block after its first layer. ``t4096-h4096-r16-split50``: two
+adapters, the middle half of the tokens (an image) routed to adapter 0 and the rest (text) to
+adapter 1; fastvl vs the PLoRA way (the baseline ``boolean indexing``: per adapter,
+``x[mask]`` through the LoRA branch, added back with ``index_put``). ``routed_lora_linear/multi-adapter-decode``: a decode step,
 32 tokens each routed to one of 16 adapters at random, forward only; the baseline ``bmm
 gather`` gathers each token's A and B (``lora_a[route]``) and runs two batched matmuls;
 ``boolean indexing`` runs here too. (32 rows: ``fastvl[triton]`` takes its decode path, one
@@ -246,7 +247,7 @@ def _build_routed(device, dtype, scale: Scale, mode: str, decode: bool) -> Built
     fastvl_impls(
         built, "routed_lora_linear", device, args,
         lambda backend: finish(lambda: routed_lora_linear(
-            x, weight, None, lora_a, lora_b, scaling, route, backend=backend
+            x, weight, None, lora_a, lora_b, scaling, route, backend=backend, check_route=False
         )),
     )
     built.add(BOOLEAN_INDEXING, finish(
