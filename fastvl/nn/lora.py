@@ -256,7 +256,8 @@ class RoutedLoRALinear(nn.Module):
 
     Forward: x (..., in), route (x.shape[:-1], or broadcastable from size-1 dims such as
     (B, 1) per sequence) int64 in [-1, E) (-1: base only) -> (..., out).
-    Without ``route``, the one set by :func:`lora_route` is used.
+    Without ``route``, the one set by :func:`lora_route` is used (range-checked once per block
+    and adapter count; an explicit ``route`` at every call).
     """
 
     def __init__(
