@@ -1,32 +1,36 @@
-"""LoRA branch kernels: the fused shrink + expand added into a base output, and its backward.
+"""LoRA branch kernels: the shrink + expand added into a base output, and its backward.
 
 Layouts as :mod:`fastvl.reference.lora`, with the plain op seen as one adapter: x (N, in),
 lora_a (E, r, in), lora_b (E, out, r), per-adapter scale (E,) float32, optional route (N,)
 int64 in [-1, E). The base GEMMs (``x Wᵀ + b`` forward, ``dY W`` backward) are cuBLAS's; these
-kernels add the LoRA terms into their outputs in place.
+kernels add the LoRA terms into their outputs in place. Every pass is split over a 2-D grid
+(rows × chunks of CHUNK columns) so that a whole GPU works on it even for few row blocks;
+the r-column sums a pass needs across chunks go through a small float32 (chunks, N, BLOCK_R)
+buffer of partials, summed in chunk order (no atomics). x, dY and the outputs are each read
+or written once; only the rows of the adapter a block pass serves are touched.
 
 Two forward paths, chosen by the row count alone (a shape, never data: compiled graphs and
 CUDA graphs stay whole):
 
 * **row blocks** (prefill, training): rows are visited in ``order``, ``argsort(route)``
   (stable, on the device: no host sync, CUDA graph safe), so a block of BLOCK_M rows mostly
-  shares one adapter. A program takes one row block and loops over the adapters its rows use
-  (from the first to the last, sorted), each pass masked to the rows of that adapter. For
-  every adapter pass:
+  shares one adapter. A program loops over the adapters its rows use (from the first to the
+  last, sorted), each masked to the rows of that adapter:
 
-  * forward: ``s = dropout(x) Aₑᵀ`` (BLOCK_M, r) kept in registers (r <= 64) while x is read
-    once, then ``out += scaleₑ · s Bₑᵀ`` over the output columns; s (unscaled, float32) is
-    stored for the backward (N·r values);
-  * backward, pass over dY: ``ds = scaleₑ · dY Bₑ`` and ``dBₑ += scaleₑ · dYᵀ s`` together;
-  * backward, pass over x: ``dX += dropout'(ds Aₑ)`` and ``dAₑ += dsᵀ dropout(x)``.
+  * forward, shrink over (row block, chunk of ``in``): partial ``dropout(x) Aₑᵀ``; expand
+    over (row block, chunk of ``out``): s = the sum of the partials (unscaled, float32,
+    stored for the backward: N·r values), ``out += scaleₑ · s Bₑᵀ``;
+  * backward, over (row block, chunk of ``out``), one pass over dY: partial
+    ``ds = scaleₑ · dY Bₑ`` and ``dBₑ += scaleₑ · dYᵀ s``;
+  * backward, over (row block, chunk of ``in``), one pass over x: ``dX += dropout'(ds Aₑ)``
+    and ``dAₑ += dsᵀ dropout(x)``.
 
 * **rows** (decode: at most :func:`row_path_max_rows` rows, e.g. one token per sequence of a
   serving batch whose sequences use tens of adapters): no sort, one program per (row, chunk
   of ``in``) computes a partial shrink of its row with its own adapter (a GEMV: a decode row
   block would hold as many adapters as rows), then one program per (row, block of output
-  columns) sums the partials and adds ``scaleₑ · s Bₑᵀ`` into its columns. Partials are
-  summed in a fixed order (no atomics). The same s is stored, so the backward is the one
-  above.
+  columns) sums the partials and adds ``scaleₑ · s Bₑᵀ`` into its columns. The same s is
+  stored, so the backward is the one above.
 
 Dropout keeps ``x[n, k]`` iff ``tl.rand(seed, n · in + k) >= p`` (Philox), regenerated in the
 backward, never stored. dA and dB are float32 atomic sums over row blocks, so their last bits
@@ -68,11 +72,12 @@ def _row_blocks(device: torch.device, block_r: int):
 
 
 def _blocks(device: torch.device, rank: int):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, num_warps)."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, CHUNK, num_warps) of the row-block path: a program
+    takes BLOCK_M rows and CHUNK columns (of ``in`` or ``out``) in BLOCK_K / BLOCK_N tiles."""
     block_r = max(16, triton.next_power_of_2(rank))
     if device.type != "cuda":
-        return 16, 16, 16, block_r, 4  # small blocks so the tests' shapes span several
-    return 64, 64, 64, block_r, 4
+        return 16, 16, 16, block_r, 32, 4  # small blocks so the tests' shapes span several
+    return 64, 64, 64, block_r, 512, 4
 
 
 @triton.jit
@@ -101,23 +106,24 @@ def _dropout(values, offsets, seed, dropout_p):
 
 
 @triton.jit
-def _lora_fwd_kernel(
-    x_ptr, a_ptr, b_ptr, scale_ptr, route_ptr, order_ptr, out_ptr, s_ptr,
-    num_rows, in_features, out_features, rank, seed, dropout_p,
-    stride_xm, stride_xk, stride_ae, stride_ar, stride_ak, stride_be, stride_bo, stride_br,
-    stride_om, stride_on,
-    ROUTED: tl.constexpr, DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    PRECISION: tl.constexpr,
+def _lora_shrink_kernel(
+    x_ptr, a_ptr, route_ptr, order_ptr, partial_ptr,
+    num_rows, in_features, rank, seed, dropout_p,
+    stride_xm, stride_xk, stride_ae, stride_ar, stride_ak,
+    ROUTED: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """partial[c, n] = dropout(x[n, chunk c]) Aₑ[:, chunk c]ᵀ (e = route[n]; zeros without an
+    adapter) for the row block of program 0 and the CHUNK columns of ``in`` of program 1;
+    float32 (chunks, N, BLOCK_R)."""
     rows, in_rows, adapter, first, last = _block_rows(route_ptr, order_ptr, num_rows, ROUTED,
                                                       BLOCK_M)
+    chunk = tl.program_id(1)
     r = tl.arange(0, BLOCK_R)
-    r_mask = r < rank
+    s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for e in range(first, last + 1):
         mine = in_rows & (adapter == e)
-        s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k0 in range(0, in_features, BLOCK_K):
+        for k0 in range(chunk * CHUNK, chunk * CHUNK + CHUNK, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             k_mask = k < in_features
             x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk,
@@ -125,20 +131,58 @@ def _lora_fwd_kernel(
             if DROPOUT:
                 x = _dropout(x, rows[:, None] * in_features + k[None, :], seed, dropout_p)
             a = tl.load(a_ptr + e * stride_ae + r[None, :] * stride_ar + k[:, None] * stride_ak,
-                        mask=k_mask[:, None] & r_mask[None, :], other=0.0)
-            s = tl.dot(x, a, s, input_precision=PRECISION)
-        tl.store(s_ptr + rows[:, None] * BLOCK_R + r[None, :], s, mask=mine[:, None])
-        scaled = (s * tl.load(scale_ptr + e)).to(x_ptr.dtype.element_ty)
-        for n0 in range(0, out_features, BLOCK_N):
-            n = n0 + tl.arange(0, BLOCK_N)
-            n_mask = n < out_features
+                        mask=k_mask[:, None] & (r < rank)[None, :], other=0.0)
+            s = tl.dot(x, a, s, input_precision=PRECISION)  # other rows' x is 0 here
+    tl.store(partial_ptr + (chunk * num_rows + rows[:, None]) * BLOCK_R + r[None, :], s,
+             mask=in_rows[:, None])
+
+
+@triton.jit
+def _block_sum(partial_ptr, rows, in_rows, num_rows, num_chunks, BLOCK_M: tl.constexpr,
+               BLOCK_R: tl.constexpr):
+    """The rows' sums over the chunks of a float32 (chunks, N, BLOCK_R) partial buffer, in
+    chunk order."""
+    r = tl.arange(0, BLOCK_R)
+    total = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for chunk in range(0, num_chunks):
+        total += tl.load(partial_ptr + (chunk * num_rows + rows[:, None]) * BLOCK_R + r[None, :],
+                         mask=in_rows[:, None], other=0.0)
+    return total
+
+
+@triton.jit
+def _lora_expand_kernel(
+    partial_ptr, b_ptr, scale_ptr, route_ptr, order_ptr, out_ptr, s_ptr,
+    num_rows, out_features, rank, num_chunks,
+    stride_be, stride_bo, stride_br, stride_om, stride_on,
+    ROUTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    CHUNK: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """s = the summed shrink of the row block of program 0 (stored by the programs of the
+    first chunk); out[n, cols] += scaleₑ · s[n] Bₑ[cols]ᵀ over the CHUNK output columns of
+    program 1, read and written once for every row with an adapter."""
+    rows, in_rows, adapter, first, last = _block_rows(route_ptr, order_ptr, num_rows, ROUTED,
+                                                      BLOCK_M)
+    chunk = tl.program_id(1)
+    r = tl.arange(0, BLOCK_R)
+    s = _block_sum(partial_ptr, rows, in_rows, num_rows, num_chunks, BLOCK_M, BLOCK_R)
+    tl.store(s_ptr + rows[:, None] * BLOCK_R + r[None, :], s,
+             mask=in_rows[:, None] & (chunk == 0))
+    has = in_rows & (adapter >= 0)
+    scale = tl.load(scale_ptr + tl.maximum(adapter, 0), mask=has, other=0.0)
+    scaled = (s * scale[:, None]).to(out_ptr.dtype.element_ty)
+    for n0 in range(chunk * CHUNK, chunk * CHUNK + CHUNK, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = n < out_features
+        out_ptrs = out_ptr + rows[:, None] * stride_om + n[None, :] * stride_on
+        tile_mask = has[:, None] & n_mask[None, :]
+        total = tl.load(out_ptrs, mask=tile_mask, other=0.0).to(tl.float32)
+        for e in range(first, last + 1):
             b = tl.load(b_ptr + e * stride_be + n[None, :] * stride_bo + r[:, None] * stride_br,
-                        mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-            out_ptrs = out_ptr + rows[:, None] * stride_om + n[None, :] * stride_on
-            out_mask = mine[:, None] & n_mask[None, :]
-            base = tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
-            total = tl.dot(scaled, b, base, input_precision=PRECISION)
-            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=out_mask)
+                        mask=(r < rank)[:, None] & n_mask[None, :], other=0.0)
+            mine = tl.where((adapter == e)[:, None], scaled, 0.0).to(scaled.dtype)
+            total = tl.dot(mine, b, total, input_precision=PRECISION)
+        tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=tile_mask)
 
 
 @triton.jit
@@ -220,82 +264,92 @@ def _add_to_weight_grad(grad_ptr, offsets, values, mask, block_stride,
 
 @triton.jit
 def _lora_bwd_dy_kernel(
-    g_ptr, b_ptr, scale_ptr, route_ptr, order_ptr, s_ptr, ds_ptr, db_ptr,
+    g_ptr, b_ptr, scale_ptr, route_ptr, order_ptr, s_ptr, ds_partial_ptr, db_ptr,
     num_rows, out_features, rank, db_block_stride,
     stride_gm, stride_gn, stride_be, stride_bo, stride_br,
     ROUTED: tl.constexpr, DETERMINISTIC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, CHUNK: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """ds[n] = scale · dY[n] B (float32, (N, BLOCK_R)); db[e] += scale · dYᵀ s (float32,
-    (E, out, BLOCK_R)); one pass over dY."""
+    """For the row block of program 0 and the CHUNK output columns of program 1, one pass
+    over dY: ds_partial[c, n] = scaleₑ · dY[n, chunk c] Bₑ[chunk c] (float32 (chunks, N,
+    BLOCK_R)) and db[e] += scaleₑ · dY[rows of e, chunk c]ᵀ s (float32 (E, out, BLOCK_R))."""
     rows, in_rows, adapter, first, last = _block_rows(route_ptr, order_ptr, num_rows, ROUTED,
                                                       BLOCK_M)
+    chunk = tl.program_id(1)
     r = tl.arange(0, BLOCK_R)
     r_mask = r < rank
-    for e in range(first, last + 1):
-        mine = in_rows & (adapter == e)
-        scale = tl.load(scale_ptr + e)
-        s = tl.load(s_ptr + rows[:, None] * BLOCK_R + r[None, :], mask=mine[:, None], other=0.0)
-        s = s.to(g_ptr.dtype.element_ty)
-        ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for n0 in range(0, out_features, BLOCK_N):
-            n = n0 + tl.arange(0, BLOCK_N)
-            n_mask = n < out_features
-            g = tl.load(g_ptr + rows[:, None] * stride_gm + n[None, :] * stride_gn,
-                        mask=mine[:, None] & n_mask[None, :], other=0.0)
+    has = in_rows & (adapter >= 0)
+    scale = tl.load(scale_ptr + tl.maximum(adapter, 0), mask=has, other=0.0)
+    s = tl.load(s_ptr + rows[:, None] * BLOCK_R + r[None, :], mask=has[:, None], other=0.0)
+    s = s.to(g_ptr.dtype.element_ty)
+    ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(chunk * CHUNK, chunk * CHUNK + CHUNK, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = n < out_features
+        g = tl.load(g_ptr + rows[:, None] * stride_gm + n[None, :] * stride_gn,
+                    mask=has[:, None] & n_mask[None, :], other=0.0)
+        for e in range(first, last + 1):
+            mine = (adapter == e)[:, None]
             b = tl.load(b_ptr + e * stride_be + n[:, None] * stride_bo + r[None, :] * stride_br,
                         mask=n_mask[:, None] & r_mask[None, :], other=0.0)
-            ds = tl.dot(g, b, ds, input_precision=PRECISION)
-            db = tl.dot(tl.trans(g), s, input_precision=PRECISION) * scale
+            ds += tl.where(mine, tl.dot(g, b, input_precision=PRECISION), 0.0)
+            s_e = tl.where(mine, s, 0.0).to(s.dtype)
+            db = tl.dot(tl.trans(g), s_e, input_precision=PRECISION) * tl.load(scale_ptr + e)
             _add_to_weight_grad(db_ptr, (e * out_features + n[:, None]) * BLOCK_R + r[None, :],
                                 db, n_mask[:, None] & r_mask[None, :], db_block_stride,
                                 DETERMINISTIC)
-        tl.store(ds_ptr + rows[:, None] * BLOCK_R + r[None, :], ds * scale, mask=mine[:, None])
+    tl.store(ds_partial_ptr + (chunk * num_rows + rows[:, None]) * BLOCK_R + r[None, :],
+             ds * scale[:, None], mask=in_rows[:, None])
 
 
 @triton.jit
 def _lora_bwd_x_kernel(
-    x_ptr, a_ptr, route_ptr, order_ptr, ds_ptr, dx_ptr, da_ptr,
-    num_rows, in_features, rank, seed, dropout_p, da_block_stride,
+    x_ptr, a_ptr, route_ptr, order_ptr, ds_partial_ptr, dx_ptr, da_ptr,
+    num_rows, in_features, rank, seed, dropout_p, num_ds_chunks, da_block_stride,
     stride_xm, stride_xk, stride_ae, stride_ar, stride_ak, stride_dm, stride_dk,
     ROUTED: tl.constexpr, DROPOUT: tl.constexpr, COMPUTE_DX: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, CHUNK: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """dx[n] += dropout'(ds[n] A) in place; da[e] += dsᵀ dropout(x) (float32, (E, BLOCK_R,
-    in)); one pass over x."""
+    """For the row block of program 0 and the CHUNK columns of ``in`` of program 1, one pass
+    over x: dx[n] += dropout'(ds[n] Aₑ) in place and da[e] += ds[rows of e]ᵀ dropout(x)
+    (float32 (E, BLOCK_R, in)); ds is the sum of the dY pass's partials."""
     rows, in_rows, adapter, first, last = _block_rows(route_ptr, order_ptr, num_rows, ROUTED,
                                                       BLOCK_M)
+    chunk = tl.program_id(1)
     r = tl.arange(0, BLOCK_R)
     r_mask = r < rank
-    for e in range(first, last + 1):
-        mine = in_rows & (adapter == e)
-        ds = tl.load(ds_ptr + rows[:, None] * BLOCK_R + r[None, :], mask=mine[:, None], other=0.0)
-        ds = ds.to(x_ptr.dtype.element_ty)
-        for k0 in range(0, in_features, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = k < in_features
-            tile_mask = mine[:, None] & k_mask[None, :]
+    has = in_rows & (adapter >= 0)
+    ds = _block_sum(ds_partial_ptr, rows, in_rows, num_rows, num_ds_chunks, BLOCK_M, BLOCK_R)
+    ds = ds.to(x_ptr.dtype.element_ty)
+    for k0 in range(chunk * CHUNK, chunk * CHUNK + CHUNK, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k < in_features
+        tile_mask = has[:, None] & k_mask[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk,
+                    mask=tile_mask, other=0.0)
+        if DROPOUT:
+            x = _dropout(x, rows[:, None] * in_features + k[None, :], seed, dropout_p)
+        dx_lora = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for e in range(first, last + 1):
+            ds_e = tl.where((adapter == e)[:, None], ds, 0.0).to(ds.dtype)
             if COMPUTE_DX:
                 a = tl.load(a_ptr + e * stride_ae + r[:, None] * stride_ar + k[None, :] * stride_ak,
                             mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-                dx_ptrs = dx_ptr + rows[:, None] * stride_dm + k[None, :] * stride_dk
-                dx_lora = tl.dot(ds, a, input_precision=PRECISION)
-                if DROPOUT:
-                    dx_lora = _dropout(dx_lora, rows[:, None] * in_features + k[None, :], seed,
-                                       dropout_p)
-                dx = tl.load(dx_ptrs, mask=tile_mask, other=0.0).to(tl.float32) + dx_lora
-                tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=tile_mask)
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk,
-                        mask=tile_mask, other=0.0)
-            if DROPOUT:
-                x = _dropout(x, rows[:, None] * in_features + k[None, :], seed, dropout_p)
-            da = tl.dot(tl.trans(ds), x, input_precision=PRECISION)
+                dx_lora = tl.dot(ds_e, a, dx_lora, input_precision=PRECISION)
+            da = tl.dot(tl.trans(ds_e), x, input_precision=PRECISION)
             _add_to_weight_grad(da_ptr, (e * BLOCK_R + r[:, None]) * in_features + k[None, :],
                                 da, r_mask[:, None] & k_mask[None, :], da_block_stride,
                                 DETERMINISTIC)
+        if COMPUTE_DX:
+            if DROPOUT:
+                dx_lora = _dropout(dx_lora, rows[:, None] * in_features + k[None, :], seed,
+                                   dropout_p)
+            dx_ptrs = dx_ptr + rows[:, None] * stride_dm + k[None, :] * stride_dk
+            dx = tl.load(dx_ptrs, mask=tile_mask, other=0.0).to(tl.float32) + dx_lora
+            tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=tile_mask)
 
 
 def _route_order(route: Optional[torch.Tensor]):
@@ -313,7 +367,7 @@ def lora_forward(x, lora_a, lora_b, scale, route, dropout_p: float, seed: int, o
     Returns s = dropout(x) Aₑᵀ, float32 (N, BLOCK_R) (columns >= r unused)."""
     num_rows, in_features = x.shape
     out_features, rank = lora_b.shape[1:]
-    block_m, block_n, block_k, block_r, warps = _blocks(x.device, rank)
+    block_m, block_n, block_k, block_r, chunk, warps = _blocks(x.device, rank)
     if row_path is None:
         row_path = num_rows <= row_path_max_rows(x.device)
     if num_rows == 0 or out_features == 0:
@@ -321,17 +375,30 @@ def lora_forward(x, lora_a, lora_b, scale, route, dropout_p: float, seed: int, o
     if row_path:
         return _row_forward(x, lora_a, lora_b, scale, route, dropout_p, seed, out, block_r,
                             warps)
-    s = torch.zeros((num_rows, block_r), dtype=torch.float32, device=x.device)
     route, order = _route_order(route)
-    wrap_triton(_lora_fwd_kernel)[(triton.cdiv(num_rows, block_m),)](
-        x, lora_a, lora_b, scale, route, order, out, s,
-        num_rows, in_features, out_features, rank, seed, dropout_p,
-        *x.stride(), *lora_a.stride(), *lora_b.stride(), *out.stride(),
-        ROUTED=route is not None, DROPOUT=dropout_p > 0,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
-        PRECISION=_PRECISION, num_warps=warps,
+    num_blocks, in_chunks = triton.cdiv(num_rows, block_m), triton.cdiv(in_features, chunk)
+    partial = _partial_sums(in_chunks, num_rows, block_r, x.device)
+    if in_chunks:
+        wrap_triton(_lora_shrink_kernel)[(num_blocks, in_chunks)](
+            x, lora_a, route, order, partial, num_rows, in_features, rank, seed, dropout_p,
+            *x.stride(), *lora_a.stride(),
+            ROUTED=route is not None, DROPOUT=dropout_p > 0, BLOCK_M=block_m, BLOCK_K=block_k,
+            BLOCK_R=block_r, CHUNK=chunk, PRECISION=_PRECISION, num_warps=warps,
+        )
+    s = empty_output((num_rows, block_r), dtype=torch.float32, device=x.device)
+    wrap_triton(_lora_expand_kernel)[(num_blocks, triton.cdiv(out_features, chunk))](
+        partial, lora_b, scale, route, order, out, s, num_rows, out_features, rank, in_chunks,
+        *lora_b.stride(), *out.stride(),
+        ROUTED=route is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
+        CHUNK=chunk, PRECISION=_PRECISION, num_warps=warps,
     )
     return s
+
+
+def _partial_sums(num_chunks: int, num_rows: int, block_r: int, device) -> torch.Tensor:
+    """The float32 (chunks, N, BLOCK_R) buffer of per-chunk partial sums (every element is
+    written by a kernel)."""
+    return empty_output((num_chunks, num_rows, block_r), dtype=torch.float32, device=device)
 
 
 def _row_forward(x, lora_a, lora_b, scale, route, dropout_p, seed, out, block_r, warps):
@@ -340,14 +407,15 @@ def _row_forward(x, lora_a, lora_b, scale, route, dropout_p, seed, out, block_r,
     out_features, rank = lora_b.shape[1:]
     block_k, block_n = _row_blocks(x.device, block_r)
     num_chunks = triton.cdiv(in_features, block_k)
-    partial = empty_output((num_chunks, num_rows, block_r), dtype=torch.float32, device=x.device)
+    partial = _partial_sums(num_chunks, num_rows, block_r, x.device)
     s = empty_output((num_rows, block_r), dtype=torch.float32, device=x.device)
-    wrap_triton(_lora_shrink_rows_kernel)[(num_rows, num_chunks)](
-        x, lora_a, route, partial, num_rows, in_features, rank, seed, dropout_p,
-        *x.stride(), *lora_a.stride(),
-        ROUTED=route is not None, DROPOUT=dropout_p > 0, BLOCK_K=block_k, BLOCK_R=block_r,
-        num_warps=warps,
-    )
+    if num_chunks:
+        wrap_triton(_lora_shrink_rows_kernel)[(num_rows, num_chunks)](
+            x, lora_a, route, partial, num_rows, in_features, rank, seed, dropout_p,
+            *x.stride(), *lora_a.stride(),
+            ROUTED=route is not None, DROPOUT=dropout_p > 0, BLOCK_K=block_k,
+            BLOCK_R=block_r, num_warps=warps,
+        )
     wrap_triton(_lora_expand_rows_kernel)[(num_rows, triton.cdiv(out_features, block_n))](
         partial, lora_b, scale, route, out, s, num_rows, out_features, rank, num_chunks,
         *lora_b.stride(), *out.stride(),
@@ -365,7 +433,7 @@ def lora_backward(grad_out, x, lora_a, lora_b, scale, route, s, dropout_p: float
     float32 (E, r, in) + (E, out, r) buffer per BLOCK_M rows) instead of atomic adds."""
     num_rows, in_features = x.shape
     num_adapters, out_features, rank = lora_b.shape
-    block_m, block_n, block_k, block_r, warps = _blocks(x.device, rank)
+    block_m, block_n, block_k, block_r, chunk, warps = _blocks(x.device, rank)
     num_blocks = triton.cdiv(num_rows, block_m)
     slices = (num_blocks,) if deterministic and num_rows else ()
     da = torch.zeros((*slices, num_adapters, block_r, in_features), dtype=torch.float32,
@@ -374,24 +442,26 @@ def lora_backward(grad_out, x, lora_a, lora_b, scale, route, s, dropout_p: float
                      device=x.device)
     if num_rows and out_features and in_features:
         route, order = _route_order(route)
-        ds = torch.empty((num_rows, block_r), dtype=torch.float32, device=x.device)
-        wrap_triton(_lora_bwd_dy_kernel)[(num_blocks,)](
-            grad_out, lora_b, scale, route, order, s, ds, db,
+        out_chunks, in_chunks = triton.cdiv(out_features, chunk), triton.cdiv(in_features, chunk)
+        ds_partial = _partial_sums(out_chunks, num_rows, block_r, x.device)
+        wrap_triton(_lora_bwd_dy_kernel)[(num_blocks, out_chunks)](
+            grad_out, lora_b, scale, route, order, s, ds_partial, db,
             num_rows, out_features, rank, db[0].numel() if slices else 0,
             *grad_out.stride(), *lora_b.stride(),
             ROUTED=route is not None, DETERMINISTIC=bool(slices),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, PRECISION=_PRECISION,
-            num_warps=warps,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, CHUNK=chunk,
+            PRECISION=_PRECISION, num_warps=warps,
         )
         dx_strides = (0, 0) if dx is None else dx.stride()
-        wrap_triton(_lora_bwd_x_kernel)[(num_blocks,)](
-            x, lora_a, route, order, ds, dx, da,
-            num_rows, in_features, rank, seed, dropout_p, da[0].numel() if slices else 0,
+        wrap_triton(_lora_bwd_x_kernel)[(num_blocks, in_chunks)](
+            x, lora_a, route, order, ds_partial, dx, da,
+            num_rows, in_features, rank, seed, dropout_p, out_chunks,
+            da[0].numel() if slices else 0,
             *x.stride(), *lora_a.stride(), *dx_strides,
             ROUTED=route is not None, DROPOUT=dropout_p > 0, COMPUTE_DX=dx is not None,
             DETERMINISTIC=bool(slices),
-            BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, PRECISION=_PRECISION,
-            num_warps=warps,
+            BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, CHUNK=chunk,
+            PRECISION=_PRECISION, num_warps=warps,
         )
     if slices:
         da, db = da.sum(0), db.sum(0)

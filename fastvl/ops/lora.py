@@ -24,9 +24,9 @@ Backends:
   adapters at once and a one-hot gate (E·r columns per row, for few adapters). Autograd by
   PyTorch; stores the dropout mask. Float64 capable.
 * ``triton`` (``fastvl::lora_linear_fwd_triton`` / ``..._bwd_triton``,
-  :mod:`fastvl.kernels.lora`): torch's GEMM for the base (cuBLAS on GPU), one kernel adding
-  the LoRA branch into its output (x read once per row block, the shrink kept in registers,
-  r <= 64); for a decode batch (few rows, up to ``kernels.lora.row_path_max_rows``, any
+  :mod:`fastvl.kernels.lora`): torch's GEMM for the base (cuBLAS on GPU), then a shrink
+  kernel (x read once) and an expand kernel adding the LoRA branch into the base output
+  (read and written once), both over rows × column chunks (r <= 64); for a decode batch (few rows, up to ``kernels.lora.row_path_max_rows``, any
   number of adapters) two GEMV-style launches per row instead, so a step over tens of
   adapters runs in parallel over rows and output columns; backward: ``dY W`` by torch, then
   one pass over dY (ds and dB) and one over x (dX and dA), the dropout mask regenerated from
