@@ -1,0 +1,154 @@
+"""Compile Triton kernels for a GPU architecture on a machine without a GPU.
+
+The CPU interpreter (``TRITON_INTERPRET=1``) checks what kernels compute, not whether Triton's
+real compiler accepts them for a GPU: dtype mismatches in loops, ``tl.dot`` shapes, bf16
+paths, register and shared-memory limits only show up there. :func:`recorded_launches`
+records every launch a kernels module makes through ``wrap_triton`` in a block (argument
+types, constexprs, ``num_warps``; the launches still run), and :func:`compile_errors` compiles
+each distinct one for ``sm_<arch>`` with Triton's compiler and ptxas, in a subprocess (the
+interpreter replaces ``triton.jit`` in the recording process). Nothing runs on a GPU.
+
+``python -m fastvl.triton_aot ARCH`` reads the recorded launches (JSON) on stdin and prints
+the errors (JSON).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import json
+import os
+import subprocess
+import sys
+from typing import Iterator
+
+import torch
+
+__all__ = ["recorded_launches", "with_pointer_type", "compile_errors"]
+
+_POINTER_TYPES = {
+    torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32",
+    torch.float64: "*fp64", torch.int64: "*i64", torch.int32: "*i32", torch.int16: "*i16",
+    torch.int8: "*i8", torch.uint8: "*u8", torch.bool: "*i1",
+}
+_OPTIONS = ("num_warps", "num_stages")
+
+
+def _argument_type(value) -> str:
+    """Triton's signature type of a launch argument ("constexpr" for None and strings)."""
+    if isinstance(value, torch.Tensor):
+        return _POINTER_TYPES[value.dtype]
+    if value is None or isinstance(value, str):
+        return "constexpr"
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2**31 <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for a launch argument of type {type(value).__name__}")
+
+
+def _describe(kernel, args: tuple, kwargs: dict) -> dict:
+    """One launch as JSON-able data: module, kernel name, signature, constexprs, options."""
+    fn = kernel.fn
+    parameters = inspect.signature(fn).parameters
+    values = dict(zip(kernel.arg_names, args))
+    values.update({k: v for k, v in kwargs.items() if k not in _OPTIONS})
+    signature, constants = {}, {}
+    for name in kernel.arg_names:
+        value = values[name]
+        if "constexpr" in str(parameters[name].annotation):
+            signature[name], constants[name] = "constexpr", value
+        else:
+            signature[name] = _argument_type(value)
+            if signature[name] == "constexpr":
+                constants[name] = value
+    return {
+        "module": fn.__module__, "kernel": fn.__name__, "signature": signature,
+        "constants": constants, "options": {k: kwargs[k] for k in _OPTIONS if k in kwargs},
+    }
+
+
+@contextlib.contextmanager
+def recorded_launches(module) -> Iterator[list[dict]]:
+    """Record the launches ``module`` (a kernels module calling its ``wrap_triton``) makes in
+    the block; yields the list they are appended to."""
+    launches: list[dict] = []
+    wrap = module.wrap_triton
+
+    def recording_wrap(kernel):
+        wrapped = wrap(kernel)
+
+        class _Grid:
+            def __getitem__(self, grid):
+                launcher = wrapped[grid]
+
+                def launch(*args, **kwargs):
+                    launches.append(_describe(kernel, args, kwargs))
+                    return launcher(*args, **kwargs)
+
+                return launch
+
+        return _Grid()
+
+    module.wrap_triton = recording_wrap
+    try:
+        yield launches
+    finally:
+        module.wrap_triton = wrap
+
+
+def with_pointer_type(launches: list[dict], old: str, new: str) -> list[dict]:
+    """The launches with every ``*<old>`` pointer argument typed ``*<new>``: e.g. fp16 -> bf16
+    for the bf16 variants of launches recorded in float16 (the interpreter runs no bf16
+    ``tl.dot``)."""
+    return [
+        {**launch, "signature": {name: f"*{new}" if kind == f"*{old}" else kind
+                                 for name, kind in launch["signature"].items()}}
+        for launch in launches
+    ]
+
+
+def compile_errors(launches: list[dict], arch: int, timeout: float = 600.0) -> list[str]:
+    """Compile each distinct launch for ``sm_<arch>`` (e.g. 90 for H100 / H200, 80 for A100);
+    one message per failure, [] when all compile."""
+    distinct = list({json.dumps(launch, sort_keys=True): launch for launch in launches}.values())
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-m", "fastvl.triton_aot", str(arch)], input=json.dumps(distinct),
+        capture_output=True, text=True, env=env, timeout=timeout,
+    )
+    if result.returncode != 0:
+        return [f"the compile subprocess failed ({result.returncode}): {result.stderr[-4000:]}"]
+    return json.loads(result.stdout)
+
+
+def _compile(launch: dict, arch: int) -> None:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = getattr(importlib.import_module(launch["module"]), launch["kernel"])
+    names = kernel.arg_names
+    constexprs = {(names.index(name),): value for name, value in launch["constants"].items()}
+    source = ASTSource(fn=kernel, signature=launch["signature"], constexprs=constexprs)
+    triton.compile(source, target=GPUTarget("cuda", arch, 32), options=launch["options"])
+
+
+def _main() -> None:
+    arch = int(sys.argv[1])
+    errors = []
+    for launch in json.load(sys.stdin):
+        try:
+            _compile(launch, arch)
+        except Exception as error:  # every failure is reported, not just the first
+            constants = ", ".join(f"{k}={v}" for k, v in launch["constants"].items())
+            errors.append(f"{launch['kernel']} ({constants}) for sm_{arch}: "
+                          f"{type(error).__name__}: {str(error)[-2000:]}")
+    json.dump(errors, sys.stdout)
+
+
+if __name__ == "__main__":
+    _main()
