@@ -2,7 +2,9 @@
 
 The CPU interpreter (``TRITON_INTERPRET=1``) checks what kernels compute, not whether Triton's
 real compiler accepts them for a GPU: dtype mismatches in loops, ``tl.dot`` shapes, bf16
-paths, register and shared-memory limits only show up there. :func:`recorded_launches`
+paths, register and shared-memory limits only show up there. Inside
+:func:`gpu_launch_sizes` the launch wrappers pick their GPU block sizes on any device;
+:func:`recorded_launches`
 records every launch a kernels module makes through ``wrap_triton`` in a block (argument
 types, constexprs, ``num_warps``; the launches still run), and :func:`compile_errors` compiles
 each distinct one for ``sm_<arch>`` with Triton's compiler and ptxas, in a subprocess (the
@@ -25,7 +27,7 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["recorded_launches", "with_pointer_type", "compile_errors"]
+__all__ = ["gpu_launch_sizes", "recorded_launches", "with_pointer_type", "compile_errors"]
 
 _POINTER_TYPES = {
     torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32",
@@ -69,6 +71,20 @@ def _describe(kernel, args: tuple, kwargs: dict) -> dict:
         "module": fn.__module__, "kernel": fn.__name__, "signature": signature,
         "constants": constants, "options": {k: kwargs[k] for k in _OPTIONS if k in kwargs},
     }
+
+
+@contextlib.contextmanager
+def gpu_launch_sizes() -> Iterator[None]:
+    """Launch configurations take their GPU values on every device in the block (see
+    :func:`fastvl.kernels.gpu_sizes`): a CPU run then records the launches a GPU would make."""
+    import fastvl.kernels as kernels
+
+    previous = kernels._GPU_SIZES_EVERYWHERE
+    kernels._GPU_SIZES_EVERYWHERE = True
+    try:
+        yield
+    finally:
+        kernels._GPU_SIZES_EVERYWHERE = previous
 
 
 @contextlib.contextmanager

@@ -41,6 +41,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from fastvl._outputs import empty_output
+from fastvl.kernels import gpu_sizes
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -56,7 +57,7 @@ def _block_d(head_dim: int) -> int:
 
 def _config(kind: str, head_dim: int, dtype: torch.dtype, device: torch.device):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one kernel kind."""
-    if device.type != "cuda":
+    if not gpu_sizes(device):
         block_m, block_n = _INTERPRETER_BLOCKS[kind]
         return block_m, block_n, 4, 1
     block_d = _block_d(head_dim)
@@ -595,7 +596,7 @@ def attention_backward(grad_out, grad_lse, q, k, v, out, lse, key_bias, prefix_l
     qk_scale = scale * 1.4426950408889634
 
     delta = empty_output(lse.shape, dtype=torch.float32, device=device)
-    delta_block = 16 if device.type != "cuda" else max(16, min(128, 8192 // block_d))
+    delta_block = max(16, min(128, 8192 // block_d)) if gpu_sizes(device) else 16
     wrap_triton(_attn_bwd_delta_kernel)[(triton.cdiv(num_queries, delta_block), batch * heads)](
         out, grad_out, grad_lse if grad_lse is not None else lse, cu_q, delta,
         heads, num_queries, head_dim,

@@ -49,6 +49,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from fastvl._outputs import empty_output
+from fastvl.kernels import gpu_sizes
 
 _PRECISION = "ieee"  # float32 dots are not rounded to tf32
 MAX_RANK = 64
@@ -61,12 +62,12 @@ def shrink_columns(device: torch.device, rank: int) -> int:
 
 def row_path_max_rows(device: torch.device) -> int:
     """The forward takes the row (decode) path for at most this many rows, else row blocks."""
-    return 256 if device.type == "cuda" else 8  # small on CPU: the tests' shapes take both
+    return 256 if gpu_sizes(device) else 8  # small on CPU: the tests' shapes take both
 
 
 def _row_blocks(device: torch.device, block_r: int):
     """(BLOCK_K, BLOCK_N) of the row path: tiles of 8192 float32 values (r=16: 512 columns)."""
-    if device.type != "cuda":
+    if not gpu_sizes(device):
         return 16, 16
     return 8192 // block_r, 8192 // block_r
 
@@ -75,7 +76,7 @@ def _blocks(device: torch.device, rank: int):
     """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, CHUNK, num_warps) of the row-block path: a program
     takes BLOCK_M rows and CHUNK columns (of ``in`` or ``out``) in BLOCK_K / BLOCK_N tiles."""
     block_r = max(16, triton.next_power_of_2(rank))
-    if device.type != "cuda":
+    if not gpu_sizes(device):
         return 16, 16, 16, block_r, 32, 4  # small blocks so the tests' shapes span several
     return 64, 64, 64, block_r, 512, 4
 

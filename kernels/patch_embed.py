@@ -33,6 +33,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from fastvl._outputs import empty_output
+from fastvl.kernels import gpu_sizes, multiprocessors
 
 _INTERPRETER_BLOCKS = (16, 16, 16)  # small blocks so the tests' shapes span several
 # tl.dot's input precision: float32 must not be rounded to tf32 (fp16 / bf16 ignore it).
@@ -41,7 +42,7 @@ _PRECISION = "ieee"
 
 def _gemm_config(dtype: torch.dtype, device: torch.device):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)."""
-    if device.type != "cuda":
+    if not gpu_sizes(device):
         return (*_INTERPRETER_BLOCKS, 4, 1)
     if dtype == torch.float32:
         return 64, 64, 32, 4, 3
@@ -258,9 +259,9 @@ def masked_patch_embed_forward(imgs, weight, bias, pos_embed, ids_keep, cls_toke
 def _weight_splits(tiles: int, num_rows: int, block_k: int, device: torch.device) -> int:
     """How many partial sums dweight's reduction over the kept rows is split into."""
     chunks = triton.cdiv(num_rows, block_k)
-    if device.type != "cuda":
+    if not gpu_sizes(device):
         return min(2, chunks)  # exercise the split path in the interpreter
-    programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    programs = 2 * multiprocessors(device)
     return max(1, min(triton.cdiv(programs, tiles), chunks // 4))
 
 
@@ -319,7 +320,7 @@ def masked_patch_embed_backward(grad_out, imgs, weight, ids_keep, num_pos_rows: 
             sorted_ids, order = torch.sort(flat, stable=True)
             patches = torch.arange(num_patches + 1, device=flat.device, dtype=flat.dtype)
             bounds = torch.searchsorted(sorted_ids, patches)  # rows of patch l: [b[l], b[l+1])
-            block_d = min(triton.next_power_of_2(dim), 1024 if imgs.is_cuda else 64)
+            block_d = min(triton.next_power_of_2(dim), 1024 if gpu_sizes(imgs.device) else 64)
             grid = (num_patches, triton.cdiv(dim, block_d))
             wrap_triton(_embed_dpos_kernel)[grid](
                 grad_out, order, bounds, dpos[num_pos_rows - num_patches:],

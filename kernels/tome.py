@@ -32,6 +32,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from fastvl._outputs import empty_output
+from fastvl.kernels import gpu_sizes
 from fastvl.kernels.gather import channel_block
 from fastvl.reference.tome import NORM_EPS, token_sets
 
@@ -39,7 +40,7 @@ from fastvl.reference.tome import NORM_EPS, token_sets
 def _match_blocks(channels: int, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_A, BLOCK_B, BLOCK_C, num_warps) of the best-partner kernel."""
     block_c = min(64, max(16, triton.next_power_of_2(channels)))
-    if device.type != "cuda":
+    if not gpu_sizes(device):
         # Small interpreted blocks, so that the tests' small shapes span several of each.
         return 16, 16, 16, 4
     return 64, 64, block_c, 4

@@ -435,28 +435,23 @@ def test_compiles_without_graph_breaks(backend):
         )
 
 
-@pytest.mark.parametrize("arch", [80, 90])
-def test_triton_kernels_compile_for_gpus(arch, monkeypatch):
-    """Every LoRA kernel variant a GPU would launch (GPU block sizes; plain / routed, dropout,
-    row and row-block paths, with and without dX, atomic and deterministic dA / dB; fp16,
-    bf16, fp32) compiles with Triton's real compiler for sm_80 (A100) and sm_90 (H100 / H200):
-    what the interpreter cannot check."""
+@pytest.fixture(scope="module")
+def gpu_launches():
+    """The launches of every LoRA kernel variant a GPU would make (GPU block sizes; plain /
+    routed, dropout, row and row-block paths, with and without dX, atomic and deterministic
+    dA / dB), recorded from interpreted fp16 and fp32 runs, plus their bf16 twins."""
     require_backend("lora_linear", "triton")
+    if DEVICE.type != "cpu":
+        pytest.skip("checks GPU compilation on machines without one (a GPU runs the kernels)")
     from fastvl import triton_aot
     from fastvl.kernels import lora as kernels
 
-    if DEVICE.type != "cpu":
-        pytest.skip("checks GPU compilation on machines without one (a GPU runs the kernels)")
-    gpu = torch.device("cuda")
-    blocks, row_blocks = kernels._blocks, kernels._row_blocks
-    monkeypatch.setattr(kernels, "_blocks", lambda device, rank: blocks(gpu, rank))
-    monkeypatch.setattr(kernels, "_row_blocks", lambda device, rank: row_blocks(gpu, rank))
     deterministic_before = torch.are_deterministic_algorithms_enabled()
-    with triton_aot.recorded_launches(kernels) as launches:
+    with triton_aot.gpu_launch_sizes(), triton_aot.recorded_launches(kernels) as launches:
         for dtype in (torch.float16, torch.float32):
             for num_rows, routed, dropout_p, needs_dx in [
                 (5, True, 0.1, True), (5, False, 0.0, True),  # row path
-                (40, True, 0.1, True), (40, False, 0.0, False),  # row blocks
+                (300, True, 0.1, True), (300, False, 0.0, False),  # row blocks
             ]:
                 x, weight, _, lora_a, lora_b = (t.to(dtype) for t in _params(
                     (num_rows,), 40, 33, 8, 3 if routed else None, seed=48))
@@ -478,8 +473,16 @@ def test_triton_kernels_compile_for_gpus(arch, monkeypatch):
                         torch.use_deterministic_algorithms(deterministic_before)
     kernel_names = {launch["kernel"] for launch in launches}
     assert len(kernel_names) == 6, kernel_names  # both forward paths and the backward
-    launches += triton_aot.with_pointer_type(launches, "fp16", "bf16")
-    assert triton_aot.compile_errors(launches, arch) == []
+    return launches + triton_aot.with_pointer_type(launches, "fp16", "bf16")
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_triton_kernels_compile_for_gpus(arch, gpu_launches):
+    """Every recorded launch compiles with Triton's real compiler (and ptxas) for sm_80
+    (A100) and sm_90 (H100 / H200): what the interpreter cannot check, bf16 included."""
+    from fastvl import triton_aot
+
+    assert triton_aot.compile_errors(gpu_launches, arch) == []
 
 
 def test_auto_uses_torch_on_cpu_and_triton_reasons():
