@@ -16,6 +16,7 @@ the errors (JSON).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import importlib
 import inspect
@@ -88,13 +89,13 @@ def gpu_launch_sizes() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def recorded_launches(module) -> Iterator[list[dict]]:
-    """Record the launches ``module`` (a kernels module calling its ``wrap_triton``) makes in
+def recorded_launches(*modules) -> Iterator[list[dict]]:
+    """Record the launches ``modules`` (kernels modules calling their ``wrap_triton``) make in
     the block; yields the list they are appended to."""
     launches: list[dict] = []
-    wrap = module.wrap_triton
+    wraps = [module.wrap_triton for module in modules]
 
-    def recording_wrap(kernel):
+    def recording_wrap(kernel, wrap=wraps[0]):
         wrapped = wrap(kernel)
 
         class _Grid:
@@ -109,11 +110,13 @@ def recorded_launches(module) -> Iterator[list[dict]]:
 
         return _Grid()
 
-    module.wrap_triton = recording_wrap
+    for module in modules:
+        module.wrap_triton = recording_wrap
     try:
         yield launches
     finally:
-        module.wrap_triton = wrap
+        for module, wrap in zip(modules, wraps):
+            module.wrap_triton = wrap
 
 
 def with_pointer_type(launches: list[dict], old: str, new: str) -> list[dict]:
@@ -127,18 +130,30 @@ def with_pointer_type(launches: list[dict], old: str, new: str) -> list[dict]:
     ]
 
 
-def compile_errors(launches: list[dict], arch: int, timeout: float = 600.0) -> list[str]:
-    """Compile each distinct launch for ``sm_<arch>`` (e.g. 90 for H100 / H200, 80 for A100);
-    one message per failure, [] when all compile."""
+def compile_errors(launches: list[dict], arch: int, timeout: float = 1800.0) -> list[str]:
+    """Compile each distinct launch for ``sm_<arch>`` (e.g. 90 for H100 / H200, 80 for A100),
+    spread over one subprocess per CPU core; one message per failure, [] when all compile."""
     distinct = list({json.dumps(launch, sort_keys=True): launch for launch in launches}.values())
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, "-m", "fastvl.triton_aot", str(arch)], input=json.dumps(distinct),
-        capture_output=True, text=True, env=env, timeout=timeout,
-    )
-    if result.returncode != 0:
-        return [f"the compile subprocess failed ({result.returncode}): {result.stderr[-4000:]}"]
-    return json.loads(result.stdout)
+    workers = max(1, min(len(distinct), os.cpu_count() or 1))
+    processes = [
+        subprocess.Popen([sys.executable, "-m", "fastvl.triton_aot", str(arch)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env)
+        for _ in range(workers)
+    ]
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # feed and drain all at once
+        outputs = list(pool.map(
+            lambda i: processes[i].communicate(json.dumps(distinct[i::workers]), timeout=timeout),
+            range(workers),
+        ))
+    errors = []
+    for process, (stdout, stderr) in zip(processes, outputs):
+        if process.returncode != 0:
+            errors.append(f"a compile subprocess failed ({process.returncode}): {stderr[-4000:]}")
+        else:
+            errors += json.loads(stdout)
+    return errors
 
 
 def _compile(launch: dict, arch: int) -> None:
