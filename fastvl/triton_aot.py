@@ -10,8 +10,9 @@ types, constexprs, ``num_warps``; the launches still run), and :func:`compile_er
 each distinct one for ``sm_<arch>`` with Triton's compiler and ptxas, in a subprocess (the
 interpreter replaces ``triton.jit`` in the recording process). Nothing runs on a GPU.
 
-``python -m fastvl.triton_aot ARCH`` reads the recorded launches (JSON) on stdin and prints
-the errors (JSON).
+:func:`resource_usage` also reports ptxas's registers, spills and shared memory per launch.
+``python -m fastvl.triton_aot ARCH compile|usage`` reads recorded launches (JSON) on stdin
+and prints one row per launch (JSON).
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["gpu_launch_sizes", "recorded_launches", "with_pointer_type", "compile_errors"]
+__all__ = [
+    "gpu_launch_sizes", "recorded_launches", "with_pointer_type", "compile_errors",
+    "resource_usage",
+]
 
 _POINTER_TYPES = {
     torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32",
@@ -133,11 +137,22 @@ def with_pointer_type(launches: list[dict], old: str, new: str) -> list[dict]:
 def compile_errors(launches: list[dict], arch: int, timeout: float = 1800.0) -> list[str]:
     """Compile each distinct launch for ``sm_<arch>`` (e.g. 90 for H100 / H200, 80 for A100),
     spread over one subprocess per CPU core; one message per failure, [] when all compile."""
+    return [row["error"] for row in _run_compiler(launches, arch, timeout) if "error" in row]
+
+
+def resource_usage(launches: list[dict], arch: int, timeout: float = 1800.0) -> list[dict]:
+    """Per distinct launch compiled for ``sm_<arch>``: ``kernel``, ``constants``, ``dtypes``
+    (of its pointer arguments), and ptxas's ``registers`` per thread, ``spill_bytes`` (spill
+    stores) and ``shared_bytes``; or ``error``. Spills cost local-memory traffic."""
+    return _run_compiler(launches, arch, timeout, "usage")
+
+
+def _run_compiler(launches: list[dict], arch: int, timeout: float, mode: str = "compile"):
     distinct = list({json.dumps(launch, sort_keys=True): launch for launch in launches}.values())
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     workers = max(1, min(len(distinct), os.cpu_count() or 1))
     processes = [
-        subprocess.Popen([sys.executable, "-m", "fastvl.triton_aot", str(arch)],
+        subprocess.Popen([sys.executable, "-m", "fastvl.triton_aot", str(arch), mode],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, env=env)
         for _ in range(workers)
@@ -147,16 +162,17 @@ def compile_errors(launches: list[dict], arch: int, timeout: float = 1800.0) -> 
             lambda i: processes[i].communicate(json.dumps(distinct[i::workers]), timeout=timeout),
             range(workers),
         ))
-    errors = []
+    rows = []
     for process, (stdout, stderr) in zip(processes, outputs):
         if process.returncode != 0:
-            errors.append(f"a compile subprocess failed ({process.returncode}): {stderr[-4000:]}")
+            rows.append({"error": f"a compile subprocess failed ({process.returncode}): "
+                                  f"{stderr[-4000:]}"})
         else:
-            errors += json.loads(stdout)
-    return errors
+            rows += json.loads(stdout)
+    return rows
 
 
-def _compile(launch: dict, arch: int) -> None:
+def _compile(launch: dict, arch: int):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -165,20 +181,49 @@ def _compile(launch: dict, arch: int) -> None:
     names = kernel.arg_names
     constexprs = {(names.index(name),): value for name, value in launch["constants"].items()}
     source = ASTSource(fn=kernel, signature=launch["signature"], constexprs=constexprs)
-    triton.compile(source, target=GPUTarget("cuda", arch, 32), options=launch["options"])
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=launch["options"])
+
+
+def _ptxas_usage(compiled, arch: int) -> dict:
+    """ptxas -v's registers, spill stores and shared memory of a compiled kernel's PTX."""
+    import re
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptx = compiled.asm["ptx"]
+    target = re.search(r"\.target\s+(\S+)", ptx).group(1)
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as source:
+        source.write(ptx)
+        source.flush()
+        report = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={target}",
+                                 source.name, "-o", os.devnull],
+                                capture_output=True, text=True, check=True).stderr
+    registers = re.search(r"Used (\d+) registers", report)
+    spills = re.search(r"(\d+) bytes spill stores", report)
+    return {
+        "registers": int(registers.group(1)) if registers else None,
+        "spill_bytes": int(spills.group(1)) if spills else 0,
+        "shared_bytes": compiled.metadata.shared,
+    }
 
 
 def _main() -> None:
-    arch = int(sys.argv[1])
-    errors = []
+    arch, mode = int(sys.argv[1]), sys.argv[2]
+    rows = []
     for launch in json.load(sys.stdin):
+        constants = ", ".join(f"{k}={v}" for k, v in launch["constants"].items())
+        row = {"kernel": launch["kernel"], "constants": constants,
+               "dtypes": sorted({t for t in launch["signature"].values() if t.startswith("*")})}
         try:
-            _compile(launch, arch)
+            compiled = _compile(launch, arch)
+            if mode == "usage":
+                row.update(_ptxas_usage(compiled, arch))
         except Exception as error:  # every failure is reported, not just the first
-            constants = ", ".join(f"{k}={v}" for k, v in launch["constants"].items())
-            errors.append(f"{launch['kernel']} ({constants}) for sm_{arch}: "
-                          f"{type(error).__name__}: {str(error)[-2000:]}")
-    json.dump(errors, sys.stdout)
+            row["error"] = (f"{launch['kernel']} ({constants}) for sm_{arch}: "
+                            f"{type(error).__name__}: {str(error)[-2000:]}")
+        rows.append(row)
+    json.dump(rows, sys.stdout)
 
 
 if __name__ == "__main__":

@@ -55,9 +55,9 @@ _PRECISION = "ieee"  # float32 dots are not rounded to tf32
 MAX_RANK = 64
 
 
-def shrink_columns(device: torch.device, rank: int) -> int:
+def shrink_columns(rank: int) -> int:
     """Columns of the float32 shrink s the forward stores: r padded to a power of two >= 16."""
-    return _blocks(device, rank)[3]
+    return max(16, triton.next_power_of_2(rank))
 
 
 def row_path_max_rows(device: torch.device) -> int:
@@ -72,13 +72,18 @@ def _row_blocks(device: torch.device, block_r: int):
     return 8192 // block_r, 8192 // block_r
 
 
-def _blocks(device: torch.device, rank: int):
+def _blocks(device: torch.device, rank: int, dtype: torch.dtype):
     """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, CHUNK, num_warps) of the row-block path: a program
-    takes BLOCK_M rows and CHUNK columns (of ``in`` or ``out``) in BLOCK_K / BLOCK_N tiles."""
-    block_r = max(16, triton.next_power_of_2(rank))
+    takes BLOCK_M rows and CHUNK columns (of ``in`` or ``out``) in BLOCK_K / BLOCK_N tiles.
+
+    GPU sizes: picked without a GPU so that no kernel spills registers on sm_90 (ptxas, see
+    :func:`fastvl.triton_aot.resource_usage`; 64x64 tiles with 4 warps spill up to 944
+    bytes); to be tuned by timing on the GPU."""
+    block_r = shrink_columns(rank)
     if not gpu_sizes(device):
         return 16, 16, 16, block_r, 32, 4  # small blocks so the tests' shapes span several
-    return 64, 64, 64, block_r, 512, 4
+    block_m = 64 if block_r <= 32 and dtype != torch.float32 else 32
+    return block_m, 32, 32, block_r, 512, 8
 
 
 @triton.jit
@@ -368,7 +373,7 @@ def lora_forward(x, lora_a, lora_b, scale, route, dropout_p: float, seed: int, o
     Returns s = dropout(x) Aₑᵀ, float32 (N, BLOCK_R) (columns >= r unused)."""
     num_rows, in_features = x.shape
     out_features, rank = lora_b.shape[1:]
-    block_m, block_n, block_k, block_r, chunk, warps = _blocks(x.device, rank)
+    block_m, block_n, block_k, block_r, chunk, warps = _blocks(x.device, rank, x.dtype)
     if row_path is None:
         row_path = num_rows <= row_path_max_rows(x.device)
     if num_rows == 0 or out_features == 0:
@@ -434,7 +439,7 @@ def lora_backward(grad_out, x, lora_a, lora_b, scale, route, s, dropout_p: float
     float32 (E, r, in) + (E, out, r) buffer per BLOCK_M rows) instead of atomic adds."""
     num_rows, in_features = x.shape
     num_adapters, out_features, rank = lora_b.shape
-    block_m, block_n, block_k, block_r, chunk, warps = _blocks(x.device, rank)
+    block_m, block_n, block_k, block_r, chunk, warps = _blocks(x.device, rank, x.dtype)
     num_blocks = triton.cdiv(num_rows, block_m)
     slices = (num_blocks,) if deterministic and num_rows else ()
     da = torch.zeros((*slices, num_adapters, block_r, in_features), dtype=torch.float32,

@@ -65,7 +65,7 @@ def _fwd_fake(x, weight, bias, lora_a, lora_b, scale, route, dropout_p, seed):
     from fastvl.kernels.lora import shrink_columns
 
     return (x.new_empty(x.shape[0], weight.shape[0]),
-            x.new_empty(x.shape[0], shrink_columns(x.device, lora_a.shape[1]),
+            x.new_empty(x.shape[0], shrink_columns(lora_a.shape[1]),
                         dtype=torch.float32))
 
 
