@@ -32,8 +32,8 @@ Backends:
   one pass over dY (ds and dB) and one over x (dX and dA), the dropout mask regenerated from
   the seed (Philox). dA / dB are float32 atomic sums (last-bit run-to-run differences), or
   with ``torch.use_deterministic_algorithms(True)`` per-row-block sums added in a fixed order
-  (bit-reproducible, one (E, r, in) + (E, out, r) float32 buffer per block of 32-64 rows). float16 /
-  bfloat16 / float32. No double backward.
+  (bit-reproducible, one (E, r, in) + (E, out, r) float32 buffer per block of 32-64 rows).
+  float16 / bfloat16 / float32. No double backward.
 """
 
 from __future__ import annotations
