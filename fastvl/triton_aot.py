@@ -4,11 +4,11 @@ The CPU interpreter (``TRITON_INTERPRET=1``) checks what kernels compute, not wh
 real compiler accepts them for a GPU: dtype mismatches in loops, ``tl.dot`` shapes, bf16
 paths, register and shared-memory limits only show up there. Inside
 :func:`gpu_launch_sizes` the launch wrappers pick their GPU block sizes on any device;
-:func:`recorded_launches`
-records every launch a kernels module makes through ``wrap_triton`` in a block (argument
-types, constexprs, ``num_warps``; the launches still run), and :func:`compile_errors` compiles
-each distinct one for ``sm_<arch>`` with Triton's compiler and ptxas, in a subprocess (the
-interpreter replaces ``triton.jit`` in the recording process). Nothing runs on a GPU.
+:func:`recorded_launches` records every launch the given kernels modules make through
+``wrap_triton`` in a block (argument types, constexprs, ``num_warps``; the launches still
+run), and :func:`compile_errors` compiles each distinct one for ``sm_<arch>`` with Triton's
+compiler and ptxas, in subprocesses (the interpreter replaces ``triton.jit`` in the recording
+process). Nothing runs on a GPU.
 
 :func:`resource_usage` also reports ptxas's registers, spills and shared memory per launch.
 ``python -m fastvl.triton_aot ARCH compile|usage`` reads recorded launches (JSON) on stdin
@@ -98,8 +98,11 @@ def recorded_launches(*modules) -> Iterator[list[dict]]:
     the block; yields the list they are appended to."""
     launches: list[dict] = []
     wraps = [module.wrap_triton for module in modules]
+    wrap = wraps[0]  # torch.library.wrap_triton, as each kernels module imports it
+    if any(other is not wrap for other in wraps):
+        raise ValueError("recorded_launches: the modules' wrap_triton differ")
 
-    def recording_wrap(kernel, wrap=wraps[0]):
+    def recording_wrap(kernel):
         wrapped = wrap(kernel)
 
         class _Grid:
@@ -119,7 +122,7 @@ def recorded_launches(*modules) -> Iterator[list[dict]]:
     try:
         yield launches
     finally:
-        for module, wrap in zip(modules, wraps):
+        for module in modules:
             module.wrap_triton = wrap
 
 
