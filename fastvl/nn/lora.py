@@ -33,8 +33,8 @@ from fastvl.ops.lora import lora_linear, routed_lora_linear
 from fastvl.ops.registry import BACKENDS
 
 __all__ = [
-    "LoRALinear", "RoutedLoRALinear", "lora_route", "active_lora_route", "active_route_block",
-    "entered_route_block", "RouteBlock", "LORA_BACKENDS",
+    "LoRALinear", "RoutedLoRALinear", "lora_route", "active_route_block", "entered_route_block",
+    "RouteBlock", "LORA_BACKENDS",
 ]
 
 LORA_BACKENDS = ("auto",) + BACKENDS
@@ -86,12 +86,6 @@ def entered_route_block(block: RouteBlock) -> Iterator[RouteBlock]:
 def active_route_block() -> Optional[RouteBlock]:
     """The innermost :func:`lora_route` block around this call, or None."""
     return _ACTIVE_ROUTE.get()
-
-
-def active_lora_route() -> Optional[torch.Tensor]:
-    """The route of the innermost :func:`lora_route` block around this call, or None."""
-    block = _ACTIVE_ROUTE.get()
-    return None if block is None else block.route
 
 
 def _check_args(cls: str, base, r, alpha, dropout, backend, alpha_name="alpha") -> None:
