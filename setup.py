@@ -310,6 +310,7 @@ if __name__ == "__main__":
     setup(
         packages=PACKAGES,
         package_dir=PACKAGE_DIR,
+        package_data={"fastvl.ops": ["dispatch_table.json"]},
         ext_modules=EXT_MODULES,
         cmdclass=CMDCLASS,
         zip_safe=False,

@@ -105,7 +105,8 @@ def format_report(report: dict) -> str:
         f"device {device_line}",
         f"fastvl._C {ext_line}",
         "",
-        f"ops on {device['type']} (backend: available, or why not):",
+        f"ops on {device['type']} (implementations in the order backend='auto' tries them: "
+        "available, or why not):",
     ]
     width = max(len(b) for b in registry.BACKENDS)
     for op, backends in report["ops"].items():

@@ -7,16 +7,25 @@ import sys
 import torch
 
 from fastvl import _extension, info
-from fastvl.ops import BACKENDS, registry
+from fastvl.ops import registry
 
 
 def test_report_lists_every_op_and_backend():
     report = info.collect()
     assert report["torch"] == torch.__version__
     assert set(report["ops"]) == set(registry.OPS) and "gather_tokens" in report["ops"]
-    for backends in report["ops"].values():
-        assert tuple(backends) == BACKENDS
+    device = info.default_device()
+    for name, backends in report["ops"].items():
+        op = registry.OPS[name]
+        # auto's order first, then fastvl's own backends the op lacks (with the reason).
+        assert tuple(backends)[:len(op.impls)] == op.order(device)
+        assert set(backends) == set(op.impls) | set(registry.OWN_BACKENDS)
         assert backends["torch"] == []  # always available
+    # The library kernels are listed beside fastvl's own, with the reason when unavailable.
+    for library in ("sdpa", "flash_attn", "xformers"):
+        assert library in report["ops"]["attention"]
+    assert report["ops"]["attention"]["sdpa"] == []
+    assert "flash_attn" in report["ops"]["varlen_attention"]
 
 
 def test_text_report_matches_extension_state():
@@ -27,7 +36,8 @@ def test_text_report_matches_extension_state():
     else:
         assert f"fastvl._C not available: {_extension.LOAD_ERROR}" in text
     if not torch.cuda.is_available():
-        assert "cuda    unavailable: " in text
+        assert "    cuda        unavailable: " in text
+        assert "    sdpa        available" in text
 
 
 def test_report_without_extension(monkeypatch):

@@ -35,6 +35,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from fastvl.ops.registry import BACKENDS, LIBRARY_BACKENDS
+
 __all__ = [
     "BACKWARD",
     "FORWARD",
@@ -57,14 +59,11 @@ FORWARD = "forward"
 BACKWARD = "forward+backward"
 MODES = (FORWARD, BACKWARD)
 
-_BACKENDS = ("cuda", "triton", "torch")  # == fastvl.ops.BACKENDS; kept import-free here
-
-
 def fastvl_impl_name(backend: str) -> str:
     return f"fastvl[{backend}]"
 
 
-FASTVL_IMPLS = tuple(fastvl_impl_name(b) for b in _BACKENDS)
+FASTVL_IMPLS = tuple(fastvl_impl_name(b) for b in BACKENDS)
 
 
 @dataclass(frozen=True)
@@ -272,18 +271,26 @@ def fastvl_impls(
 ) -> None:
     """Add one ``fastvl[<backend>]`` callable per backend that can serve ``op(*args)``.
 
-    ``make(backend)`` returns the zero-argument callable for that backend. Backends that
-    cannot serve the call are recorded in ``built.skipped`` with the registry's reasons;
-    Triton on a CPU tensor (the interpreter) is added but marked ``interpreted``. Also
-    records which backend ``backend="auto"`` picks in ``built.auto``.
+    ``make(backend)`` returns the zero-argument callable for that backend. fastvl's own
+    backends are all tried; a library backend (``sdpa``, ``flash_attn``, ...) only where
+    ``auto`` picks it (the library itself is timed as a peer). Backends that cannot serve the
+    call are recorded in ``built.skipped`` with the registry's reasons; Triton on a CPU
+    tensor (the interpreter) is added but marked ``interpreted``. Also records which backend
+    ``backend="auto"`` picks in ``built.auto``.
     """
     from fastvl.ops.registry import OPS
 
     op = OPS.get(op_name)
-    for backend in _BACKENDS:
+    chosen = op.select("auto", device, *args) if op is not None else None
+    for backend in BACKENDS:
         name = fastvl_impl_name(backend)
         if op is None:
             built.skip(name, f"fastvl has no op named {op_name!r}")
+            continue
+        if backend in LIBRARY_BACKENDS and (
+            backend not in op.impls or op.impls[backend].fn is not chosen
+        ):
+            built.skip(name, f"{op_name}'s auto does not pick {backend} here (timed as a peer)")
             continue
         reasons = op.not_supported_reasons(backend, device, *args)
         if reasons and backend == "triton" and device.type != "cuda":
@@ -295,7 +302,6 @@ def fastvl_impls(
         if backend == "triton" and device.type != "cuda":
             built.interpreted.add(name)
     if op is not None:
-        chosen = op.select("auto", device, *args)
         for backend, implementation in op.impls.items():
             if implementation.fn is chosen:
                 built.auto = fastvl_impl_name(backend)

@@ -44,7 +44,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 import fastvl.patch.timm as fastvl_timm
-from fastvl.nn.attention import check_backend
+from fastvl.ops.registry import check_op_backend
 from fastvl.ops import (
     gather_tokens,
     masked_patch_embed,
@@ -160,7 +160,10 @@ class MaskedAutoencoderViT(nn.Module):
                 f"MaskedAutoencoderViT: num_frames ({num_frames}) must be a positive multiple of "
                 f"tubelet_size ({tubelet_size})"
             )
-        self.backend = check_backend(backend)
+        self.backend = check_op_backend(
+            "MaskedAutoencoderViT", backend, "attention", "masked_patch_embed",
+            "unshuffle_with_mask_token", "masked_pixel_loss",
+        )
         self.img_size, self.in_chans = img_size, in_chans
         self.num_frames = num_frames
         self.norm_pix_loss = norm_pix_loss

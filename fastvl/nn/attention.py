@@ -7,16 +7,13 @@ arguments (``x``, ``attn_mask``, ``is_causal``) plus ``key_bias`` for ToMe propo
 attention; :meth:`Attention.forward_with_internals` also returns q, k and the lse (the ToMe
 merge metric, EViT's class-token attention through :func:`fastvl.ops.attention_key_mass`).
 
-Which path computes ``softmax(q k^T * scale + bias) v`` is decided by the module's state and the
-shapes of the arguments, never by tensor values:
-
-* the fastvl op (on ``backend``), for no mask, a causal mask, ``key_bias``, and an ``attn_mask``
-  that is the same for every query (shape ``(..., 1, N)`` after broadcasting to (B, H, N, N)),
-  which is folded into ``key_bias``;
-* :func:`torch.nn.functional.scaled_dot_product_attention` (what timm calls) for what the
-  kernels cannot do: attention dropout (training with ``attn_drop.p > 0``) and a general
-  per-query ``attn_mask``. With ``backend="triton"`` these raise
-  :class:`~fastvl.ops.BackendNotSupportedError` instead, since the kernel was asked for by name.
+Every call is one :func:`fastvl.ops.attention` call on ``backend``; an ``attn_mask`` that is the
+same for every query (shape ``(..., 1, N)`` after broadcasting to (B, H, N, N)) is folded into
+``key_bias`` so the kernels can serve it; a general per-query ``attn_mask`` and attention
+dropout (training with ``attn_drop.p > 0``) go to the op as ``attn_mask`` / ``dropout_p``, and
+the op registry picks the implementation that serves them (``auto``), or raises
+:class:`~fastvl.ops.BackendNotSupportedError` with the reasons when a backend named here
+cannot. The choice depends on the module's state and the arguments' shapes, never on values.
 """
 
 from __future__ import annotations
@@ -24,25 +21,21 @@ from __future__ import annotations
 from typing import NamedTuple, Optional, Type
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastvl.ops.attention import attention
-from fastvl.ops.registry import BackendNotSupportedError
-from fastvl.reference.attention import attention_bias
+from fastvl.ops.registry import check_op_backend
+from fastvl.reference.attention import mask_as_bias
 
-__all__ = ["Attention", "AttentionInternals", "ATTENTION_BACKENDS"]
+__all__ = ["Attention", "AttentionInternals", "check_backend"]
 
-ATTENTION_BACKENDS = ("auto", "triton", "torch")
 # timm's submodules of Attention, in its registration (and state-dict) order; gate may be None.
 TIMM_SUBMODULES = ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "gate", "proj", "proj_drop")
 
 
 def check_backend(backend) -> str:
-    """``backend`` if it is one of :data:`ATTENTION_BACKENDS`, else ValueError."""
-    if backend not in ATTENTION_BACKENDS:
-        raise ValueError(f"backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
-    return backend
+    """``backend`` if ``"auto"`` or an implementation of ``attention``, else ValueError."""
+    return check_op_backend("fastvl.nn.Attention", backend, "attention")
 
 
 def _check_attn_mask(attn_mask, batch: int, heads: int, num_tokens: int) -> None:
@@ -86,18 +79,10 @@ def _is_per_key(attn_mask: torch.Tensor) -> bool:
     return attn_mask.dim() < 2 or attn_mask.shape[-2] == 1
 
 
-def _mask_as_bias(attn_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An SDPA-style mask as an additive float bias: bool True -> 0, False -> -inf."""
-    if attn_mask.dtype != torch.bool:
-        return attn_mask
-    zero = torch.zeros((), dtype=dtype, device=attn_mask.device)
-    return torch.where(attn_mask, zero, torch.full_like(zero, float("-inf")))
-
-
 def _per_key_mask_as_key_bias(attn_mask: torch.Tensor, batch: int, heads: int,
                               num_tokens: int, dtype: torch.dtype) -> torch.Tensor:
     """A per-key attn_mask as key_bias: (B, N) when it is shared by the heads, else (B, H, N)."""
-    bias = _mask_as_bias(attn_mask, dtype)
+    bias = mask_as_bias(attn_mask, dtype)
     bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))[:, :, 0, :]  # (b, h, n)
     if bias.shape[1] == 1:
         return bias[:, 0].expand(batch, num_tokens)
@@ -131,7 +116,7 @@ class Attention(nn.Module):
 
     Args: as timm's (``dim``, ``num_heads``, ``attn_head_dim``, ``dim_out``, ``qkv_bias``,
     ``qk_norm``, ``scale_norm``, ``proj_bias``, ``gated``, ``attn_drop``, ``proj_drop``,
-    ``norm_layer``, ``device``, ``dtype``), plus ``backend``: "auto", "triton" or "torch",
+    ``norm_layer``, ``device``, ``dtype``), plus ``backend``: "auto" or an implementation of it,
     the :func:`fastvl.ops.attention` backend, fixed here for the module's lifetime.
     """
 
@@ -280,49 +265,17 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(out)), AttentionInternals(q, k, lse)
 
     def _attend(self, q, k, v, attn_mask, is_causal, key_bias, return_lse):
-        """(softmax(q k^T * scale + masks) v, lse or None) on the path described in the module
-        docstring; out (B, H, N, D)."""
+        """(softmax(q k^T * scale + masks) v, lse or None), out (B, H, N, D): one
+        :func:`fastvl.ops.attention` call; a per-key attn_mask is folded into key_bias, so
+        the kernels can serve it, and the registry picks what serves the rest."""
         dropout_p = self.attn_drop.p if self.training else 0.0
-        general_mask = attn_mask is not None and not _is_per_key(attn_mask)
-        if dropout_p > 0.0 or general_mask:
-            if return_lse:
-                raise ValueError(
-                    "Attention: return_lse needs the fastvl attention op, but this call goes to "
-                    "SDPA (attention dropout in training, or an attn_mask that differs between "
-                    "queries); call eval() or set attn_drop.p = 0"
-                )
-            return self._sdpa(q, k, v, attn_mask, is_causal, key_bias, dropout_p), None
-        if attn_mask is not None:
+        if attn_mask is not None and _is_per_key(attn_mask):
             batch, heads, num_tokens, _ = q.shape
             mask_bias = _per_key_mask_as_key_bias(attn_mask, batch, heads, num_tokens, q.dtype)
-            key_bias = _add_key_biases(key_bias, mask_bias)
+            key_bias, attn_mask = _add_key_biases(key_bias, mask_bias), None
         result = attention(
             q, k, v, causal=is_causal, key_bias=key_bias, scale=self.scale,
-            return_lse=return_lse, backend=self.backend,
+            return_lse=return_lse, attn_mask=attn_mask, dropout_p=dropout_p,
+            backend=self.backend,
         )
         return result if return_lse else (result, None)
-
-    def _sdpa(self, q, k, v, attn_mask, is_causal, key_bias, dropout_p) -> torch.Tensor:
-        """What the kernels cannot do (dropout, per-query masks), on torch's SDPA."""
-        if self.backend == "triton":
-            reasons = []
-            if dropout_p > 0.0:
-                reasons.append(
-                    f"attention dropout (attn_drop.p = {dropout_p} in training mode): the "
-                    "kernels have no dropout; use backend='auto' or 'torch', or eval()"
-                )
-            if attn_mask is not None and not _is_per_key(attn_mask):
-                reasons.append(
-                    f"attn_mask of shape {tuple(attn_mask.shape)} differs between queries; the "
-                    "kernels take only per-key masks (query dim 1), as key_bias"
-                )
-            raise BackendNotSupportedError("fastvl.nn.Attention", "triton", reasons)
-        if key_bias is not None or (attn_mask is not None and is_causal):
-            extra = attention_bias(q, k, causal=is_causal, key_bias=key_bias)  # (B|1, H|1, N, N)
-            if attn_mask is not None:
-                extra = extra + _mask_as_bias(attn_mask, q.dtype).to(q.dtype)
-            attn_mask, is_causal = extra, False
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-            scale=self.scale,
-        )

@@ -30,14 +30,18 @@ import torch
 from torch import nn
 
 from fastvl.ops.lora import lora_linear, routed_lora_linear
-from fastvl.ops.registry import BACKENDS
+from fastvl.ops.registry import check_op_backend
 
 __all__ = [
     "LoRALinear", "RoutedLoRALinear", "lora_route", "active_route_block", "entered_route_block",
-    "RouteBlock", "LORA_BACKENDS",
+    "RouteBlock", "check_lora_backend",
 ]
 
-LORA_BACKENDS = ("auto",) + BACKENDS
+
+def check_lora_backend(what: str, backend) -> str:
+    """``backend`` if ``"auto"`` or an implementation of the LoRA ops, else ValueError."""
+    return check_op_backend(what, backend, "lora_linear", "routed_lora_linear")
+
 
 class RouteBlock:
     """The state of one :func:`lora_route` block: its ``route`` and the adapter counts E its
@@ -97,8 +101,7 @@ def _check_args(cls: str, base, r, alpha, dropout, backend, alpha_name="alpha") 
         raise TypeError(f"{cls}: {alpha_name} must be a finite int or float, got {alpha!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ValueError(f"{cls}: dropout must be a float in [0, 1), got {dropout!r}")
-    if backend not in LORA_BACKENDS:
-        raise ValueError(f"{cls}: backend must be one of {LORA_BACKENDS}, got {backend!r}")
+    check_lora_backend(cls, backend)
 
 
 def _check_adapter_name(cls: str, adapter_name) -> None:

@@ -24,65 +24,156 @@ from typing import Optional, Union
 import torch
 
 from fastvl.ops._checks import check_tensor, host_readable, is_int
-from fastvl.ops.registry import TRITON_IMPORT_ERROR, register_op
+from fastvl.ops.library_attention import register_library_attention
+from fastvl.ops.registry import (
+    ALL, KERNEL_DTYPES, TRITON_IMPORT_ERROR, Call, Supports, register_op,
+)
 from fastvl.reference.attention import attention as _reference_attention
+from fastvl.reference.attention import sdpa_attention
 from fastvl.reference.attention import varlen_attention as _reference_varlen_attention
 
 __all__ = [
     "attention", "varlen_attention", "ATTENTION", "VARLEN_ATTENTION", "MAX_TRITON_HEAD_DIM",
 ]
 
-ATTENTION = register_op("attention")
-VARLEN_ATTENTION = register_op("varlen_attention")
 MAX_TRITON_HEAD_DIM = 256
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _NUMBER = (int, float, torch.SymInt, torch.SymFloat)
+
+# The optional features an attention call may use, as the registry names them in reasons.
+ATTENTION_FEATURES = {
+    "gqa": "grouped-query attention (fewer k/v heads than q heads)",
+    "causal": "a causal mask",
+    "causal_bottom_right": "a causal mask with fewer queries than keys (aligned bottom-right)",
+    "causal_empty_rows": "a hard causal mask with more queries than keys (rows that see no key)",
+    "soft_causal": "a soft causal mask (causal_strength < 1)",
+    "prefix_len": "prefix-LM masking (prefix_len)",
+    "key_bias": "a per-key bias (key_bias; -inf may hide whole rows)",
+    "lse": "the log-sum-exp output (return_lse=True)",
+    "attn_mask": "a dense attn_mask that differs between queries",
+    "dropout": "attention dropout (dropout_p > 0)",
+    "empty": "no queries or no keys",
+}
+HEAD_DIM = {"head_dim": "head dim"}
+
+
+def _features(q, k, key_bias, prefix_len, causal, causal_strength, return_lse, attn_mask,
+              dropout_p, packed: bool) -> tuple:
+    """The optional features of an attention call (shapes and flags only)."""
+    features = []
+    if q.shape[1] != k.shape[1]:
+        features.append("gqa")
+    if causal:
+        if causal_strength < 1.0:
+            features.append("soft_causal")
+        elif packed:
+            features.append("causal_bottom_right")  # per sequence: Nq_b and Nk_b may differ
+        else:
+            num_queries, num_keys = q.shape[2], k.shape[2]
+            features.append("causal" if num_queries == num_keys else (
+                "causal_bottom_right" if num_queries < num_keys else "causal_empty_rows"
+            ))
+    if prefix_len is not None:
+        features.append("prefix_len")
+    if key_bias is not None:
+        features.append("key_bias")
+    if return_lse:
+        features.append("lse")
+    if attn_mask is not None:
+        features.append("attn_mask")
+    if dropout_p > 0.0:
+        features.append("dropout")
+    if q.numel() == 0 or k.numel() == 0:
+        features.append("empty")
+    return tuple(features)
+
+
+def _describe(q, k, v, key_bias, prefix_len, scale, causal, causal_strength, return_lse,
+              attn_mask, dropout_p) -> Call:
+    features = _features(q, k, key_bias, prefix_len, causal, causal_strength, return_lse,
+                         attn_mask, dropout_p, packed=False)
+    return Call(q.device, q.dtype, features, (("head_dim", int(q.shape[-1])),))
+
+
+def _describe_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_bias,
+                     prefix_len, scale, causal, causal_strength, return_lse, dropout_p) -> Call:
+    features = _features(q, k, key_bias, prefix_len, causal, causal_strength, return_lse,
+                         None, dropout_p, packed=True)
+    return Call(q.device, q.dtype, features, (("head_dim", int(q.shape[-1])),))
+
+
+ATTENTION = register_op(
+    "attention", features=ATTENTION_FEATURES, sizes=HEAD_DIM, describe=_describe
+)
+VARLEN_ATTENTION = register_op(
+    "varlen_attention", features=ATTENTION_FEATURES, sizes=HEAD_DIM, describe=_describe_varlen
+)
+
+# What each implementation serves; the registry turns everything else into reasons.
+TORCH_SUPPORTS = Supports(features=ALL, dtype_of="q")
+TRITON_SUPPORTS = Supports(
+    dtypes=KERNEL_DTYPES, dtype_of="q", max_sizes={"head_dim": MAX_TRITON_HEAD_DIM},
+    features=frozenset(ATTENTION_FEATURES) - {"attn_mask", "dropout"},
+)
+SDPA_SUPPORTS = Supports(
+    dtype_of="q",
+    features=frozenset({"gqa", "causal", "causal_bottom_right", "attn_mask", "dropout"}),
+    # SDPA's CPU kernels give 0 for a row a -inf bias empties; its CUDA kernels give NaN.
+    features_on={"cpu": frozenset({"key_bias"})},
+)
+FLASH_ATTN_SUPPORTS = Supports(
+    devices=("cuda",), dtypes=(torch.float16, torch.bfloat16), dtype_of="q",
+    max_sizes={"head_dim": 256},
+    features=frozenset({"gqa", "causal", "causal_bottom_right", "dropout"}),
+)
+XFORMERS_SUPPORTS = Supports(
+    devices=("cuda",), dtypes=KERNEL_DTYPES, dtype_of="q",
+    features=frozenset({"gqa", "causal", "causal_bottom_right", "dropout"}),
+)
 
 
 # ---- implementations ---------------------------------------------------------------------
 # Every attention implementation is called as
-#   fn(q, k, v, key_bias, prefix_len, scale, causal, causal_strength, return_lse)
+#   fn(q, k, v, key_bias, prefix_len, scale, causal, causal_strength, return_lse, attn_mask,
+#      dropout_p)
 # and every varlen_attention implementation as
 #   fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-#      key_bias, prefix_len, scale, causal, causal_strength, return_lse)
+#      key_bias, prefix_len, scale, causal, causal_strength, return_lse, dropout_p)
 # with validated, normalized arguments: scale a number, causal_strength a number in [0, 1]
-# (1.0 = hard mask), prefix_len None or an integer (B,) tensor on q's device.
+# (1.0 = hard mask), prefix_len None or an integer (B,) tensor on q's device, dropout_p a
+# float; each implementation is only called with the features its Supports declares.
 
 
-def _torch_impl(q, k, v, key_bias, prefix_len, scale, causal, causal_strength, return_lse):
+def _torch_impl(q, k, v, key_bias, prefix_len, scale, causal, causal_strength, return_lse,
+                attn_mask, dropout_p):
     return _reference_attention(
         q, k, v, causal=causal, key_bias=key_bias, scale=scale,
         causal_strength=causal_strength, prefix_len=prefix_len, return_lse=return_lse,
+        attn_mask=attn_mask, dropout_p=dropout_p,
+    )
+
+
+def _sdpa_impl(q, k, v, key_bias, prefix_len, scale, causal, causal_strength, return_lse,
+               attn_mask, dropout_p):
+    return sdpa_attention(
+        q, k, v, causal=causal, key_bias=key_bias, scale=scale, attn_mask=attn_mask,
+        dropout_p=dropout_p,
     )
 
 
 def _varlen_torch_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                       key_bias, prefix_len, scale, causal, causal_strength, return_lse):
+                       key_bias, prefix_len, scale, causal, causal_strength, return_lse,
+                       dropout_p):
     return _reference_varlen_attention(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
         key_bias=key_bias, scale=scale, causal_strength=causal_strength,
-        prefix_len=prefix_len, return_lse=return_lse,
+        prefix_len=prefix_len, return_lse=return_lse, dropout_p=dropout_p,
     )
 
 
-def _triton_call_reasons(q, *other_args) -> list[str]:
-    """Why the triton kernels cannot serve a call; depends on q only (dtype, head dim)."""
-    reasons = []
-    if q.dtype not in TRITON_DTYPES:
-        reasons.append(
-            f"the inputs have dtype {q.dtype}; the triton kernels support float16, bfloat16 and "
-            "float32 (use backend='torch' for float64)"
-        )
-    if q.shape[-1] > MAX_TRITON_HEAD_DIM:
-        reasons.append(
-            f"head dim {q.shape[-1]} is larger than the triton kernels' maximum "
-            f"{MAX_TRITON_HEAD_DIM}"
-        )
-    return reasons
-
-
-ATTENTION.implement("torch", _torch_impl)
-VARLEN_ATTENTION.implement("torch", _varlen_torch_impl)
+ATTENTION.implement("torch", _torch_impl, TORCH_SUPPORTS)
+ATTENTION.implement("sdpa", _sdpa_impl, SDPA_SUPPORTS)
+VARLEN_ATTENTION.implement("torch", _varlen_torch_impl, TORCH_SUPPORTS)
+register_library_attention(ATTENTION, VARLEN_ATTENTION, FLASH_ATTN_SUPPORTS, XFORMERS_SUPPORTS)
 
 
 # The triton ops take the dense arguments, then for the varlen ops the packed layout:
@@ -244,22 +335,24 @@ if TRITON_IMPORT_ERROR is None:
             _fwd, _fwd_backward_through(_bwd), setup_context=_fwd_setup_context
         )
 
-    def _triton_impl(q, k, v, key_bias, prefix_len, scale, causal, causal_strength, return_lse):
+    def _triton_impl(q, k, v, key_bias, prefix_len, scale, causal, causal_strength, return_lse,
+                     attn_mask, dropout_p):
         out, lse = torch.ops.fastvl.attention_fwd_triton(
             q, k, v, key_bias, prefix_len, scale, causal, causal_strength
         )
         return (out, lse) if return_lse else out
 
     def _varlen_triton_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                            key_bias, prefix_len, scale, causal, causal_strength, return_lse):
+                            key_bias, prefix_len, scale, causal, causal_strength, return_lse,
+                            dropout_p):
         out, lse = torch.ops.fastvl.varlen_attention_fwd_triton(
             q, k, v, key_bias, prefix_len, scale, causal, causal_strength,
             cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         )
         return (out, lse) if return_lse else out
 
-    ATTENTION.implement("triton", _triton_impl, _triton_call_reasons)
-    VARLEN_ATTENTION.implement("triton", _varlen_triton_impl, _triton_call_reasons)
+    ATTENTION.implement("triton", _triton_impl, TRITON_SUPPORTS)
+    VARLEN_ATTENTION.implement("triton", _varlen_triton_impl, TRITON_SUPPORTS)
 
 
 # ---- validation --------------------------------------------------------------------------
@@ -470,6 +563,39 @@ def _validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                       prefix_len, return_lse)
 
 
+def _check_dropout(op: str, dropout_p) -> None:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, _NUMBER):
+        raise TypeError(f"{op}: dropout_p must be a Python float, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{op}: dropout_p must lie in [0, 1), got {dropout_p}")
+
+
+def _validate_dense_extras(q, k, attn_mask, dropout_p) -> None:
+    """attention's attn_mask (bool or float, broadcastable to (B, H, Nq, Nk)) and dropout_p."""
+    op = "attention"
+    _check_dropout(op, dropout_p)
+    if attn_mask is None:
+        return
+    check_tensor(op, "attn_mask", attn_mask)
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(
+            f"{op}: attn_mask must be bool (True = attend) or floating point (added to the "
+            f"logits), got {attn_mask.dtype}"
+        )
+    full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    try:
+        broadcast = torch.broadcast_shapes(attn_mask.shape, full)
+    except RuntimeError:
+        broadcast = None
+    if broadcast != full:
+        raise ValueError(
+            f"{op}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+            f"(B, H, Nq, Nk) = {full}"
+        )
+    if attn_mask.device != q.device:
+        raise ValueError(f"{op}: q is on {q.device} but attn_mask is on {attn_mask.device}")
+
+
 def _normalize(q, batch: int, scale, causal_strength, prefix_len):
     """(scale, causal_strength, prefix_len) with the defaults filled in, prefix_len a tensor."""
     if scale is None:
@@ -492,6 +618,8 @@ def attention(
     causal_strength: Optional[float] = None,
     prefix_len: Union[torch.Tensor, int, None] = None,
     return_lse: bool = False,
+    attn_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
     backend: str = "auto",
 ):
     """Scaled dot-product attention: softmax(scale * q k^T + bias + mask) v.
@@ -516,7 +644,14 @@ def attention(
         return_lse: also return ``lse`` (B, H, Nq), the natural-log softmax denominator
             ``logsumexp_j`` of the scaled, biased, masked logits; float32 (float64 for
             float64 inputs). Differentiable.
-        backend: "auto", "triton" or "torch" (see ``python -m fastvl info``).
+        attn_mask: a dense mask as SDPA takes it, broadcastable to (B, H, Nq, Nk): bool
+            (True = attend) or float (added to the logits), combined with the masks above.
+            Served by ``sdpa`` and ``torch`` only; prefer ``key_bias`` for a per-key mask. A
+            row it hides entirely gives 0 on CPU; on CUDA, as SDPA there, it may give NaN.
+        dropout_p: attention dropout on the probabilities (training), as SDPA's; served by
+            ``sdpa``, ``flash_attn``, ``xformers`` and ``torch``. Does not change ``lse``.
+        backend: "auto" or one implementation: "triton", "torch", "sdpa", "flash_attn",
+            "xformers", "cuda" (``python -m fastvl info`` lists what serves what here).
 
     Returns:
         ``out`` (B, H, Nq, D) in q's dtype (contiguous on the triton backend), or
@@ -525,10 +660,12 @@ def attention(
         ``-inf`` and zero gradients, never NaN.
     """
     _validate(q, k, v, causal, key_bias, scale, causal_strength, prefix_len, return_lse)
+    _validate_dense_extras(q, k, attn_mask, dropout_p)
     scale, causal_strength, prefix_len = _normalize(
         q, q.shape[0], scale, causal_strength, prefix_len
     )
-    args = (q, k, v, key_bias, prefix_len, scale, bool(causal), causal_strength, return_lse)
+    args = (q, k, v, key_bias, prefix_len, scale, bool(causal), causal_strength, return_lse,
+            attn_mask, float(dropout_p))
     return ATTENTION.select(backend, q.device, *args)(*args)
 
 
@@ -547,6 +684,7 @@ def varlen_attention(
     causal_strength: Optional[float] = None,
     prefix_len: Union[torch.Tensor, int, None] = None,
     return_lse: bool = False,
+    dropout_p: float = 0.0,
     backend: str = "auto",
 ):
     """:func:`attention` on each sequence of a packed variable-length batch.
@@ -573,7 +711,8 @@ def varlen_attention(
         return_lse: also return ``lse`` of shape (total_q, H), token-major (lse[t, h] is the
             row of query token t, head h); float32 (float64 for float64 inputs).
             Differentiable.
-        backend: "auto", "triton" or "torch".
+        dropout_p: attention dropout, as :func:`attention`'s.
+        backend: "auto" or one implementation ("triton", "torch", "flash_attn", ...).
 
     Returns:
         ``out`` (total_q, H, D) in q's dtype, or ``(out, lse)``. A query row with no visible
@@ -592,6 +731,7 @@ def varlen_attention(
     scale, causal_strength, prefix_len = _normalize(
         q, cu_seqlens_q.shape[0] - 1, scale, causal_strength, prefix_len
     )
+    _check_dropout("varlen_attention", dropout_p)
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_bias,
-            prefix_len, scale, bool(causal), causal_strength, return_lse)
+            prefix_len, scale, bool(causal), causal_strength, return_lse, float(dropout_p))
     return VARLEN_ATTENTION.select(backend, q.device, *args)(*args)

@@ -19,20 +19,26 @@ from typing import Optional, Union
 import torch
 
 from fastvl.ops._checks import check_int, check_tensor
-from fastvl.ops.attention import _triton_call_reasons as _attention_triton_call_reasons
+from fastvl.ops.attention import HEAD_DIM, TRITON_SUPPORTS
 from fastvl.ops.attention import (  # the checks shared with attention
     _normalize,
     _validate_key_bias,
     _validate_options,
     _validate_qkv,
 )
-from fastvl.ops.registry import TRITON_IMPORT_ERROR, register_op
+from fastvl.ops.registry import TRITON_IMPORT_ERROR, Call, Supports, register_op
 from fastvl.reference.attention_key_mass import HEAD_REDUCTIONS
 from fastvl.reference.attention_key_mass import attention_key_mass as _reference_key_mass
 
 __all__ = ["attention_key_mass", "ATTENTION_KEY_MASS", "HEAD_REDUCTIONS"]
 
-ATTENTION_KEY_MASS = register_op("attention_key_mass")
+
+
+def _describe(q, *other_args) -> Call:
+    return Call(q.device, q.dtype, sizes=(("head_dim", int(q.shape[-1])),))
+
+
+ATTENTION_KEY_MASS = register_op("attention_key_mass", sizes=HEAD_DIM, describe=_describe)
 
 
 # ---- implementations ---------------------------------------------------------------------
@@ -53,15 +59,7 @@ def _torch_impl(q, k, lse, key_bias, prefix_len, scale, causal, causal_strength,
     ).float()
 
 
-def _triton_call_reasons(q, k, lse, key_bias, prefix_len, scale, causal, causal_strength,
-                         query_start, query_end, head_reduce) -> list[str]:
-    # The same kernel constraints (dtype, head dim) as attention's.
-    return _attention_triton_call_reasons(
-        q, k, k, key_bias, prefix_len, scale, causal, causal_strength, False
-    )
-
-
-ATTENTION_KEY_MASS.implement("torch", _torch_impl)
+ATTENTION_KEY_MASS.implement("torch", _torch_impl, Supports(dtype_of="q"))
 
 
 def _key_mass_fake(q, k, lse, key_bias, prefix_len, scale, causal, causal_strength,
@@ -95,7 +93,10 @@ if TRITON_IMPORT_ERROR is None:
         )
 
     torch.library.register_fake(attention_key_mass_triton, _key_mass_fake)
-    ATTENTION_KEY_MASS.implement("triton", attention_key_mass_triton, _triton_call_reasons)
+    # The attention kernels' limits (dtype, head dim); every mask feature is served.
+    ATTENTION_KEY_MASS.implement("triton", attention_key_mass_triton, Supports(
+        dtypes=TRITON_SUPPORTS.dtypes, dtype_of="q", max_sizes=TRITON_SUPPORTS.max_sizes,
+    ))
 
 
 # ---- validation --------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 
 from fastvl import _extension, reference
 from fastvl.ops._checks import check_tensor, check_token_index, check_value_range
-from fastvl.ops.registry import TRITON_IMPORT_ERROR, dtype_reasons, register_op
+from fastvl.ops.registry import TRITON_IMPORT_ERROR, Supports, register_op
 
 GATHER_TOKENS = register_op("gather_tokens")
 
@@ -56,11 +56,9 @@ def _register_kernel_pair(gather, scatter_add) -> None:
     torch.library.register_autograd(scatter_add, scatter_backward, setup_context=scatter_setup)
 
 
-def _kernel_call_reasons(x: torch.Tensor, index: torch.Tensor) -> list[str]:
-    return dtype_reasons("x", x)
+KERNEL_SUPPORTS = Supports(dtype_of="x")  # every float dtype, float64 included
 
-
-GATHER_TOKENS.implement("torch", reference.gather_tokens)
+GATHER_TOKENS.implement("torch", reference.gather_tokens, KERNEL_SUPPORTS)
 
 if TRITON_IMPORT_ERROR is None:
     from fastvl.kernels import gather as _triton_gather
@@ -76,7 +74,7 @@ if TRITON_IMPORT_ERROR is None:
         return _triton_gather.scatter_add_tokens(src, index, num_tokens)
 
     _register_kernel_pair(gather_tokens_triton, scatter_add_tokens_triton)
-    GATHER_TOKENS.implement("triton", gather_tokens_triton, _kernel_call_reasons)
+    GATHER_TOKENS.implement("triton", gather_tokens_triton, KERNEL_SUPPORTS)
 
 if _extension.is_built():
 
@@ -85,7 +83,7 @@ if _extension.is_built():
         torch.ops.fastvl.scatter_add_tokens_cuda.default,
     )
     GATHER_TOKENS.implement(
-        "cuda", torch.ops.fastvl.gather_tokens_cuda.default, _kernel_call_reasons
+        "cuda", torch.ops.fastvl.gather_tokens_cuda.default, KERNEL_SUPPORTS
     )
 
 

@@ -44,21 +44,28 @@ import torch
 import torch.nn.functional as F
 
 from fastvl.ops._checks import check_tensor, check_value_range, is_int
-from fastvl.ops.registry import TRITON_IMPORT_ERROR, dtype_reasons, register_op
+from fastvl.ops.registry import KERNEL_DTYPES, TRITON_IMPORT_ERROR, Call, Supports, register_op
 from fastvl.reference import lora as reference
 
 __all__ = ["lora_linear", "routed_lora_linear", "LORA_LINEAR", "ROUTED_LORA_LINEAR"]
 
-LORA_LINEAR = register_op("lora_linear")
-ROUTED_LORA_LINEAR = register_op("routed_lora_linear")
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _describe(x, weight, bias, lora_a, *other_args) -> Call:
+    return Call(x.device, x.dtype, sizes=(("rank", int(lora_a.shape[-2])),))
+
+
+LORA_LINEAR = register_op("lora_linear", sizes={"rank": "LoRA rank r"}, describe=_describe)
+ROUTED_LORA_LINEAR = register_op(
+    "routed_lora_linear", sizes={"rank": "LoRA rank r"}, describe=_describe
+)
 
 # Implementations are called as
 #   plain:  fn(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
 #   routed: fn(x, weight, bias, lora_a, lora_b, scaling, route, dropout_p, seed)
 # with validated arguments, x (N, in), route (N,), a tensor scaling detached.
-LORA_LINEAR.implement("torch", reference.lora_linear)
-ROUTED_LORA_LINEAR.implement("torch", reference.routed_lora_linear)
+LORA_LINEAR.implement("torch", reference.lora_linear, Supports(dtype_of="x"))
+ROUTED_LORA_LINEAR.implement("torch", reference.routed_lora_linear, Supports(dtype_of="x"))
 
 
 def _fwd_fake(x, weight, bias, lora_a, lora_b, scale, route, dropout_p, seed):
@@ -169,15 +176,11 @@ if TRITON_IMPORT_ERROR is None:
         return lora_linear_fwd_triton(x, weight, bias, lora_a, lora_b, scale, route, dropout_p,
                                       _triton_seed(dropout_p, seed))[0]
 
-    def _triton_call_reasons(x, weight, bias, lora_a, lora_b, *other_args) -> list[str]:
-        reasons = dtype_reasons("x", x, TRITON_DTYPES)
-        rank = lora_a.shape[-2]
-        if rank > _kernels.MAX_RANK:
-            reasons.append(f"LoRA rank r = {rank} exceeds the kernel's {_kernels.MAX_RANK}")
-        return reasons
-
-    LORA_LINEAR.implement("triton", _plain_triton, _triton_call_reasons)
-    ROUTED_LORA_LINEAR.implement("triton", _routed_triton, _triton_call_reasons)
+    _TRITON_SUPPORTS = Supports(
+        dtypes=KERNEL_DTYPES, dtype_of="x", max_sizes={"rank": _kernels.MAX_RANK}
+    )
+    LORA_LINEAR.implement("triton", _plain_triton, _TRITON_SUPPORTS)
+    ROUTED_LORA_LINEAR.implement("triton", _routed_triton, _TRITON_SUPPORTS)
 
 
 # ---- validation --------------------------------------------------------------------------

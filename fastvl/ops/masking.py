@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from fastvl.ops._checks import check_float_tensor, check_int, check_tensor, host_readable, is_int
-from fastvl.ops.registry import TRITON_IMPORT_ERROR, dtype_reasons, register_op
+from fastvl.ops.registry import KERNEL_DTYPES, TRITON_IMPORT_ERROR, Call, Supports, register_op
 from fastvl.reference import masking as _reference
 
 __all__ = [
@@ -37,10 +37,22 @@ __all__ = [
     "MASKED_PIXEL_LOSS",
 ]
 
-UNSHUFFLE_WITH_MASK_TOKEN = register_op("unshuffle_with_mask_token")
-MASKED_PIXEL_LOSS = register_op("masked_pixel_loss")
+
+
+def _describe_unshuffle(x, ids_restore, mask_token, pos_embed, num_prefix_tokens) -> Call:
+    more = (("mask_token", mask_token.dtype),)
+    if pos_embed is not None:
+        more += (("pos_embed", pos_embed.dtype),)
+    return Call(x.device, x.dtype, more_dtypes=more)
+
+
+def _describe_loss(pred, imgs, *other_args) -> Call:
+    return Call(pred.device, pred.dtype, more_dtypes=(("imgs", imgs.dtype),))
+
+
+UNSHUFFLE_WITH_MASK_TOKEN = register_op("unshuffle_with_mask_token", describe=_describe_unshuffle)
+MASKED_PIXEL_LOSS = register_op("masked_pixel_loss", describe=_describe_loss)
 EPS_STYLES = {"mae": 1, "videomae": 2}  # the kernels' NORM codes (0: norm_pix=False)
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _NUMBER = (int, float)
 
@@ -142,16 +154,7 @@ def _unshuffle_bwd_fake(grad_out, ids_restore, num_prefix_tokens, num_visible, c
     return dx, dtoken_rows, dpos
 
 
-def _unshuffle_triton_call_reasons(x, ids_restore, mask_token, pos_embed, num_prefix_tokens):
-    reasons = dtype_reasons("x", x, TRITON_DTYPES) + dtype_reasons(
-        "mask_token", mask_token, TRITON_DTYPES
-    )
-    if pos_embed is not None:
-        reasons += dtype_reasons("pos_embed", pos_embed, TRITON_DTYPES)
-    return reasons
-
-
-UNSHUFFLE_WITH_MASK_TOKEN.implement("torch", _unshuffle_torch_impl)
+UNSHUFFLE_WITH_MASK_TOKEN.implement("torch", _unshuffle_torch_impl, Supports(dtype_of="x"))
 
 if TRITON_IMPORT_ERROR is None:
     from fastvl.kernels import masking as _kernels
@@ -217,7 +220,7 @@ if TRITON_IMPORT_ERROR is None:
         )
 
     UNSHUFFLE_WITH_MASK_TOKEN.implement(
-        "triton", _unshuffle_triton_impl, _unshuffle_triton_call_reasons
+        "triton", _unshuffle_triton_impl, Supports(dtypes=KERNEL_DTYPES, dtype_of="x")
     )
 
 
@@ -326,11 +329,7 @@ def unshuffle_with_mask_token(
 # with validated arguments and patch_size a tuple ((ph, pw) or (pt, ph, pw)).
 
 
-def _loss_triton_call_reasons(pred, imgs, *other_args):
-    return dtype_reasons("pred", pred, TRITON_DTYPES) + dtype_reasons("imgs", imgs, TRITON_DTYPES)
-
-
-MASKED_PIXEL_LOSS.implement("torch", _reference.masked_pixel_loss)
+MASKED_PIXEL_LOSS.implement("torch", _reference.masked_pixel_loss, Supports(dtype_of="pred"))
 
 
 def _row_error_fake(pred, imgs, patch_index, row_weight, patch_size, norm, eps):
@@ -404,7 +403,9 @@ if TRITON_IMPORT_ERROR is None:
         )
         return _reference.weighted_mean(row_error, weight)
 
-    MASKED_PIXEL_LOSS.implement("triton", _loss_triton_impl, _loss_triton_call_reasons)
+    MASKED_PIXEL_LOSS.implement(
+        "triton", _loss_triton_impl, Supports(dtypes=KERNEL_DTYPES, dtype_of="pred")
+    )
 
 
 def _normalize_patch_size(op: str, patch_size, imgs: torch.Tensor) -> tuple:

@@ -29,19 +29,18 @@ import torch
 
 from fastvl.ops._checks import check_tensor, check_token_index, is_int
 from fastvl.ops.gather import check_index_range
-from fastvl.ops.registry import TRITON_IMPORT_ERROR, dtype_reasons, register_op
+from fastvl.ops.registry import KERNEL_DTYPES, TRITON_IMPORT_ERROR, Supports, register_op
 from fastvl.reference.patch_embed import masked_patch_embed_gather_first
 
 __all__ = ["masked_patch_embed", "MASKED_PATCH_EMBED"]
 
 OP = "masked_patch_embed"
 MASKED_PATCH_EMBED = register_op(OP)
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Every implementation is called as
 #   fn(imgs, weight, bias, pos_embed, ids_keep, patch_size, cls_token)
 # with validated arguments and patch_size a tuple ((ph, pw) or (pt, ph, pw)).
-MASKED_PATCH_EMBED.implement("torch", masked_patch_embed_gather_first)
+MASKED_PATCH_EMBED.implement("torch", masked_patch_embed_gather_first, Supports(dtype_of="imgs"))
 
 
 def _fwd_fake(imgs, weight, bias, pos_embed, ids_keep, cls_token):
@@ -132,10 +131,9 @@ if TRITON_IMPORT_ERROR is None:
             pos_embed = pos_embed.reshape(-1, pos_embed.shape[-1])
         return masked_patch_embed_fwd_triton(imgs, weight, bias, pos_embed, ids_keep, cls_token)
 
-    def _triton_call_reasons(imgs, *other_args) -> list[str]:
-        return dtype_reasons("imgs", imgs, TRITON_DTYPES)
-
-    MASKED_PATCH_EMBED.implement("triton", _triton_impl, _triton_call_reasons)
+    MASKED_PATCH_EMBED.implement(
+        "triton", _triton_impl, Supports(dtypes=KERNEL_DTYPES, dtype_of="imgs")
+    )
 
 
 # ---- validation --------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import torch
 
 from fastvl.ops._checks import check_float_tensor, check_tensor, is_int, value_check_allowed
 from fastvl.ops.gather import gather_tokens
-from fastvl.ops.registry import BACKENDS
+from fastvl.ops.registry import check_op_backend
 
 __all__ = ["keep_topk_tokens", "topk_token_index", "topk_candidate_index"]
 
@@ -218,8 +218,7 @@ def keep_topk_tokens(
     _check_count(op, "keep", keep, num_tokens - num_prefix_tokens, "N - num_prefix_tokens")
     if not isinstance(fuse_rest, bool):
         raise TypeError(f"{op}: fuse_rest must be a bool, got {type(fuse_rest).__name__}")
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"{op}: backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    check_op_backend(op, backend, "gather_tokens")
 
     index = _topk_token_index(scores, keep, num_prefix_tokens)
     # The index is in range by construction: skip gather's bounds check (a host sync).

@@ -45,7 +45,7 @@ from typing import Optional
 import torch
 
 from fastvl.ops._checks import check_float_tensor, check_int, check_tensor
-from fastvl.ops.registry import TRITON_IMPORT_ERROR, dtype_reasons, register_op
+from fastvl.ops.registry import KERNEL_DTYPES, TRITON_IMPORT_ERROR, Call, Supports, register_op
 from fastvl.reference import tome as _reference
 from fastvl.reference.tome import TomePlan
 
@@ -60,10 +60,16 @@ __all__ = [
     "TOME_UNMERGE",
 ]
 
+
+
+def _describe_merge(plan, x, size) -> Call:
+    more = () if size is None else (("size", size.dtype),)
+    return Call(x.device, x.dtype, more_dtypes=more)
+
+
 TOME_MATCH = register_op("tome_match")
-TOME_MERGE = register_op("tome_merge")
-TOME_UNMERGE = register_op("tome_unmerge")
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TOME_MERGE = register_op("tome_merge", describe=_describe_merge)
+TOME_UNMERGE = register_op("tome_unmerge", describe=lambda plan, x: Call(x.device, x.dtype))
 
 
 # ---- implementations ---------------------------------------------------------------------
@@ -72,24 +78,9 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #   merge(plan, x, size or None) -> (merged, size_merged)
 #   unmerge(plan, x) -> (B, N, C)
 
-TOME_MATCH.implement("torch", _reference.tome_match)
-TOME_MERGE.implement("torch", _reference.tome_merge)
-TOME_UNMERGE.implement("torch", _reference.tome_unmerge)
-
-
-def _match_triton_reasons(metric, r, num_prefix_tokens) -> list[str]:
-    return dtype_reasons("metric", metric, TRITON_DTYPES)
-
-
-def _merge_triton_reasons(plan, x, size) -> list[str]:
-    reasons = dtype_reasons("x", x, TRITON_DTYPES)
-    if size is not None:
-        reasons += dtype_reasons("size", size, TRITON_DTYPES)
-    return reasons
-
-
-def _unmerge_triton_reasons(plan, x) -> list[str]:
-    return dtype_reasons("x", x, TRITON_DTYPES)
+TOME_MATCH.implement("torch", _reference.tome_match, Supports(dtype_of="metric"))
+TOME_MERGE.implement("torch", _reference.tome_merge, Supports(dtype_of="x"))
+TOME_UNMERGE.implement("torch", _reference.tome_unmerge, Supports(dtype_of="x"))
 
 
 def _best_partners_fake(metric, num_prefix_tokens):
@@ -219,9 +210,11 @@ if TRITON_IMPORT_ERROR is None:
     def _unmerge_triton(plan, x):
         return torch.ops.fastvl.tome_spread_triton(x, None, None, *plan)
 
-    TOME_MATCH.implement("triton", _match_triton, _match_triton_reasons)
-    TOME_MERGE.implement("triton", _merge_triton, _merge_triton_reasons)
-    TOME_UNMERGE.implement("triton", _unmerge_triton, _unmerge_triton_reasons)
+    TOME_MATCH.implement("triton", _match_triton,
+                         Supports(dtypes=KERNEL_DTYPES, dtype_of="metric"))
+    TOME_MERGE.implement("triton", _merge_triton, Supports(dtypes=KERNEL_DTYPES, dtype_of="x"))
+    TOME_UNMERGE.implement("triton", _unmerge_triton,
+                           Supports(dtypes=KERNEL_DTYPES, dtype_of="x"))
 
 
 # ---- validation --------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
-from fastvl.nn.lora import LORA_BACKENDS, LoRALinear, RoutedLoRALinear
+from fastvl.nn.lora import LoRALinear, RoutedLoRALinear, check_lora_backend
 from fastvl.patch._modules import marked_slots, patched_names, swap_back, swap_children
 
 __all__ = [
@@ -181,8 +181,7 @@ def accelerate(model: nn.Module, *, backend: str = "auto") -> PeftPatch:
 def _check_model(op: str, model, backend: str) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"{op}: model must be a torch.nn.Module, got {type(model).__name__}")
-    if backend not in LORA_BACKENDS:
-        raise ValueError(f"{op}: backend must be one of {LORA_BACKENDS}, got {backend!r}")
+    check_lora_backend(op, backend)
     if isinstance(model, LoraLayer):
         raise ValueError(
             f"{op}: model is itself a peft LoRA layer and cannot be replaced in place; use "

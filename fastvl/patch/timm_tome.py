@@ -40,7 +40,8 @@ from timm.layers import Attention as TimmAttention
 from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
 from torch import nn
 
-from fastvl.nn.attention import Attention, AttentionInternals, check_backend
+from fastvl.nn.attention import Attention, AttentionInternals
+from fastvl.ops.registry import check_op_backend
 from fastvl.ops._checks import is_int
 from fastvl.ops.attention_key_mass import attention_key_mass
 from fastvl.ops.gather import gather_tokens
@@ -446,7 +447,7 @@ def apply_tome(
     """
     op = "apply_tome"
     _check_model(op, model)
-    check_backend(backend)
+    check_op_backend(op, backend, "attention", "tome_match", "tome_merge", "gather_tokens")
     for name, flag in (("prop_attn", prop_attn), ("trace_source", trace_source)):
         if not isinstance(flag, bool):
             raise TypeError(f"{op}: {name} must be a bool, got {type(flag).__name__}")
@@ -490,7 +491,7 @@ def apply_evit(
     """
     op = "apply_evit"
     _check_model(op, model)
-    check_backend(backend)
+    check_op_backend(op, backend, "attention", "attention_key_mass", "gather_tokens")
     if not model.has_class_token:
         raise ValueError(
             f"{op}: EViT ranks tokens by the class token's attention, but model has no class "

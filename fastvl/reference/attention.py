@@ -94,8 +94,13 @@ def attention_math(
     scale: Optional[float] = None,
     causal_strength: Optional[float] = None,
     prefix_len: Optional[torch.Tensor] = None,
+    attn_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Explicit-softmax attention; returns (out, lse). Matmuls run in q's dtype.
+
+    ``attn_mask`` (SDPA's: bool True = attend, or float added) joins the bias; ``dropout_p``
+    drops probabilities (scaled by ``1 / (1 - p)``) after the lse is taken.
 
     The exponentials and sums run in float32 (float64 for float64 input), as a fused kernel
     would; the probabilities are cast back to q's dtype for ``p @ v``. ``lse`` is float32
@@ -110,6 +115,9 @@ def attention_math(
         q, k, causal=causal, key_bias=key_bias, causal_strength=causal_strength,
         prefix_len=prefix_len, dtype=acc_dtype,
     )
+    if attn_mask is not None:
+        extra = mask_as_bias(attn_mask, acc_dtype)
+        bias = extra if bias is None else bias + extra
     if bias is not None:
         scores = scores + bias
     # Row max without gradient (softmax is shift invariant); a fully masked row has max -inf,
@@ -123,6 +131,8 @@ def attention_math(
     empty = denom == 0
     safe_denom = torch.where(empty, torch.ones_like(denom), denom)
     probs = exp_scores / safe_denom
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, dropout_p)
     out = probs.to(q.dtype) @ v
     lse = torch.where(
         empty, torch.full_like(denom, -math.inf), torch.log(safe_denom) + row_max
@@ -130,7 +140,15 @@ def attention_math(
     return out, lse
 
 
-def _sdpa_can_serve(q, k, causal, key_bias, causal_strength, prefix_len) -> bool:
+def mask_as_bias(attn_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An SDPA-style ``attn_mask`` (bool: True = attend; float: added) as a float bias."""
+    if attn_mask.dtype == torch.bool:
+        zero = torch.zeros((), dtype=dtype, device=attn_mask.device)
+        return torch.where(attn_mask, zero, torch.full_like(zero, -math.inf))
+    return attn_mask.to(dtype)
+
+
+def sdpa_can_serve(q, k, causal, key_bias, causal_strength, prefix_len) -> bool:
     """Whether SDPA gives this call's exact semantics, decided from shapes and devices only.
 
     A row with no visible key must give 0 (and zero gradients). SDPA's CPU kernels do that
@@ -149,6 +167,42 @@ def _sdpa_can_serve(q, k, causal, key_bias, causal_strength, prefix_len) -> bool
     return not hard or q.shape[2] <= k.shape[2]
 
 
+def sdpa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    key_bias: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    causal_strength: Optional[float] = None,
+    prefix_len: Optional[torch.Tensor] = None,
+    attn_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """The call on :func:`torch.nn.functional.scaled_dot_product_attention` (callers check
+    :func:`sdpa_can_serve`): ``is_causal`` for a plain square causal mask, one float mask for
+    anything else, GQA by ``enable_gqa`` (no copies of k and v)."""
+    if causal and q.shape[2] == 1:
+        causal = False  # bottom-right: no key is in the future of a single query
+    hard = causal_strength is None or causal_strength >= 1.0
+    is_causal = (causal and hard and prefix_len is None and q.shape[2] == k.shape[2]
+                 and key_bias is None and attn_mask is None)
+    mask = None
+    if not is_causal:
+        mask = attention_bias(
+            q, k, causal=causal, key_bias=key_bias, causal_strength=causal_strength,
+            prefix_len=prefix_len,
+        )
+        if attn_mask is not None:
+            extra = mask_as_bias(attn_mask, q.dtype)
+            mask = extra if mask is None else mask + extra
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -160,25 +214,28 @@ def attention(
     causal_strength: Optional[float] = None,
     prefix_len: Optional[torch.Tensor] = None,
     return_lse: bool = False,
+    attn_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
 ):
     """Attention in PyTorch: SDPA where it can express the call, :func:`attention_math` otherwise.
 
-    q (B, H, Nq, D), k/v (B, Hkv, Nk, D); see the module docstring for the masks. Returns
-    ``out`` (B, H, Nq, D), or ``(out, lse)`` with ``return_lse`` (lse needs the math path).
+    q (B, H, Nq, D), k/v (B, Hkv, Nk, D); see the module docstring for the masks; ``attn_mask``
+    (bool, True = attend, or float; broadcastable to (B, H, Nq, Nk)) and ``dropout_p`` (on the
+    probabilities) as in SDPA. Returns ``out`` (B, H, Nq, D), or ``(out, lse)`` with
+    ``return_lse`` (lse needs the math path; dropout does not change it).
     """
-    if return_lse or not _sdpa_can_serve(q, k, causal, key_bias, causal_strength, prefix_len):
+    if return_lse or not sdpa_can_serve(q, k, causal, key_bias, causal_strength, prefix_len):
         out, lse = attention_math(
             q, k, v, causal=causal, key_bias=key_bias, scale=scale,
-            causal_strength=causal_strength, prefix_len=prefix_len,
+            causal_strength=causal_strength, prefix_len=prefix_len, attn_mask=attn_mask,
+            dropout_p=dropout_p,
         )
         return (out, lse) if return_lse else out
-    mask = attention_bias(
-        q, k, causal=causal, key_bias=key_bias, causal_strength=causal_strength,
-        prefix_len=prefix_len,
+    return sdpa_attention(
+        q, k, v, causal=causal, key_bias=key_bias, scale=scale,
+        causal_strength=causal_strength, prefix_len=prefix_len, attn_mask=attn_mask,
+        dropout_p=dropout_p,
     )
-    if q.shape[1] != k.shape[1]:
-        k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 def _padded_slots(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> torch.Tensor:
@@ -214,6 +271,7 @@ def varlen_attention(
     causal_strength: Optional[float] = None,
     prefix_len: Optional[torch.Tensor] = None,
     return_lse: bool = False,
+    dropout_p: float = 0.0,
 ):
     """Attention per sequence of a packed batch, via :func:`attention_math` on a padded copy.
 
@@ -250,7 +308,7 @@ def varlen_attention(
 
     out_pad, lse_pad = attention_math(
         q_pad, k_pad, v_pad, causal=causal, key_bias=bias, scale=scale,
-        causal_strength=causal_strength, prefix_len=prefix_len,
+        causal_strength=causal_strength, prefix_len=prefix_len, dropout_p=dropout_p,
     )
     flat_rows = batch * max_seqlen_q
     out = out_pad.transpose(1, 2).reshape(flat_rows, *q.shape[1:]).index_select(0, q_slots)
