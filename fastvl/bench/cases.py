@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from fastvl.ops.registry import BACKENDS, LIBRARY_BACKENDS
+from fastvl.ops.registry import BACKENDS
 
 __all__ = [
     "BACKWARD",
@@ -176,6 +176,9 @@ class Case:
     baseline: str
     modes: tuple[str, ...] = MODES
     dtypes: Optional[Callable[[torch.device], Sequence[torch.dtype]]] = None
+    # Host-overhead case: built and timed inside fastvl.bench.host_overhead.gpu_path() (CPU
+    # tensors dispatched as on a GPU, Triton launches skipped), so results are not checked.
+    host_overhead: bool = False
 
     @property
     def id(self) -> str:
@@ -229,13 +232,16 @@ def register_case(
     baseline: str,
     modes: Sequence[str] = MODES,
     dtypes: Optional[Callable[[torch.device], Sequence[torch.dtype]]] = None,
+    host_overhead: bool = False,
 ):
-    """Decorator registering ``build(device, dtype, scale, mode) -> Built`` as a case."""
+    """Decorator registering ``build(device, dtype, scale, mode) -> Built`` as a case
+    (``host_overhead``: see :class:`Case`)."""
     if baseline not in impls:
         raise ValueError(f"{op}/{name}: baseline {baseline!r} is not one of impls {impls}")
 
     def decorate(build):
-        case = Case(op, name, description, build, tuple(impls), baseline, tuple(modes), dtypes)
+        case = Case(op, name, description, build, tuple(impls), baseline, tuple(modes), dtypes,
+                    host_overhead)
         if case.id in _CASES:
             raise ValueError(f"benchmark case {case.id} is registered twice")
         _CASES[case.id] = case
@@ -271,9 +277,9 @@ def fastvl_impls(
 ) -> None:
     """Add one ``fastvl[<backend>]`` callable per backend that can serve ``op(*args)``.
 
-    ``make(backend)`` returns the zero-argument callable for that backend. fastvl's own
-    backends are all tried; a library backend (``sdpa``, ``flash_attn``, ...) only where
-    ``auto`` picks it (the library itself is timed as a peer). Backends that cannot serve the
+    ``make(backend)`` returns the zero-argument callable for that backend: every registered
+    implementation, library kernels (``sdpa``, ``flash_attn``, ...) included, so a run ranks
+    them all (``python -m fastvl bench --write-dispatch``). Backends that cannot serve the
     call are recorded in ``built.skipped`` with the registry's reasons; Triton on a CPU
     tensor (the interpreter) is added but marked ``interpreted``. Also records which backend
     ``backend="auto"`` picks in ``built.auto``.
@@ -286,11 +292,6 @@ def fastvl_impls(
         name = fastvl_impl_name(backend)
         if op is None:
             built.skip(name, f"fastvl has no op named {op_name!r}")
-            continue
-        if backend in LIBRARY_BACKENDS and (
-            backend not in op.impls or op.impls[backend].fn is not chosen
-        ):
-            built.skip(name, f"{op_name}'s auto does not pick {backend} here (timed as a peer)")
             continue
         reasons = op.not_supported_reasons(backend, device, *args)
         if reasons and backend == "triton" and device.type != "cuda":

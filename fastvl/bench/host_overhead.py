@@ -9,8 +9,11 @@ is faster than what it replaces. This module measures that work on CPU tensors:
   and replaces every Triton launch by a counter (:func:`no_launches`), so the host side runs
   in full and no kernel does;
 * :func:`host_time` is the median wall time of one call (many calls per sample);
+  :func:`host_timings` times several callables interleaved, round by round, so that a busy
+  machine slows them alike;
 * :func:`count_launches` counts the device launches one call would make: Triton launches plus
-  the ATen ops that launch a kernel on a GPU (views, ``empty`` and metadata ops do not).
+  the ATen ops that launch a kernel on a GPU (views, ``empty`` and metadata ops do not);
+  :func:`count_syncs` the host synchronisations (reads of tensor values, data-dependent shapes).
 
 The plain-PyTorch chain an op replaces is timed the same way on the same tiny CPU tensors, where
 its kernels cost next to nothing, so both sides are host time.
@@ -21,14 +24,18 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fastvl.bench.timing import Timing, summarize
 from fastvl.ops.registry import simulate_gpu_dispatch
 
-__all__ = ["LaunchCount", "count_launches", "gpu_path", "host_time", "no_launches"]
+__all__ = [
+    "LaunchCount", "count_launches", "count_syncs", "gpu_path", "host_time", "host_timings",
+    "no_launches",
+]
 
 
 class LaunchCount:
@@ -92,6 +99,27 @@ def host_time(fn: Callable[[], Any], *, calls: int = 200, rounds: int = 7,
     return statistics.median(samples)
 
 
+def host_timings(fns: Mapping[str, Callable[[], Any]], *, rounds: int = 9, warmup: int = 20,
+                 round_seconds: float = 0.02) -> dict[str, Timing]:
+    """Per-call :class:`Timing` of each ``fns[name]()``, timed interleaved: every round runs
+    each callable in turn, as many calls as fill about ``round_seconds`` (from the warm-up)."""
+    calls = {}
+    for name, fn in fns.items():
+        start = time.perf_counter()
+        for _ in range(warmup):
+            fn()
+        per_call = (time.perf_counter() - start) / max(1, warmup)
+        calls[name] = max(1, min(1000, round(round_seconds / max(per_call, 1e-7))))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(calls[name]):
+                fn()
+            samples[name].append((time.perf_counter() - start) / calls[name])
+    return {name: summarize(samples[name], inner=calls[name]) for name in fns}
+
+
 # ATen ops that never launch a kernel on a GPU: views, allocation without fill, metadata.
 _NO_LAUNCH_PREFIXES = (
     "view", "_unsafe_view", "alias", "as_strided", "t.", "transpose", "permute", "expand",
@@ -114,6 +142,50 @@ class _LaunchCounter(TorchDispatchMode):
             self.aten += 1
             self.ops.append(name)
         return func(*args, **(kwargs or {}))
+
+
+# ATen ops whose result depends on tensor values in a way the host must wait for on a GPU.
+_SYNC_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique")
+
+
+class _SyncCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__
+        boolean_index = name.startswith("index.") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]
+        )
+        if name.split(".")[0] in _SYNC_OPS or boolean_index or (
+            name.startswith("repeat_interleave") and (kwargs or {}).get("output_size") is None
+        ):
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def count_syncs(fn: Callable[[], Any]) -> tuple[int, list[str]]:
+    """(host synchronisations of one ``fn()`` call on a GPU, what caused them): ``.item()`` /
+    ``.tolist()`` / ``bool()`` of a tensor and ops with data-dependent output shapes
+    (``nonzero``, boolean indexing, ...). Triton launches are skipped as in :func:`no_launches`."""
+    tolist, own = torch.Tensor.tolist, "tolist" in vars(torch.Tensor)
+    counter = _SyncCounter()
+
+    def counted_tolist(self):
+        counter.ops.append("tolist")
+        return tolist(self)
+
+    torch.Tensor.tolist = counted_tolist
+    try:
+        with no_launches(), counter:
+            fn()
+    finally:
+        if own:
+            torch.Tensor.tolist = tolist
+        else:
+            del torch.Tensor.tolist
+    return len(counter.ops), counter.ops
 
 
 def count_launches(fn: Callable[[], Any]) -> tuple[int, list[str]]:

@@ -9,11 +9,17 @@ Progress goes to stderr, the comparison table to stdout, and ``results.json``,
 
 On CPU the shapes are those of the GPU cases with the batch divided by 8, float32, and only
 PyTorch code is timed (Triton would run in its interpreter, which is not a benchmark).
+
+Host-overhead cases (``--ops host_overhead``, :attr:`Case.host_overhead`) are built and timed
+inside :func:`fastvl.bench.host_overhead.gpu_path` on tiny CPU tensors, the implementations of
+a case interleaved (:func:`~fastvl.bench.host_overhead.host_timings`); their rows add device
+launches and host syncs per call and ``host/plain``, the host time over the baseline's.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import gc
 import json
@@ -132,6 +138,8 @@ class Settings:
     flush_l2: bool = True
     quick: bool = False
     threads: Optional[int] = None
+    host_rounds: int = 15  # host-overhead cases: interleaved rounds ...
+    host_round_s: float = 0.02  # ... of about this long per implementation
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Settings":
@@ -162,6 +170,7 @@ class Settings:
         if quick:
             settings.warmup, settings.budget, settings.min_repeats = 1, 0.02, 3
             settings.repeats = repeats or 3
+            settings.host_round_s = 0.002
         elif device.type == "cuda":
             settings.warmup, settings.budget, settings.min_repeats = 5, 0.25, 20
         return settings
@@ -236,12 +245,17 @@ def run_cases(
         built: Optional[Built] = None
         expected = None
         build_error = None
+        host = case.host_overhead
         try:
-            built = case.make(settings.device, dtype, settings.scale, mode)
-            expected = built.impls[case.baseline]()
+            with _gpu_path() if host else contextlib.nullcontext():
+                built = case.make(settings.device, dtype, settings.scale, mode)
+                expected = None if host else built.impls[case.baseline]()
             _sync(settings.device)
         except Exception as exc:  # a broken case must not stop the other cases
             build_error = f"building the case failed: {_short_error(exc)}"
+        measured = (
+            _measure_host(built, case, settings) if host and build_error is None else {}
+        )
         results = {case.baseline: expected}  # reference results, computed once per group
         base = {
             "op": case.op,
@@ -271,14 +285,14 @@ def run_cases(
                 row.update(status="error", reason=build_error)
             elif impl in built.skipped:
                 row.update(status="skipped", reason=built.skipped[impl])
-            elif impl in built.interpreted:
+            elif impl in built.interpreted and not host:
                 row.update(status="skipped",
                            reason="runs in the Triton interpreter on CPU: correct, not timed")
             if row["status"] != "ok":
                 print(f"{label}: {row['status']}: {row['reason']}", file=progress, flush=True)
                 continue
             print(f"{label} ...", end="", file=progress, flush=True)
-            row.update(_measure(built, impl, case, results, settings))
+            row.update(measured[impl] if host else _measure(built, impl, case, results, settings))
             if row["status"] == "ok":
                 print(f" {_format_seconds(row['median_s'])}", file=progress, flush=True)
                 group.append(row)
@@ -290,6 +304,8 @@ def run_cases(
             for row in group:
                 if row["median_s"] > 0:
                     row["ratio"] = reference_time / row["median_s"]
+                if host:
+                    row["host_ratio"] = row["median_s"] / reference_time
         built = expected = results = None
         if settings.device.type == "cuda":  # hand this case's memory back before the next
             # (a full collection takes ~0.1-0.3 s with torch loaded: worth it on GPUs only;
@@ -297,6 +313,44 @@ def run_cases(
             gc.collect()
             torch.cuda.empty_cache()
     return rows
+
+
+def _gpu_path():
+    from fastvl.bench.host_overhead import gpu_path
+
+    return gpu_path()
+
+
+def _measure_host(built: Built, case: Case, settings: Settings) -> dict[str, dict]:
+    """Host time per call (the implementations interleaved), device launches and host syncs
+    per call of every implementation of a host-overhead case, inside ``gpu_path()``; results
+    are not checked (skipped launches leave outputs unwritten)."""
+    from fastvl.bench.host_overhead import count_launches, count_syncs, host_timings
+
+    measured, runnable = {}, {}
+    with _gpu_path():
+        for impl, fn in built.impls.items():
+            try:
+                launches, launch_ops = count_launches(fn)
+                syncs, sync_ops = count_syncs(fn)
+            except Exception as exc:
+                measured[impl] = {"status": "error", "reason": _short_error(exc)}
+                continue
+            measured[impl] = {"launches": launches, "launch_ops": launch_ops, "syncs": syncs,
+                              "sync_ops": sync_ops, "checked_against": None}
+            runnable[impl] = fn
+        try:
+            timings = host_timings(
+                runnable, rounds=settings.repeats or settings.host_rounds,
+                warmup=settings.warmup if settings.quick else 20,
+                round_seconds=settings.host_round_s,
+            )
+        except Exception as exc:
+            return {impl: {"status": "error", "reason": _short_error(exc)} for impl in built.impls}
+    for impl, timing in timings.items():
+        measured[impl].update(median_s=timing.median, iqr_s=timing.iqr, q1_s=timing.q1,
+                              q3_s=timing.q3, min_s=timing.min, repeats=timing.repeats)
+    return measured
 
 
 def _measure(built: Built, impl: str, case: Case, results: dict, settings: Settings) -> dict:
@@ -352,10 +406,12 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     with_flops = any(r.get("tflops") for r in shown)
     with_items = any(r.get("items_per_s") for r in shown)
     with_memory = any("peak_mem_bytes" in r for r in shown)
+    with_host = any("launches" in r for r in shown)
     headers = ["op", "case", "dtype", "mode", "impl", "median", "IQR", "GB/s"]
     headers += ["TFLOP/s"] if with_flops else []
     headers += ["items/s"] if with_items else []
     headers += ["peak mem"] if with_memory else []
+    headers += ["launches", "syncs", "host/plain"] if with_host else []
     headers += ["vs baseline"]
     lines_data = []
     group_key = None
@@ -392,6 +448,10 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
                 )
             if with_memory:
                 cells.append(_format_bytes(row.get("peak_mem_bytes")))
+            if with_host:
+                host_ratio = row.get("host_ratio")
+                cells += [str(row.get("launches", "-")), str(row.get("syncs", "-")),
+                          "-" if host_ratio is None else f"{host_ratio:.2f}x"]
             cells.append(speed)
         lines_data.append([row["op"], row["case"], row["dtype"], row["mode"], impl, *cells])
     widths = [len(h) for h in headers]
@@ -416,6 +476,9 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
            else "")
         + (" peak mem = CUDA memory a call allocates at its peak beyond what existed before "
            "it (- off CUDA)." if with_memory else "")
+        + (" Host-overhead cases: median = host time per call on the GPU path (Triton launches "
+           "skipped); launches / syncs = device launches / host syncs per call; host/plain = "
+           "median / the plain chain's (target <= 1.3x)." if with_host else "")
     )
     problems = [r for r in rows if r["status"] not in ("ok", "skipped")]
     for row in problems:

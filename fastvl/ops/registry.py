@@ -379,14 +379,19 @@ DISPATCH_TABLE: dict = _read_table(DISPATCH_TABLE_FILE)
 
 
 def load_dispatch_table(path: Optional[str] = None) -> dict:
-    """Replace the priority table (``path``; None: the shipped one) and return it.
+    """Use the priority table at ``path`` over the shipped one (None: the shipped one alone)
+    and return the result; entries of ``path`` replace the shipped ones per device kind and op.
 
     Format: ``{"devices": {"<kind>": {"<op>" | "*": [backend, ...]}}, ...}`` with kinds
     ``"cpu"``, ``"cuda"`` (any GPU) and ``"cuda:<major>.<minor>"`` (one compute capability,
     looked up first). Backends a list leaves out are tried after it, in the default order.
     """
     global DISPATCH_TABLE
-    DISPATCH_TABLE = _read_table(path or DISPATCH_TABLE_FILE)
+    table = _read_table(DISPATCH_TABLE_FILE)
+    if path is not None:
+        for kind, ops in _read_table(path)["devices"].items():
+            table["devices"].setdefault(kind, {}).update(ops)
+    DISPATCH_TABLE = table
     _GENERATION[0] += 1
     return DISPATCH_TABLE
 
