@@ -2,14 +2,18 @@
 
 Kernels allocate their outputs through :func:`empty_output`. Inside
 :func:`fastvl.testing.poison_outputs` the buffers are pre-filled with NaN (floating) or a
-sentinel (integer), so any element a kernel fails to write shows up in the comparison.
+sentinel (integer), so any element a kernel fails to write shows up in the comparison. Inside
+:func:`zero_integer_outputs` (host-overhead measurement, where launches are skipped) integer
+outputs are zeros, so index arithmetic downstream of a skipped kernel stays in bounds.
 """
 
 import contextlib
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 _poison_depth = 0
+_zero_integer_depth = 0
 
 
 @contextlib.contextmanager
@@ -23,9 +27,24 @@ def poison_outputs():
         _poison_depth -= 1
 
 
+@contextlib.contextmanager
+def zero_integer_outputs():
+    """Integer outputs are zeros while the context is active (the fill is invisible to
+    dispatch modes, so launch counters do not see it)."""
+    global _zero_integer_depth
+    _zero_integer_depth += 1
+    try:
+        yield
+    finally:
+        _zero_integer_depth -= 1
+
+
 def empty_output(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``torch.empty`` unless poisoning is on, then filled with NaN (floats) or -1 (ints)."""
     out = torch.empty(shape, dtype=dtype, device=device)
     if _poison_depth:
         out.fill_(float("nan") if out.is_floating_point() else -1)
+    elif _zero_integer_depth and not out.is_floating_point():
+        with _disable_current_modes():
+            out.zero_()
     return out

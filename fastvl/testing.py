@@ -7,7 +7,11 @@ most ``factor`` times the error of the same math done by PyTorch in the low-prec
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastvl._outputs import poison_outputs
 
@@ -24,6 +28,8 @@ __all__ = [
     "assert_grads_within_reference_error",
     "assert_lse_within_reference_error",
     "assert_opcheck",
+    "HostSyncError",
+    "no_host_sync",
 ]
 
 # Token counts of real ViTs that are never multiples of a block size, plus the edge cases.
@@ -124,3 +130,49 @@ def assert_lse_within_reference_error(lse, reference64, low_precision, dtype, na
         lse[keep], reference64[keep], low_precision[keep], factor=2, atol=ERROR_FLOOR[dtype],
         name=name,
     )
+
+
+class HostSyncError(AssertionError):
+    """A tensor's values were read on the host, or a shape depended on them."""
+
+
+# Reading values on the host (a device sync on a GPU), in Python and at the ATen level, and
+# ops whose output shape depends on values (a sync, and not capturable in a CUDA graph).
+_HOST_READS = {
+    torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__,
+    torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.numpy, torch.Tensor.cpu,
+}
+_DATA_DEPENDENT = ("_local_scalar_dense", "nonzero", "_unique", "unique_", "masked_select",
+                   "is_nonzero", "equal", "repeat_interleave.Tensor", "bincount")
+
+
+class _PythonReads(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _HOST_READS:
+            raise HostSyncError(f"host read of tensor values: {func.__name__}")
+        return func(*args, **(kwargs or {}))
+
+
+def _has_bool_index(args) -> bool:
+    """Whether an index op got a boolean mask (its output size depends on the values)."""
+    indices = args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ()
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
+
+
+class _DispatchReads(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__
+        if name.startswith(_DATA_DEPENDENT) or (
+            name.startswith("index") and _has_bool_index(args)
+        ):
+            raise HostSyncError(f"value-dependent op {func}: a host sync on a GPU")
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """Raise :class:`HostSyncError` on anything in the block that would synchronise a GPU with
+    the host (``.item()``, ``.tolist()``, ``bool(t)``, ``nonzero``, ...); works on CPU tensors,
+    so a CPU run (with :func:`fastvl.bench.host_overhead.gpu_path`) checks the GPU path."""
+    with _PythonReads(), _DispatchReads():
+        yield

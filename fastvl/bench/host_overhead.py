@@ -27,8 +27,10 @@ import time
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fastvl._outputs import zero_integer_outputs
 from fastvl.bench.timing import Timing, summarize
 from fastvl.ops.registry import simulate_gpu_dispatch
 
@@ -80,9 +82,16 @@ def no_launches() -> Iterator[LaunchCount]:
 
 @contextlib.contextmanager
 def gpu_path(capability: str = "9.0") -> Iterator[LaunchCount]:
-    """CPU tensors take the path they would on a GPU of ``capability``; launches are skipped."""
-    with simulate_gpu_dispatch(capability), no_launches() as count:
-        yield count
+    """CPU tensors take the path they would on a GPU of ``capability``; launches are skipped
+    (integer outputs of skipped kernels are zeros, valid indices for what follows). One CPU
+    thread meanwhile: tiny tensors need no more, and a thread pool's wake-ups are noise."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with simulate_gpu_dispatch(capability), zero_integer_outputs(), no_launches() as count:
+            yield count
+    finally:
+        torch.set_num_threads(threads)
 
 
 def host_time(fn: Callable[[], Any], *, calls: int = 200, rounds: int = 7,
@@ -144,48 +153,46 @@ class _LaunchCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-# ATen ops whose result depends on tensor values in a way the host must wait for on a GPU.
-_SYNC_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique")
-
-
 class _SyncCounter(TorchDispatchMode):
-    def __init__(self):
+    """Records what :func:`fastvl.testing.no_host_sync` would reject, at the ATen level."""
+
+    def __init__(self, ops: list):
         super().__init__()
-        self.ops: list[str] = []
+        self.ops = ops
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from fastvl.testing import _DATA_DEPENDENT, _has_bool_index
+
         name = func.__name__
-        boolean_index = name.startswith("index.") and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]
-        )
-        if name.split(".")[0] in _SYNC_OPS or boolean_index or (
-            name.startswith("repeat_interleave") and (kwargs or {}).get("output_size") is None
-        ):
+        if name.startswith(_DATA_DEPENDENT) or (name.startswith("index") and _has_bool_index(args)):
             self.ops.append(name)
         return func(*args, **(kwargs or {}))
 
 
+class _PythonSyncCounter(TorchFunctionMode):
+    """... and at the Python level (``.tolist()``, ``bool(t)``, ...)."""
+
+    def __init__(self, ops: list):
+        super().__init__()
+        self.ops = ops
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        from fastvl.testing import _HOST_READS
+
+        if func in _HOST_READS:
+            self.ops.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
 def count_syncs(fn: Callable[[], Any]) -> tuple[int, list[str]]:
-    """(host synchronisations of one ``fn()`` call on a GPU, what caused them): ``.item()`` /
-    ``.tolist()`` / ``bool()`` of a tensor and ops with data-dependent output shapes
-    (``nonzero``, boolean indexing, ...). Triton launches are skipped as in :func:`no_launches`."""
-    tolist, own = torch.Tensor.tolist, "tolist" in vars(torch.Tensor)
-    counter = _SyncCounter()
-
-    def counted_tolist(self):
-        counter.ops.append("tolist")
-        return tolist(self)
-
-    torch.Tensor.tolist = counted_tolist
-    try:
-        with no_launches(), counter:
-            fn()
-    finally:
-        if own:
-            torch.Tensor.tolist = tolist
-        else:
-            del torch.Tensor.tolist
-    return len(counter.ops), counter.ops
+    """(host synchronisations of one ``fn()`` call on a GPU, what caused them): what
+    :func:`fastvl.testing.no_host_sync` rejects (``.item()``, ``.tolist()``, ``bool(t)``,
+    ops with value-dependent output shapes). Triton launches are skipped as in
+    :func:`no_launches`."""
+    ops: list[str] = []
+    with no_launches(), _PythonSyncCounter(ops), _SyncCounter(ops):
+        fn()
+    return len(ops), ops
 
 
 def count_launches(fn: Callable[[], Any]) -> tuple[int, list[str]]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
+from fastvl.ops import registry
+
 INT_TYPES = (int, torch.SymInt)
 
 
@@ -26,8 +28,10 @@ def check_int(op: str, name: str, value, what: str = "an int") -> None:
 
 
 def host_readable(t: torch.Tensor) -> bool:
-    """Whether t's values can be read now at no cost: a real CPU tensor outside torch.compile."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling() and not is_fake(t)
+    """Whether t's values can be read now at no cost: a real CPU tensor outside torch.compile
+    (and outside a simulated GPU dispatch, where CPU tensors stand for GPU ones)."""
+    return (t.device.type == "cpu" and not torch.compiler.is_compiling() and not is_fake(t)
+            and not registry.simulating_gpu())
 
 
 def value_check_allowed(t: torch.Tensor) -> bool:

@@ -105,6 +105,11 @@ def simulate_gpu_dispatch(capability: str = "9.0"):
         _GENERATION[0] += 1
 
 
+def simulating_gpu() -> bool:
+    """Whether :func:`simulate_gpu_dispatch` is active."""
+    return _SIMULATED_CAPABILITY is not None
+
+
 _CAPABILITIES: dict[int, str] = {}
 
 
