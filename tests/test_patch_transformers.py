@@ -4,8 +4,8 @@ Each test builds a tiny random-init model from a config (no hub access), runs it
 ``"fastvl"`` and then, same weights, with ``"eager"`` (``model.set_attn_implementation``), and
 compares logits / hidden states on the non-padded positions (a fully masked query row is 0 with
 fastvl, the mean of all values with eager; see :mod:`fastvl.patch.transformers`). The
-``paths`` fixture counts which path each attention call took, so a test also fails when a case
-it means to run through the fastvl op silently takes the SDPA fallback, or the reverse.
+``paths`` fixture counts which kind of mask each attention call carried, so a test also fails when
+a case meant for the kernels (causal + key bias) silently gets a dense mask, or the reverse.
 
 Tolerance: float32 on both sides, the same math in a different order: 1e-5 absolute.
 """
@@ -56,19 +56,18 @@ def registered(request):
 
 @pytest.fixture
 def paths(monkeypatch):
-    """Counter of attention calls by path: "fastvl" (the op) and "sdpa" (the dense fallback)."""
+    """Counter of attention op calls by what they carry: "fastvl" (causal / key_bias only, what
+    the kernels serve) and "sdpa" (a dense attn_mask or dropout, which the registry sends to
+    SDPA or the torch backend)."""
     counts = collections.Counter()
+    attention = fastvl_hf.attention
 
-    def counting(name, fn):
-        def wrapper(*args, **kwargs):
-            counts[name] += 1
-            return fn(*args, **kwargs)
-        return wrapper
+    def counting(*args, **kwargs):
+        dense = kwargs.get("attn_mask") is not None or kwargs.get("dropout_p", 0.0) > 0.0
+        counts["sdpa" if dense else "fastvl"] += 1
+        return attention(*args, **kwargs)
 
-    monkeypatch.setattr(fastvl_hf, "attention", counting("fastvl", fastvl_hf.attention))
-    monkeypatch.setattr(
-        fastvl_hf, "sdpa_attention_forward", counting("sdpa", fastvl_hf.sdpa_attention_forward)
-    )
+    monkeypatch.setattr(fastvl_hf, "attention", counting)
     return counts
 
 

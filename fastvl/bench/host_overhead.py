@@ -154,17 +154,20 @@ class _LaunchCounter(TorchDispatchMode):
 
 
 class _SyncCounter(TorchDispatchMode):
-    """Records what :func:`fastvl.testing.no_host_sync` would reject, at the ATen level."""
+    """Records what :func:`fastvl.testing.no_host_sync` would reject, at the ATen level
+    (once per Python-level read: ``.item()`` is not counted again as its ATen op)."""
 
-    def __init__(self, ops: list):
+    def __init__(self, ops: list, reading: list):
         super().__init__()
-        self.ops = ops
+        self.ops, self.reading = ops, reading
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         from fastvl.testing import _DATA_DEPENDENT, _has_bool_index
 
         name = func.__name__
-        if name.startswith(_DATA_DEPENDENT) or (name.startswith("index") and _has_bool_index(args)):
+        if not self.reading and (
+            name.startswith(_DATA_DEPENDENT) or (name.startswith("index") and _has_bool_index(args))
+        ):
             self.ops.append(name)
         return func(*args, **(kwargs or {}))
 
@@ -172,16 +175,21 @@ class _SyncCounter(TorchDispatchMode):
 class _PythonSyncCounter(TorchFunctionMode):
     """... and at the Python level (``.tolist()``, ``bool(t)``, ...)."""
 
-    def __init__(self, ops: list):
+    def __init__(self, ops: list, reading: list):
         super().__init__()
-        self.ops = ops
+        self.ops, self.reading = ops, reading
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         from fastvl.testing import _HOST_READS
 
-        if func in _HOST_READS:
-            self.ops.append(func.__name__)
-        return func(*args, **(kwargs or {}))
+        if func not in _HOST_READS or self.reading:
+            return func(*args, **(kwargs or {}))
+        self.ops.append(func.__name__)
+        self.reading.append(func)
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.reading.pop()
 
 
 def count_syncs(fn: Callable[[], Any]) -> tuple[int, list[str]]:
@@ -190,7 +198,8 @@ def count_syncs(fn: Callable[[], Any]) -> tuple[int, list[str]]:
     ops with value-dependent output shapes). Triton launches are skipped as in
     :func:`no_launches`."""
     ops: list[str] = []
-    with no_launches(), _PythonSyncCounter(ops), _SyncCounter(ops):
+    reading: list = []
+    with no_launches(), _PythonSyncCounter(ops, reading), _SyncCounter(ops, reading):
         fn()
     return len(ops), ops
 

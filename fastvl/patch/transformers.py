@@ -13,28 +13,30 @@ How masks travel. The model builds its mask once per forward through
 the 2D padding mask, the query/key lengths and offsets. Where the pattern is *causal (aligned
 bottom-right) or bidirectional, plus a per-key visibility*, the mask function returns a
 :class:`KeyBiasMask` (``causal`` flag and a ``(B, Nk)`` ``key_bias`` with ``-inf`` on hidden keys)
-and the attention function runs :func:`fastvl.ops.attention` on the registered backend, with
-GQA natively (no ``repeat_kv``). Otherwise it returns the dense boolean ``(B, 1, Nq, Nk)`` mask
-transformers' ``"sdpa"`` would get, and the attention function runs transformers' SDPA function
-with it. Which path, by case:
+and the attention function passes them to :func:`fastvl.ops.attention`, with GQA natively (no
+``repeat_kv``). Otherwise it returns the dense boolean ``(B, 1, Nq, Nk)`` mask transformers'
+``"sdpa"`` would get, and the op gets it as ``attn_mask``. Either way one op call, on the
+registered backend; with ``"auto"`` the op registry picks what serves it (a dense mask, dropout
+and ``position_bias`` are served by SDPA or the torch backend, not by the kernels). Which mask, by
+case:
 
 =====================================================  =====================================
-case                                                   path
+case                                                   mask
 =====================================================  =====================================
-no mask, padding (left or right), causal or            fastvl op (causal + key_bias)
+no mask, padding (left or right), causal or            causal + key_bias
 bidirectional, cross-attention, KV-cache decoding
 and cache continuation (``Nq <= Nk``, dynamic cache:
 the queries are the last ``Nq`` positions, which is
 our bottom-right ``causal``)
-any pattern with one query (``Nq == 1``: sliding       fastvl op (its mask row as key_bias)
+any pattern with one query (``Nq == 1``: sliding       its mask row as key_bias
 window / chunked decoding)
-sliding window or chunked with ``Nq > 1``, packed      SDPA with the dense mask
+sliding window or chunked with ``Nq > 1``, packed      dense ``attn_mask``
 sequences (``position_ids`` resets), ``or``/``and``
 mask overlays (image tokens), static caches (keys
 not aligned bottom-right, or masks materialized for
 compiled decoding), custom 4D masks given by the user
-attention dropout > 0 (training), ``position_bias``    SDPA with the mask made dense
-(T5-style logit bias)
+attention dropout > 0 (training), ``position_bias``    as above, plus ``dropout_p`` / the
+(T5-style logit bias)                                  bias added to a dense ``attn_mask``
 ``softcap``, attention sinks (``s_aux`` / ``sinks``)   ValueError (use ``"eager"``)
 =====================================================  =====================================
 
@@ -58,7 +60,7 @@ and then calls ``probe(query=..., key=..., lse=..., mask=..., scale=..., backend
 the post-RoPE query (B, H, Nq, D), the key (B, Hkv, Nk, D) including cached keys, the lse
 (B, H, Nq), the :class:`KeyBiasMask` and scale of the call, and the op backend, so the probe
 can compute e.g. :func:`fastvl.ops.attention_key_mass` without a second attention pass. Only
-the fastvl op path can serve a probe; others raise ``ValueError``.
+calls with a :class:`KeyBiasMask` can serve a probe; others raise ``ValueError``.
 """
 
 from __future__ import annotations
@@ -71,7 +73,6 @@ from typing import Optional
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import (
     AttentionMaskInterface,
     bidirectional_mask_function,
@@ -82,7 +83,7 @@ from transformers.masking_utils import (
 
 from fastvl.nn.attention import check_backend
 from fastvl.ops.attention import attention
-from fastvl.reference.attention import attention_bias
+from fastvl.reference.attention import mask_as_bias
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -208,26 +209,22 @@ def fastvl_attention_forward(
         if is_causal is None:
             is_causal = getattr(module, "is_causal", True)
         attention_mask = KeyBiasMask(causal=bool(is_causal))
-    if isinstance(attention_mask, KeyBiasMask) and (
-        dropout > 0.0 or kwargs.get("position_bias") is not None
-    ):  # beyond our kernels: SDPA, with the same mask made dense (additive, or None)
-        attention_mask = attention_bias(
-            query, key, causal=attention_mask.causal, key_bias=attention_mask.key_bias
+    if not isinstance(attention_mask, KeyBiasMask) and probe is not None:
+        raise ValueError(
+            "fastvl_attention_forward: an attention probe needs a causal or bidirectional + "
+            f"padding mask, this call has a dense {type(attention_mask).__name__} mask"
         )
-    if not isinstance(attention_mask, KeyBiasMask):
-        if probe is not None:
-            raise ValueError(
-                "fastvl_attention_forward: an attention probe needs the fastvl op path (causal "
-                "or bidirectional + padding mask, no dropout, no position_bias), this call "
-                f"takes SDPA with a {type(attention_mask).__name__} mask"
-            )
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-            is_causal=False, **kwargs,
-        )
+    causal, key_bias, dense = False, None, None
+    if isinstance(attention_mask, KeyBiasMask):
+        causal, key_bias = attention_mask.causal, attention_mask.key_bias
+    else:  # a dense 4D mask, possibly longer than the keys (transformers slices it too)
+        dense = attention_mask[:, :, :, : key.shape[-2]]
+    position_bias = kwargs.get("position_bias")
+    if position_bias is not None:  # T5-style additive logit bias
+        dense = position_bias if dense is None else mask_as_bias(dense, query.dtype) + position_bias
     out = attention(
-        query, key, value, causal=attention_mask.causal, key_bias=attention_mask.key_bias,
-        scale=scaling, return_lse=probe is not None, backend=backend,
+        query, key, value, causal=causal, key_bias=key_bias, attn_mask=dense,
+        dropout_p=float(dropout), scale=scaling, return_lse=probe is not None, backend=backend,
     )
     if probe is not None:
         out, lse = out
