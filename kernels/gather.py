@@ -3,6 +3,9 @@
 One program copies one C-block of one output row. Indices outside [0, N) are never
 dereferenced: gather writes zeros for them and scatter-add skips them (the op layer
 validates ranges before launching, so this only keeps the kernels memory-safe).
+
+Also the grid arithmetic every token-op launcher uses, in plain Python: ``triton.cdiv`` and
+``triton.next_power_of_2`` cost microseconds per host call.
 """
 
 import torch
@@ -15,9 +18,21 @@ from fastvl._outputs import empty_output
 _MAX_BLOCK_BYTES = 4096
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints (and SymInts)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n, and 1 for n <= 1 (a block size: concrete, so a SymInt
+    is specialised)."""
+    n = int(n)
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
 def channel_block(channels: int, element_size: int) -> int:
     """Power-of-two block of channels: all of a row, capped at 4 KiB per program."""
-    return min(triton.next_power_of_2(max(channels, 1)), _MAX_BLOCK_BYTES // element_size)
+    return min(next_power_of_2(channels), _MAX_BLOCK_BYTES // element_size)
 
 
 @triton.jit
@@ -73,12 +88,8 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     if out.numel() == 0:
         return out
     block_c = channel_block(channels, x.element_size())
-    grid = (batch * num_kept, triton.cdiv(channels, block_c))
-    wrap_triton(_gather_tokens_kernel)[grid](
-        x, index, out,
-        num_kept, num_tokens, channels,
-        x.stride(0), x.stride(1), x.stride(2),
-        index.stride(0), index.stride(1),
+    wrap_triton(_gather_tokens_kernel)[(batch * num_kept, cdiv(channels, block_c))](
+        x, index, out, num_kept, num_tokens, channels, *x.stride(), *index.stride(),
         BLOCK_C=block_c,
     )
     return out
@@ -95,12 +106,8 @@ def scatter_add_tokens(src: torch.Tensor, index: torch.Tensor, num_tokens: int) 
     acc = torch.zeros((batch, num_tokens, channels), dtype=acc_dtype, device=src.device)
     if src.numel() > 0:
         block_c = channel_block(channels, 4)
-        grid = (batch * num_kept, triton.cdiv(channels, block_c))
-        wrap_triton(_scatter_add_tokens_kernel)[grid](
-            src, index, acc,
-            num_kept, num_tokens, channels,
-            src.stride(0), src.stride(1), src.stride(2),
-            index.stride(0), index.stride(1),
+        wrap_triton(_scatter_add_tokens_kernel)[(batch * num_kept, cdiv(channels, block_c))](
+            src, index, acc, num_kept, num_tokens, channels, *src.stride(), *index.stride(),
             BLOCK_C=block_c,
         )
     return acc.to(src.dtype)

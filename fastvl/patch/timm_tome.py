@@ -432,7 +432,8 @@ def apply_tome(
             token, :func:`fastvl.ops.tome_merge_source`) and store the last one in
             ``model.blocks.source``: the only state a forward writes, and only when tracing.
             ``model.blocks.forward_tokens(x)`` returns it without storing anything.
-        backend: the backend of every fastvl op ("auto", "triton", "torch"), fixed now.
+        backend: the backend of every fastvl op ("auto" or an implementation name listed by
+            ``python -m fastvl info``), fixed now.
 
     Pooling: ``global_pool="token"`` (and "") read the merged tokens; "avg", "avgmax", "map"
     and "prr" pool over tokens, so there the blocks end by expanding the merged tokens back
@@ -483,7 +484,8 @@ def apply_evit(
         keep_rate: float in (0, 1], the fraction of non-prefix tokens kept (1: none dropped).
         layers: distinct block indices in [0, depth) where tokens are pruned (EViT on
             DeiT-S: (3, 6, 9)).
-        backend: the backend of every fastvl op ("auto", "triton", "torch"), fixed now.
+        backend: the backend of every fastvl op ("auto" or an implementation name listed by
+            ``python -m fastvl info``), fixed now.
 
     The attention of the pruning blocks needs the fastvl op path (for the lse): in training,
     attention dropout there raises. Pooling is left as is (the class token, or the mean of the

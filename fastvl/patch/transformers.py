@@ -235,8 +235,8 @@ def fastvl_attention_forward(
 def register(backend: str = "auto") -> None:
     """Make ``attn_implementation="fastvl"`` available to transformers models.
 
-    ``backend`` ("auto", "triton" or "torch") is the :func:`fastvl.ops.attention` backend every
-    fastvl-path call uses; an explicit one that cannot serve a call raises
+    ``backend`` ("auto" or an implementation, e.g. "triton") is the :func:`fastvl.ops.attention`
+    backend every call uses; an explicit one that cannot serve a call raises
     :class:`fastvl.ops.BackendNotSupportedError`. Calling again replaces the backend.
     """
     check_backend(backend)
