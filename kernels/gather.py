@@ -4,13 +4,15 @@ One program copies one C-block of one output row. Indices outside [0, N) are nev
 dereferenced: gather writes zeros for them and scatter-add skips them (the op layer
 validates ranges before launching, so this only keeps the kernels memory-safe).
 
-Also the grid arithmetic every token-op launcher uses, in plain Python: ``triton.cdiv`` and
-``triton.next_power_of_2`` cost microseconds per host call.
+Also the host-side helpers of every launcher of fastvl's token ops, cheap on the host:
+grid arithmetic in plain Python (``triton.cdiv`` and ``triton.next_power_of_2`` cost
+microseconds per call) and :func:`launchable`.
 """
 
 import torch
 import triton
 import triton.language as tl
+from torch._library.triton import is_wrap_triton_enabled
 from torch.library import wrap_triton
 
 from fastvl._outputs import empty_output
@@ -28,6 +30,13 @@ def next_power_of_2(n: int) -> int:
     is specialised)."""
     n = int(n)
     return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+def launchable(kernel):
+    """What a launcher launches: ``wrap_triton(kernel)`` (a traceable launch) while that is
+    enabled, i.e. while torch.compile or make_fx traces, else the kernel itself, as
+    wrap_triton would return it, without its cost of microseconds per call."""
+    return wrap_triton(kernel) if is_wrap_triton_enabled() else kernel
 
 
 def channel_block(channels: int, element_size: int) -> int:
@@ -88,7 +97,7 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     if out.numel() == 0:
         return out
     block_c = channel_block(channels, x.element_size())
-    wrap_triton(_gather_tokens_kernel)[(batch * num_kept, cdiv(channels, block_c))](
+    launchable(_gather_tokens_kernel)[(batch * num_kept, cdiv(channels, block_c))](
         x, index, out, num_kept, num_tokens, channels, *x.stride(), *index.stride(),
         BLOCK_C=block_c,
     )
@@ -106,7 +115,7 @@ def scatter_add_tokens(src: torch.Tensor, index: torch.Tensor, num_tokens: int) 
     acc = torch.zeros((batch, num_tokens, channels), dtype=acc_dtype, device=src.device)
     if src.numel() > 0:
         block_c = channel_block(channels, 4)
-        wrap_triton(_scatter_add_tokens_kernel)[(batch * num_kept, cdiv(channels, block_c))](
+        launchable(_scatter_add_tokens_kernel)[(batch * num_kept, cdiv(channels, block_c))](
             src, index, acc, num_kept, num_tokens, channels, *src.stride(), *index.stride(),
             BLOCK_C=block_c,
         )

@@ -416,13 +416,14 @@ def test_compiles_without_graph_breaks(backend):
     )
 
 
-def test_auto_uses_torch_on_cpu():
+def test_auto_on_cpu_uses_sdpa_then_torch():
     from fastvl.ops.registry import OPS
 
     q, k, v, _ = _make_inputs(1, 1, 1, 3, 3, 8, torch.float32, seed=25, device="cpu")
-    args = (q, k, v, None, None, 1.0, False, 1.0, False)
-    impl = OPS["attention"].select("auto", q.device, *args)
-    assert impl.__name__ == "_torch_impl"
+    args = (q, k, v, None, None, 1.0, False, 1.0, False, None, 0.0)
+    assert OPS["attention"].select("auto", q.device, *args).__name__ == "_sdpa_impl"
+    with_lse = args[:8] + (True,) + args[9:]  # what SDPA cannot return
+    assert OPS["attention"].select("auto", q.device, *with_lse).__name__ == "_torch_impl"
 
 
 # ---- bad input ---------------------------------------------------------------------------
@@ -548,9 +549,14 @@ def test_gpu_llama_gqa_causal(dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_auto_uses_triton():
+def test_gpu_auto_uses_libraries_then_triton():
     from fastvl.ops.registry import OPS
 
     q = torch.zeros(1, 1, 3, 8, device="cuda", dtype=torch.float16)
-    impl = OPS["attention"].select("auto", q.device, q, q, q, None, None, 1.0, False, 1.0, False)
+    bias = torch.zeros(1, 3, device="cuda")
+    plain = OPS["attention"].select("auto", q.device, q, q, q, None, None, 1.0, False, 1.0,
+                                    False, None, 0.0)
+    assert plain.__name__ in ("_flash_attn_impl", "_sdpa_impl")
+    impl = OPS["attention"].select("auto", q.device, q, q, q, bias, None, 1.0, False, 1.0,
+                                   False, None, 0.0)
     assert impl.__name__ == "_triton_impl"

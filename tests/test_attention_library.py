@@ -213,3 +213,13 @@ def test_auto_on_a_gpu_takes_flash_attn_where_it_serves(libraries):
     q32, k32 = q.float(), k.float()
     fp32 = (q32, k32, k32, None, None, 0.2, True, 1.0, False, None, 0.0)
     assert attention_op.select("auto", q.device, *fp32) is attention_op.impls["sdpa"].fn
+
+
+def test_sdpa_backend_gradcheck():
+    q = random_tensor(1, 4, 5, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (random_tensor(1, 2, 7, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    key_bias = random_tensor(1, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v, b: attention(q, k, v, causal=True, key_bias=b, backend="sdpa"),
+        (q, k, v, key_bias),
+    )

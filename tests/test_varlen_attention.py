@@ -491,5 +491,5 @@ def test_gpu_auto_uses_triton():
     q = torch.zeros(3, 1, 8, device="cuda", dtype=torch.float16)
     cu = torch.tensor([0, 3], dtype=torch.int32, device="cuda")
     impl = OPS["varlen_attention"].select("auto", q.device, q, q, q, cu, cu, 3, 3, None, None,
-                                          1.0, False, 1.0, False)
+                                          1.0, False, 1.0, True, 0.0)  # lse: fastvl's only
     assert impl.__name__ == "_varlen_triton_impl"

@@ -216,7 +216,7 @@ def _build_attention(device, dtype, scale: Scale, mode: str, full: Workload) -> 
         return with_backward(forward, (q, k, v), grad_out) if backward else forward
 
     # fastvl: the arguments as ATTENTION's implementations receive them (see fastvl.ops.attention)
-    op_args = (q, k, v, key_bias, None, 1.0 / math.sqrt(D), full.causal, 1.0, False)
+    op_args = (q, k, v, key_bias, None, 1.0 / math.sqrt(D), full.causal, 1.0, False, None, 0.0)
     fastvl_impls(
         built, "attention", device, op_args,
         lambda backend: finish(lambda: attention(
