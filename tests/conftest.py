@@ -22,6 +22,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def own_backends(*op_names: str) -> tuple:
+    """fastvl's own implementations (``cuda``, ``triton``, ``torch``) of any of ``op_names``, as
+    the registry lists them: what a test sweeps (library kernels have their own tests)."""
+    from fastvl.ops.registry import OPS, OWN_BACKENDS
+
+    return tuple(b for b in OWN_BACKENDS if any(b in OPS[name].impls for name in op_names))
+
+
 def require_backend(op_name: str, backend: str, device: torch.device = DEVICE) -> None:
     """Skip unless ``backend`` can run ``op_name`` on ``device``.
 

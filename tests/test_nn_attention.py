@@ -17,7 +17,7 @@ from torch import nn
 from fastvl.nn import Attention
 from fastvl.ops import BackendNotSupportedError
 from fastvl.testing import assert_within_reference_error, poison_outputs, random_tensor
-from tests.conftest import DEVICE, require_backend
+from tests.conftest import DEVICE, own_backends, require_backend
 
 BATCH, TOKENS, DIM, HEADS = 2, 13, 64, 2
 CONFIGS = {
@@ -145,7 +145,7 @@ KEY_MASKS = {
 }
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", own_backends("attention"))
 @pytest.mark.parametrize("mask_kind", KEY_MASKS)
 def test_per_key_attn_mask_runs_on_the_op(backend, mask_kind):
     require_backend("attention", backend)

@@ -29,7 +29,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import fastvl.patch.transformers as fastvl_hf
 from fastvl.patch.fastv import CRITERIA, FastVStage, apply_fastv, keep_count
-from tests.conftest import DEVICE, require_backend
+from tests.conftest import DEVICE, own_backends, require_backend
 
 ATOL, RTOL = 1e-5, 1e-4
 IMAGE_TOKEN_ID = 127
@@ -217,7 +217,8 @@ def test_keep_ratio_one_is_the_unpatched_model(registered):
     torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("registered", ["torch", "triton"], indirect=True)
+@pytest.mark.parametrize("registered", own_backends("attention", "attention_key_mass"),
+                         indirect=True)
 @pytest.mark.parametrize("criterion", CRITERIA)
 def test_llama_matches_pruned_reference(registered, criterion):
     """Batch 2 with image tokens at different positions and left padding, per-sample ranking."""

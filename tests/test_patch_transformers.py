@@ -38,10 +38,10 @@ from transformers.masking_utils import (
 import fastvl.patch.transformers as fastvl_hf
 from fastvl.ops import BackendNotSupportedError
 from fastvl.reference.attention import attention_bias
-from tests.conftest import DEVICE, require_backend
+from tests.conftest import DEVICE, own_backends, require_backend
 
 ATOL = 1e-5
-BACKENDS = ("torch", "triton")
+BACKENDS = own_backends("attention")
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import fastvl.ops as ops
 from fastvl.ops import registry
 from fastvl.testing import HostSyncError, no_host_sync, random_tensor
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from tests.conftest import DEVICE
 
 
 def _leaf(*shape, device):
