@@ -38,7 +38,10 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch._library.triton import is_wrap_triton_enabled
 from torch.library import wrap_triton
+
+_TORCH_WRAP_TRITON = wrap_triton
 
 from fastvl._outputs import empty_output
 from fastvl.kernels import gpu_sizes
@@ -52,12 +55,38 @@ _INTERPRETER_BLOCKS = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
 
 
 def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, 1 << (int(head_dim) - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b  # triton.cdiv, without its constexpr-function wrapper's cost
+
+
+def launchable(kernel, wrap, eager: bool = False):
+    """``wrap(kernel)``, ``wrap`` the launching module's ``wrap_triton`` (which
+    :func:`fastvl.triton_aot.recorded_launches` replaces). Where that is torch's and nothing
+    traces (``eager``: the caller says so; else torch.library's switch says so), it would
+    return ``kernel`` itself after µs of imports: that case is answered here."""
+    if wrap is _TORCH_WRAP_TRITON and (eager or not is_wrap_triton_enabled()):
+        return kernel
+    return wrap(kernel)
+
+
+_CONFIGS: dict = {}
 
 
 def _config(kind: str, head_dim: int, dtype: torch.dtype, device: torch.device):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one kernel kind."""
-    if not gpu_sizes(device):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one kernel kind (cached per kind, head
+    dim, dtype and whether GPU sizes apply)."""
+    key = (kind, int(head_dim), dtype, gpu_sizes(device))
+    config = _CONFIGS.get(key)
+    if config is None:
+        config = _CONFIGS[key] = _choose_config(kind, head_dim, dtype, key[-1])
+    return config
+
+
+def _choose_config(kind: str, head_dim: int, dtype: torch.dtype, gpu: bool):
+    if not gpu:
         block_m, block_n = _INTERPRETER_BLOCKS[kind]
         return block_m, block_n, 4, 1
     block_d = _block_d(head_dim)
@@ -93,9 +122,10 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 def _token_strides(t: torch.Tensor, packed: bool):
     """(batch, head, token) strides of a (B, H, N, ...) tensor, or of a packed (total, H, ...)
     one (batch stride 0: packed sequences are found by their first token instead)."""
+    strides = t.stride()
     if packed:
-        return 0, t.stride(1), t.stride(0)
-    return t.stride(0), t.stride(1), t.stride(2)
+        return 0, strides[1], strides[0]
+    return strides[:3]
 
 
 def _bias_strides(key_bias, packed: bool):
@@ -103,12 +133,12 @@ def _bias_strides(key_bias, packed: bool):
     (total_k, H); head stride 0 for a bias shared by the heads."""
     if key_bias is None:
         return 0, 0, 0
+    strides = key_bias.stride()
     if packed:
-        head_stride = key_bias.stride(1) if key_bias.dim() == 2 else 0
-        return 0, head_stride, key_bias.stride(0)
-    if key_bias.dim() == 2:
-        return key_bias.stride(0), 0, key_bias.stride(1)
-    return key_bias.stride(0), key_bias.stride(1), key_bias.stride(2)
+        return 0, strides[1] if len(strides) == 2 else 0, strides[0]
+    if len(strides) == 2:
+        return strides[0], 0, strides[1]
+    return strides
 
 
 def _mask_params(causal: bool, causal_strength: float, prefix_len):
@@ -500,7 +530,8 @@ def _attn_bwd_dq_kernel(
 # (total_k, Hkv, D), int32 ``cu_seqlens_q`` / ``cu_seqlens_k`` (B + 1,) that the caller
 # guarantees valid (start at 0, non-decreasing, end at total, lengths <= ``max_seqlen_*``),
 # key_bias (total_k,) or (total_k, H). Per-row tensors have shape ``q.shape[:-1]``:
-# (B, H, Nq) dense, (total_q, H) packed.
+# (B, H, Nq) dense, (total_q, H) packed. ``eager=True``: nothing traces the call, launch the
+# kernels directly (see :func:`launchable`).
 
 
 def _layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
@@ -514,27 +545,28 @@ def _layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
 
 def attention_forward(q, k, v, key_bias, prefix_len, scale: float, causal: bool,
                       causal_strength: float, cu_seqlens_q=None, cu_seqlens_k=None,
-                      max_seqlen_q: int = 0, max_seqlen_k: int = 0):
+                      max_seqlen_q: int = 0, max_seqlen_k: int = 0, *, eager: bool = False):
     """-> (out, contiguous in q's shape and dtype; lse float32 of shape q.shape[:-1]).
 
     Dense or packed layout (see above). ``key_bias``: None or any float dtype and strides.
     ``prefix_len``: None or an integer (B,) tensor (used only with a hard or soft causal mask).
     """
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     batch, num_queries, num_keys, cu_q, cu_k, varlen = _layout(
         q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     )
-    heads, kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[-1]
-    out = empty_output(q.shape, dtype=q.dtype, device=q.device)
-    lse = empty_output(q.shape[:-1], dtype=torch.float32, device=q.device)
+    shape, dtype, device = q.shape, q.dtype, q.device
+    heads, kv_heads, head_dim = shape[1], k.shape[1], shape[-1]
+    out = empty_output(shape, dtype=dtype, device=device)
+    lse = empty_output(shape[:-1], dtype=torch.float32, device=device)
     if out.numel() == 0:
         if lse.numel():
             lse.fill_(float("-inf"))
         return out, lse
     is_causal, soft, has_prefix, future_bias = _mask_params(causal, causal_strength, prefix_len)
-    block_m, block_n, warps, stages = _config("fwd", head_dim, q.dtype, q.device)
-    grid = (triton.cdiv(num_queries, block_m), batch * heads)
-    wrap_triton(_attn_fwd_kernel)[grid](
+    block_m, block_n, warps, stages = _config("fwd", head_dim, dtype, device)
+    grid = (_cdiv(num_queries, block_m), batch * heads)
+    launchable(_attn_fwd_kernel, wrap_triton, eager)[grid](
         q, k, v,
         key_bias if key_bias is not None else q,
         prefix_len if has_prefix else q,
@@ -546,7 +578,7 @@ def attention_forward(q, k, v, key_bias, prefix_len, scale: float, causal: bool,
         CAUSAL=is_causal, SOFT=soft, HAS_PREFIX=has_prefix, HAS_BIAS=key_bias is not None,
         SKIP=is_causal and not soft, VARLEN=varlen,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(head_dim),
-        DOT_PRECISION=_dot_precision(q.dtype),
+        DOT_PRECISION=_dot_precision(dtype),
         num_warps=warps, num_stages=stages,
     )
     return out, lse
@@ -555,7 +587,7 @@ def attention_forward(q, k, v, key_bias, prefix_len, scale: float, causal: bool,
 def attention_backward(grad_out, grad_lse, q, k, v, out, lse, key_bias, prefix_len,
                        scale: float, causal: bool, causal_strength: float, compute_dbias: bool,
                        cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q: int = 0,
-                       max_seqlen_k: int = 0):
+                       max_seqlen_k: int = 0, *, eager: bool = False):
     """-> (dq, dk, dv, dbias): contiguous, in q's dtype; dbias float32 per head and key,
     (B, H, Nk) dense or (total_k, H) packed, or None.
 
@@ -597,7 +629,8 @@ def attention_backward(grad_out, grad_lse, q, k, v, out, lse, key_bias, prefix_l
 
     delta = empty_output(lse.shape, dtype=torch.float32, device=device)
     delta_block = max(16, min(128, 8192 // block_d)) if gpu_sizes(device) else 16
-    wrap_triton(_attn_bwd_delta_kernel)[(triton.cdiv(num_queries, delta_block), batch * heads)](
+    delta_grid = (_cdiv(num_queries, delta_block), batch * heads)
+    launchable(_attn_bwd_delta_kernel, wrap_triton, eager)[delta_grid](
         out, grad_out, grad_lse if grad_lse is not None else lse, cu_q, delta,
         heads, num_queries, head_dim,
         *_token_strides(out, varlen), *_token_strides(grad_out, varlen),
@@ -606,7 +639,8 @@ def attention_backward(grad_out, grad_lse, q, k, v, out, lse, key_bias, prefix_l
     )
 
     block_m, block_n, warps, stages = _config("dkdv", head_dim, q.dtype, device)
-    wrap_triton(_attn_bwd_dkdv_kernel)[(triton.cdiv(num_keys, block_n), batch * kv_heads)](
+    dkdv_grid = (_cdiv(num_keys, block_n), batch * kv_heads)
+    launchable(_attn_bwd_dkdv_kernel, wrap_triton, eager)[dkdv_grid](
         q, k, v, bias_arg, prefix_arg, cu_q, cu_k, grad_out, lse, delta,
         dk, dv, dbias if dbias is not None else dk,
         heads, kv_heads, group, num_queries, num_keys, head_dim,
@@ -619,7 +653,8 @@ def attention_backward(grad_out, grad_lse, q, k, v, out, lse, key_bias, prefix_l
     )
 
     block_m, block_n, warps, stages = _config("dq", head_dim, q.dtype, device)
-    wrap_triton(_attn_bwd_dq_kernel)[(triton.cdiv(num_queries, block_m), batch * heads)](
+    dq_grid = (_cdiv(num_queries, block_m), batch * heads)
+    launchable(_attn_bwd_dq_kernel, wrap_triton, eager)[dq_grid](
         q, k, v, bias_arg, prefix_arg, cu_q, cu_k, grad_out, lse, delta, dq,
         heads, group, num_queries, num_keys, head_dim,
         *common_strides,

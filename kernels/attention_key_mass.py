@@ -28,12 +28,14 @@ from fastvl.kernels.attention import (
     LOG2E,
     _bias_strides,
     _block_d,
+    _cdiv,
     _config,
     _dot_precision,
     _last_dim_contiguous,
     _load_prefix,
     _mask_params,
     _masked_logits,
+    launchable,
 )
 
 
@@ -118,13 +120,14 @@ def _key_mass_kernel(
 
 def attention_key_mass(q, k, lse, key_bias, prefix_len, scale: float, causal: bool,
                        causal_strength: float, query_start: int, query_end: int,
-                       head_reduce: Optional[str]):
+                       head_reduce: Optional[str], *, eager: bool = False):
     """-> float32 (B, Nk) reduced over heads by ``head_reduce`` ("mean", "max", "sum"), or
     (B, H, Nk) for None; contiguous.
 
     q (B, H, Nq, D), k (B, Hkv, Nk, D), lse (B, H, Nq) float32 with any strides,
     ``0 <= query_start <= query_end <= Nq``. ``key_bias``: None, (B, Nk) or (B, H, Nk), any
-    float dtype and strides. ``prefix_len``: None or an integer (B,) tensor.
+    float dtype and strides. ``prefix_len``: None or an integer (B,) tensor. ``eager``: as
+    :func:`fastvl.kernels.attention.attention_forward`'s.
     """
     q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
     batch, heads, num_queries, head_dim = q.shape
@@ -141,17 +144,15 @@ def attention_key_mass(q, k, lse, key_bias, prefix_len, scale: float, causal: bo
         is_causal, soft, has_prefix, future_bias = _mask_params(causal, causal_strength,
                                                                 prefix_len)
         block_m, block_n, warps, stages = _config("dkdv", head_dim, q.dtype, q.device)
-        grid = (triton.cdiv(num_keys, block_n), batch * kv_heads)
-        wrap_triton(_key_mass_kernel)[grid](
+        grid = (_cdiv(num_keys, block_n), batch * kv_heads)
+        launchable(_key_mass_kernel, wrap_triton, eager)[grid](
             q, k, lse,
             key_bias if key_bias is not None else q,
             prefix_len if has_prefix else q,
             out,
             heads, kv_heads, heads // kv_heads, num_queries, num_keys, head_dim,
             query_start, query_end,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            lse.stride(0), lse.stride(1), lse.stride(2),
+            *q.stride()[:3], *k.stride()[:3], *lse.stride(),
             *_bias_strides(key_bias, packed=False),
             scale * 1.4426950408889634, future_bias,
             1.0 / heads if head_reduce == "mean" else 1.0,

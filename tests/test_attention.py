@@ -483,9 +483,70 @@ def _bad_inputs():
 )
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_bad_inputs_raise_clear_errors(make_call, error, match, backend):
+    attention(*_bad_inputs(), backend=backend)  # a valid call first: the memo skips no check
     args, kwargs = make_call(*_bad_inputs())
     with pytest.raises(error, match=match):
         attention(*args, backend=backend, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(return_lse=0), r"return_lse must be a bool"),
+        (dict(dropout_p=False), r"dropout_p must be a Python float"),
+        (dict(dropout_p=1.0), r"dropout_p must lie in \[0, 1\)"),
+        (dict(backend="flash"), r"backend must be 'auto' or one of"),
+    ],
+)
+def test_memo_keeps_value_equal_bad_arguments_out(kwargs, match):
+    """Arguments equal (and hash-equal) to a memoised valid call's still fail their checks."""
+    q, k, v = _bad_inputs()
+    attention(q, k, v, return_lse=False, dropout_p=0.0)
+    attention(q, k, v, return_lse=True, dropout_p=0.0)
+    with pytest.raises((TypeError, ValueError), match=match):
+        attention(q, k, v, **kwargs)
+
+
+def test_memo_follows_dispatch_changes():
+    """A memoised choice is dropped when dispatch changes (here: the simulated GPU path, where
+    a key bias goes to triton instead of SDPA)."""
+    from fastvl.bench.host_overhead import gpu_path
+
+    q, k, v = _bad_inputs()
+    bias = torch.zeros(2, 6)
+    expected = attention(q, k, v, key_bias=bias)  # CPU: SDPA serves a key bias
+    assert torch.equal(attention(q, k, v, key_bias=bias), expected)  # memoised, same result
+    require_backend("attention", "triton", q.device)
+    with gpu_path() as launches:
+        attention(q, k, v, key_bias=bias)
+    assert launches.triton == 1
+
+
+def test_eager_triton_path_skips_custom_op_dispatch():
+    """Eager calls launch the kernels from Python (torch.compile uses torch.ops.fastvl.*);
+    the backward needs no zero-filled lse gradient and is not differentiable again."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    require_backend("attention", "triton", DEVICE)
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(f"{func.namespace}::{func.__name__}")
+            return func(*args, **(kwargs or {}))
+
+    q, k, v, _ = _make_inputs(1, 2, 1, 5, 7, 8, torch.float32, seed=27)
+    leaves = [t.requires_grad_(True) for t in (q, k, v)]
+    with Ops() as seen:
+        out = attention(*leaves, backend="triton")
+        grads = torch.autograd.grad(out, leaves, torch.ones_like(out), create_graph=True)
+    assert not [name for name in seen.names if name.startswith("fastvl::")], seen.names
+    assert not [name for name in seen.names if name.startswith("aten::zeros")], seen.names
+    with pytest.raises(RuntimeError, match="does not require grad|twice"):
+        torch.autograd.grad(grads[0].sum(), leaves[0])
 
 
 def test_unknown_backend():
@@ -495,15 +556,15 @@ def test_unknown_backend():
 
 def test_triton_not_supported_reasons():
     q, k, v = _bad_inputs()
-    no_cuda = "attention has no cuda implementation"
-    with pytest.raises(BackendNotSupportedError, match=no_cuda) as info:
-        attention(q, k, v, backend="cuda")
-    assert info.value.op == "attention" and info.value.reasons
+    with pytest.raises(ValueError, match=r"attention: backend must be 'auto' or one of .*'cuda'"):
+        attention(q, k, v, backend="cuda")  # attention has no cuda implementation
     require_backend("attention", "triton", q.device)
-    with pytest.raises(BackendNotSupportedError, match=r"dtype torch.float64.*backend='torch'"):
+    with pytest.raises(BackendNotSupportedError,
+                       match=r"q has dtype torch.float64; triton supports") as info:
         attention(q.double(), k.double(), v.double(), backend="triton")
+    assert info.value.op == "attention" and info.value.reasons
     big = torch.zeros(1, 1, 2, 320)
-    with pytest.raises(BackendNotSupportedError, match=r"head dim 320 is larger than .* 256"):
+    with pytest.raises(BackendNotSupportedError, match=r"head dim 320 is above triton's maximum 256"):
         attention(big, big, big, backend="triton")
     # auto falls back to torch for what triton cannot serve
     out = attention(big, big, big, backend="auto")

@@ -189,6 +189,83 @@ def test_torch_backend_float64():
     torch.testing.assert_close(mass, probs.sum(2).mean(1).float())
 
 
+def _dense_key_mass64(q, k, lse, *, causal, causal_strength, prefix_len, key_bias, rows,
+                      head_reduce):
+    """Independent float64 oracle: every logit of the selected rows, the bias written out."""
+    q, k, lse = q.double(), k.double(), lse.double()
+    batch, heads, nq, head_dim = q.shape
+    nk = k.shape[2]
+    k = k.repeat_interleave(heads // k.shape[1], dim=1)
+    logits = q @ k.transpose(-1, -2) / math.sqrt(head_dim)  # (B, H, Nq, Nk)
+    if key_bias is not None:
+        kb = key_bias.double()
+        logits = logits + (kb[:, None, None, :] if kb.dim() == 2 else kb[:, :, None, :])
+    if causal:
+        i = torch.arange(nq).view(1, nq, 1)
+        j = torch.arange(nk).view(1, 1, nk)
+        future = (j > i + nk - nq).expand(batch, nq, nk)
+        if prefix_len is not None:
+            future = future & (j >= prefix_len.view(-1, 1, 1))
+        strength = 1.0 if causal_strength is None else causal_strength
+        value = -math.inf if strength >= 1.0 else math.log(1.0 - strength)
+        bias = torch.zeros(future.shape, dtype=torch.float64).masked_fill(future, value)
+        logits = logits + bias.unsqueeze(1)
+    probs = torch.exp(logits - lse.unsqueeze(-1))
+    probs = torch.where(torch.isneginf(lse).unsqueeze(-1), 0.0, probs)
+    mass = probs[:, :, rows[0]:rows[1]].sum(dim=2)
+    return {"mean": mass.mean(1), "sum": mass.sum(1), "max": mass.amax(1), None: mass}[head_reduce]
+
+
+# (batch, heads, kv_heads, Nq, Nk, D, options): shapes that span several blocks of the torch
+# backend once BLOCK_BYTES is shrunk, in both blocking modes (whole slices / row blocks).
+BLOCKED = [
+    (3, 4, 2, 37, 37, 16, dict()),
+    (2, 6, 2, 53, 53, 8, dict(causal=True, rows=(7, 53), head_reduce="sum")),
+    (2, 4, 1, 19, 45, 8, dict(causal=True, rows=(0, 19), head_reduce=None)),  # Nq < Nk
+    (2, 2, 2, 45, 19, 8, dict(causal=True, rows=(3, 41), head_reduce="max")),  # -inf rows
+    (2, 4, 2, 30, 33, 8, dict(causal=True, causal_strength=0.4, bias="bh", rows=(2, 29))),
+    (2, 4, 4, 41, 41, 8, dict(causal=True, prefix_len=(0, 17), bias="b", rows=(5, 40))),
+    (2, 4, 2, 29, 29, 8, dict(causal=True, causal_strength=0.7, prefix_len=(4, 11))),
+]
+
+
+@pytest.mark.parametrize("block_bytes", [4 << 20, 60000, 4096, 300])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("case", BLOCKED, ids=[str(i) for i in range(len(BLOCKED))])
+def test_torch_blocks_against_dense_float64(case, dtype, block_bytes, monkeypatch):
+    """The torch backend, one block at a time (several slices per block, one slice in row
+    blocks, causal key skipping), against the dense float64 oracle above. Tolerance: float64
+    1e-10; float32 / float16 inputs: the oracle fed the same rounded inputs and lse, so only
+    the accumulation differs (rtol 1e-4, atol 1e-5; float16 logits round to 2^-11)."""
+    import fastvl.reference.attention_key_mass as module
+
+    monkeypatch.setattr(module, "BLOCK_BYTES", block_bytes)
+    batch, heads, kv_heads, nq, nk, head_dim, opts = case
+    opts = dict(opts)
+    rows = opts.pop("rows", (0, nq))
+    head_reduce = opts.pop("head_reduce", "mean")
+    q, k, v, key_bias = _make_inputs(batch, heads, kv_heads, nq, nk, head_dim, dtype, seed=11,
+                                     bias=opts.pop("bias", None), device="cpu")
+    prefix_len = opts.pop("prefix_len", None)
+    if prefix_len is not None:
+        prefix_len = torch.tensor(prefix_len)
+    masks = dict(causal=opts.pop("causal", False),
+                 causal_strength=opts.pop("causal_strength", None), prefix_len=prefix_len)
+    assert not opts
+    _, lse = attention_math(q.double(), k.double(), v.double(), key_bias=key_bias if key_bias is
+                            None else key_bias.double(), **masks)
+    lse = lse if dtype == torch.float64 else lse.float()
+    with poison_outputs():
+        mass = module.attention_key_mass(q, k, lse, key_bias=key_bias, query_start=rows[0],
+                                         query_end=rows[1], head_reduce=head_reduce, **masks)
+    expected = _dense_key_mass64(q, k, lse, key_bias=key_bias, rows=rows,
+                                 head_reduce=head_reduce, **masks)
+    assert mass.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else (
+        dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3))
+    torch.testing.assert_close(mass.double(), expected, **tol)
+
+
 # ---- no gradient, registration, compile --------------------------------------------------
 
 
@@ -315,11 +392,11 @@ def test_backend_not_supported_reasons():
     q, k, lse = _bad_inputs()
     with pytest.raises(ValueError, match=r"backend must be 'auto' or one of"):
         attention_key_mass(q, k, lse, backend="flash")
-    with pytest.raises(BackendNotSupportedError, match="has no cuda implementation"):
-        attention_key_mass(q, k, lse, backend="cuda")
+    with pytest.raises(ValueError, match=r"attention_key_mass: backend must be .*'cuda'"):
+        attention_key_mass(q, k, lse, backend="cuda")  # no cuda implementation
     require_backend("attention_key_mass", "triton", q.device)
     q64, k64 = q.double(), k.double()
-    with pytest.raises(BackendNotSupportedError, match=r"dtype torch.float64.*backend='torch'"):
+    with pytest.raises(BackendNotSupportedError, match=r"q has dtype torch.float64; triton"):
         attention_key_mass(q64, k64, lse, backend="triton")
     # auto falls back to torch for what triton cannot serve
     assert attention_key_mass(q64, k64, lse, backend="auto").shape == (2, 6)

@@ -17,6 +17,8 @@ import os
 import re
 from typing import Any, Sequence
 
+from fastvl.ops.registry import BACKENDS
+
 __all__ = ["device_kind_of", "rank_backends", "write_dispatch_table"]
 
 _IMPL = re.compile(r"^fastvl\[(\w+)\]$")
@@ -34,8 +36,9 @@ def rank_backends(rows: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
     groups: dict[tuple, dict[str, float]] = {}
     for row in rows:
         match = _IMPL.match(row.get("impl", ""))
-        if not match or row.get("status") != "ok" or not row.get("median_s"):
-            continue
+        if (not match or match.group(1) not in BACKENDS or row.get("op") == "host_overhead"
+                or row.get("status") != "ok" or not row.get("median_s")):
+            continue  # host-overhead rows time the host side only: not a device ranking
         key = (row["op"], row["case"], row["dtype"], row["mode"])
         groups.setdefault(key, {})[match.group(1)] = row["median_s"]
     ratios: dict[str, dict[str, list[float]]] = {}

@@ -134,6 +134,7 @@ _NO_LAUNCH_PREFIXES = (
     "view", "_unsafe_view", "alias", "as_strided", "t.", "transpose", "permute", "expand",
     "unsqueeze", "squeeze", "select.", "slice", "detach", "empty", "reshape", "unflatten",
     "flatten", "split", "chunk", "unbind", "narrow", "diagonal", "_reshape_alias", "lift_fresh",
+    "new_empty",
     "sym_", "is_", "size", "stride", "numel", "dim",
 )
 

@@ -36,6 +36,7 @@ from typing import Any, Optional, Sequence, TextIO
 import torch
 
 from fastvl.bench.cases import SCALES, Built, Case, Scale, all_cases
+from fastvl.bench.dispatch import device_kind_of, write_dispatch_table
 from fastvl.bench.timing import Timing, peak_memory, time_callable, warm_up_device
 
 __all__ = ["add_arguments", "run", "Settings", "run_cases", "format_table", "main"]
@@ -105,6 +106,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-l2-flush", dest="flush_l2", action="store_false",
         help="CUDA: do not overwrite the L2 cache before each timed call",
+    )
+    parser.add_argument(
+        "--write-dispatch", default=None, metavar="FILE",
+        help="rank every implementation of each op timed here and merge the order into the "
+        "dispatch table FILE under this device (load it with FASTVL_DISPATCH_TABLE=FILE)",
     )
     parser.add_argument(
         "--threads", type=int, default=None, metavar="N",
@@ -730,6 +736,11 @@ def run(args: argparse.Namespace) -> int:
     with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as handle:
         json.dump(_json_safe(results), handle, indent=2)
         handle.write("\n")
+    if getattr(args, "write_dispatch", None):
+        table = write_dispatch_table(_json_safe(results), args.write_dispatch)
+        kind = device_kind_of(results["device"])
+        print(f"dispatch order for {kind} written to {args.write_dispatch}: "
+              f"{table['devices'].get(kind, {})}")
     with open(os.path.join(out_dir, "table.txt"), "w", encoding="utf-8") as handle:
         handle.write(f"# {results['command']}\n# {env['device']['name']}, "
                      f"torch {env['versions']['torch']}, {results['timestamp']}\n")

@@ -22,6 +22,8 @@ import math
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from fastvl.ops._checks import check_tensor, host_readable, is_int
 from fastvl.ops.library_attention import register_library_attention
@@ -199,18 +201,23 @@ if TRITON_IMPORT_ERROR is None:
     from fastvl.kernels import attention as _triton_attention
 
     def _triton_backward(grad_out, grad_lse, q, k, v, out, lse, key_bias, prefix_len, scale,
-                         causal, causal_strength, compute_dbias, *packed_layout):
-        """The body of both backward ops; dkey_bias has key_bias's shape and dtype."""
+                         causal, causal_strength, compute_dbias, *packed_layout, eager=False):
+        """-> (dq, dk, dv, dkey_bias in key_bias's shape and dtype, or None)."""
         compute_dbias = compute_dbias and key_bias is not None
         dq, dk, dv, dbias = _triton_attention.attention_backward(
             grad_out, grad_lse, q, k, v, out, lse, key_bias, prefix_len,
-            scale, causal, causal_strength, compute_dbias, *packed_layout,
+            scale, causal, causal_strength, compute_dbias, *packed_layout, eager=eager,
         )
         if dbias is None:
-            return dq, dk, dv, q.new_empty(0)
+            return dq, dk, dv, None
         if key_bias.dim() < dbias.dim():  # one bias shared by the heads (dim 1): sum them
             dbias = dbias.sum(dim=1)
         return dq, dk, dv, dbias.to(key_bias.dtype)
+
+    def _schema_grads(q, grads):
+        """The backward ops return a tensor for every gradient: an empty one for no dbias."""
+        dq, dk, dv, dbias = grads
+        return dq, dk, dv, q.new_empty(0) if dbias is None else dbias
 
     @torch.library.triton_op("fastvl::attention_fwd_triton", mutates_args=())
     def attention_fwd_triton(
@@ -246,10 +253,10 @@ if TRITON_IMPORT_ERROR is None:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (dq, dk, dv, dkey_bias); dkey_bias has key_bias's shape and dtype, or is empty
         (shape (0,)) unless ``compute_dbias``."""
-        return _triton_backward(
+        return _schema_grads(q, _triton_backward(
             grad_out, grad_lse, q, k, v, out, lse, key_bias, prefix_len, scale, causal,
             causal_strength, compute_dbias,
-        )
+        ))
 
     @torch.library.triton_op("fastvl::varlen_attention_fwd_triton", mutates_args=())
     def varlen_attention_fwd_triton(
@@ -293,32 +300,32 @@ if TRITON_IMPORT_ERROR is None:
         max_seqlen_k: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (dq, dk, dv, dkey_bias) of the packed layout, as ``attention_bwd_triton``."""
-        return _triton_backward(
+        return _schema_grads(q, _triton_backward(
             grad_out, grad_lse, q, k, v, out, lse, key_bias, prefix_len, scale, causal,
             causal_strength, compute_dbias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
             max_seqlen_k,
-        )
+        ))
 
     def _fwd_setup_context(ctx, inputs, output):
         q, k, v, key_bias, prefix_len, scale, causal, causal_strength, *packed_layout = inputs
         out, lse = output
         # packed_layout: () or (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k).
         ctx.save_for_backward(q, k, v, out, lse, key_bias, prefix_len, *packed_layout[:2])
-        ctx.scale, ctx.causal, ctx.causal_strength = scale, causal, causal_strength
-        ctx.max_seqlens = tuple(packed_layout[2:])
+        ctx.options = (scale, causal, causal_strength, *packed_layout[2:])
 
-    def _fwd_backward_through(bwd_op):
-        """The autograd formula of a forward op whose backward op is ``bwd_op``."""
+    def _fwd_backward_through(bwd):
+        """The autograd formula of a forward whose backward is ``bwd`` (the backward op, or
+        :func:`_eager_backward`); a missing grad_lse stays None."""
 
         def backward(ctx, grad_out, grad_lse):
             q, k, v, out, lse, key_bias, prefix_len, *cu_seqlens = ctx.saved_tensors
             if grad_out is None:
                 grad_out = torch.zeros_like(out)
             compute_dbias = key_bias is not None and ctx.needs_input_grad[3]
-            dq, dk, dv, dbias = bwd_op(
+            scale, causal, causal_strength, *max_seqlens = ctx.options
+            dq, dk, dv, dbias = bwd(
                 grad_out, grad_lse, q, k, v, out, lse, key_bias, prefix_len,
-                ctx.scale, ctx.causal, ctx.causal_strength, compute_dbias,
-                *cu_seqlens, *ctx.max_seqlens,
+                scale, causal, causal_strength, compute_dbias, *cu_seqlens, *max_seqlens,
             )
             grads = (dq, dk, dv, dbias if compute_dbias else None)
             return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))
@@ -335,19 +342,54 @@ if TRITON_IMPORT_ERROR is None:
             _fwd, _fwd_backward_through(_bwd), setup_context=_fwd_setup_context
         )
 
+    # Eager mode: the launchers straight from Python, through one autograd.Function (custom-op
+    # dispatch and triton_op's eager wrapper cost more host time than the launch itself);
+    # under torch.compile the registered ops above.
+
+    def _eager_backward(*args):
+        return _triton_backward(*args, eager=True)
+
+    class _TritonAttention(torch.autograd.Function):
+        """(q, k, v, key_bias, prefix_len, scale, causal, causal_strength[, cu_seqlens_q,
+        cu_seqlens_k, max_seqlen_q, max_seqlen_k]) -> (out, lse), as the forward ops."""
+
+        @staticmethod
+        def forward(ctx, *args):  # (a separate setup_context costs an inspect.signature)
+            output = _triton_attention.attention_forward(*args, eager=True)
+            ctx.set_materialize_grads(False)  # no zero-filled gradient for an unused lse
+            _fwd_setup_context(ctx, args, output)
+            return output
+
+        backward = staticmethod(once_differentiable(_fwd_backward_through(_eager_backward)))
+
+    def _triton_forward(op, args):
+        """``op(*args)`` under torch.compile; eager: the launcher, through autograd only where
+        a gradient is needed (args: q, k, v, key_bias, ...)."""
+        if torch.compiler.is_compiling():
+            return op(*args)
+        q, k, v, key_bias = args[:4]
+        if torch.is_grad_enabled() and (
+            q.requires_grad or k.requires_grad or v.requires_grad
+            or (key_bias is not None and key_bias.requires_grad)
+        ):
+            return _TritonAttention.apply(*args)
+        return _triton_attention.attention_forward(*args, eager=True)
+
     def _triton_impl(q, k, v, key_bias, prefix_len, scale, causal, causal_strength, return_lse,
                      attn_mask, dropout_p):
-        out, lse = torch.ops.fastvl.attention_fwd_triton(
-            q, k, v, key_bias, prefix_len, scale, causal, causal_strength
+        out, lse = _triton_forward(
+            torch.ops.fastvl.attention_fwd_triton,
+            (q, k, v, key_bias, prefix_len, scale, causal, causal_strength),
         )
         return (out, lse) if return_lse else out
 
     def _varlen_triton_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                             key_bias, prefix_len, scale, causal, causal_strength, return_lse,
                             dropout_p):
-        out, lse = torch.ops.fastvl.varlen_attention_fwd_triton(
-            q, k, v, key_bias, prefix_len, scale, causal, causal_strength,
-            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        out, lse = _triton_forward(
+            torch.ops.fastvl.varlen_attention_fwd_triton,
+            (q, k, v, key_bias, prefix_len, scale, causal, causal_strength,
+             cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
         )
         return (out, lse) if return_lse else out
 
@@ -518,6 +560,12 @@ def _validate_cu_seqlens(op: str, name: str, cu_seqlens, max_name: str, max_seql
             f"{op}: {tokens_name} has {total} tokens but {name} has {cu_seqlens.shape[0] - 1} "
             f"sequences and {max_name} = {max_seqlen}"
         )
+    _check_cu_seqlens_values(op, name, cu_seqlens, max_name, max_seqlen, total, tokens_name)
+
+
+def _check_cu_seqlens_values(op: str, name: str, cu_seqlens, max_name: str, max_seqlen,
+                             total: int, tokens_name: str) -> None:
+    """The values of a checked cu_seqlens, where :func:`host_readable` (no device sync)."""
     if not host_readable(cu_seqlens):
         return
     offsets = cu_seqlens.tolist()
@@ -596,15 +644,76 @@ def _validate_dense_extras(q, k, attn_mask, dropout_p) -> None:
         raise ValueError(f"{op}: q is on {q.device} but attn_mask is on {attn_mask.device}")
 
 
+def _default_scale(q) -> float:
+    return 1.0 / math.sqrt(q.shape[-1])
+
+
 def _normalize(q, batch: int, scale, causal_strength, prefix_len):
     """(scale, causal_strength, prefix_len) with the defaults filled in, prefix_len a tensor."""
     if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+        scale = _default_scale(q)
     if causal_strength is None:
         causal_strength = 1.0
     if prefix_len is not None and not isinstance(prefix_len, torch.Tensor):
         prefix_len = torch.full((batch,), prefix_len, dtype=torch.int64, device=q.device)
     return scale, causal_strength, prefix_len
+
+
+# ---- the memo fast path -------------------------------------------------------------------
+# A call with plain arguments (tensors of type torch.Tensor, Python bool / float flags, no
+# prefix_len, causal_strength or attn_mask) is keyed by everything its checks and dispatch
+# read: shapes, dtypes, devices and flags. The first call with a key runs every check and
+# the registry's selection and stores in the op's memo (:meth:`fastvl.ops.registry.Op.memo`)
+# a callable ``run(q, k, v, key_bias, scale)`` that makes the chosen implementation's call;
+# later calls with that key skip both. Not under torch.compile, where the checks cost nothing
+# at run time.
+
+_TENSOR = torch.Tensor
+
+
+def _memo_key(q, k, v, key_bias, causal, scale, causal_strength, prefix_len, return_lse,
+              dropout_p, backend, *extra):
+    """The memo key of a call with plain arguments (see above; ``extra``: more of what the
+    call's checks read), or None for a call that takes the full path."""
+    if not (
+        type(q) is _TENSOR and type(k) is _TENSOR and type(v) is _TENSOR
+        and (key_bias is None or type(key_bias) is _TENSOR)
+        and prefix_len is None and causal_strength is None
+        and type(causal) is bool and type(return_lse) is bool and type(dropout_p) is float
+        and (scale is None or type(scale) is float) and type(backend) is str
+        and not torch.compiler.is_compiling()
+    ):
+        return None
+    bias = None if key_bias is None else (key_bias.shape, key_bias.dtype, key_bias.device)
+    return (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device,
+            v.device, bias, causal, return_lse, dropout_p, backend, *extra)
+
+
+def _memo_run(fn, q, k, key_bias, causal: bool, return_lse: bool, dropout_p: float):
+    """``run(q, k, v, key_bias, scale)`` for calls like this one: ``fn``'s call, or where SDPA
+    serves a call without masks (none, or the square causal one), SDPA's own call with only
+    its non-default options (each keyword argument costs SDPA's parser time), as
+    :func:`fastvl.reference.attention.sdpa_attention` would make it."""
+    default_scale = _default_scale(q)
+    if fn is _sdpa_impl and key_bias is None and (not causal or q.shape[2] == k.shape[2]):
+        options = {"is_causal": True} if causal else {}
+        if q.shape[1] != k.shape[1]:
+            options["enable_gqa"] = True
+        if dropout_p:
+            options["dropout_p"] = dropout_p
+
+        def run(q, k, v, key_bias, scale):
+            if scale is None:  # SDPA's default is ours
+                return F.scaled_dot_product_attention(q, k, v, **options)
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, **options)
+
+        return run
+
+    def run(q, k, v, key_bias, scale):
+        return fn(q, k, v, key_bias, None, default_scale if scale is None else scale, causal,
+                  1.0, return_lse, None, dropout_p)
+
+    return run
 
 
 def attention(
@@ -659,14 +768,25 @@ def attention(
         ``-inf``, or a causal row before the first key when Nq > Nk) gets output 0, lse
         ``-inf`` and zero gradients, never NaN.
     """
+    key = None if attn_mask is not None else _memo_key(
+        q, k, v, key_bias, causal, scale, causal_strength, prefix_len, return_lse, dropout_p,
+        backend,
+    )
+    if key is not None:
+        run = ATTENTION.memo().get(key)
+        if run is not None:
+            return run(q, k, v, key_bias, scale)
     _validate(q, k, v, causal, key_bias, scale, causal_strength, prefix_len, return_lse)
     _validate_dense_extras(q, k, attn_mask, dropout_p)
-    scale, causal_strength, prefix_len = _normalize(
+    scale_value, causal_strength, prefix_len = _normalize(
         q, q.shape[0], scale, causal_strength, prefix_len
     )
-    args = (q, k, v, key_bias, prefix_len, scale, bool(causal), causal_strength, return_lse,
-            attn_mask, float(dropout_p))
-    return ATTENTION.select(backend, q.device, *args)(*args)
+    args = (q, k, v, key_bias, prefix_len, scale_value, bool(causal), causal_strength,
+            return_lse, attn_mask, float(dropout_p))
+    fn = ATTENTION.select(backend, q.device, *args)
+    if key is not None:
+        ATTENTION.remember(key, _memo_run(fn, q, k, key_bias, causal, return_lse, dropout_p))
+    return fn(*args)
 
 
 def varlen_attention(
@@ -726,12 +846,37 @@ def varlen_attention(
     outside torch.compile. On a GPU, invalid cu_seqlens or a too small max_seqlen leave
     outputs unwritten (triton) or fail in an indexing op (torch).
     """
+    key = None
+    if (type(cu_seqlens_q) is _TENSOR and type(cu_seqlens_k) is _TENSOR
+            and type(max_seqlen_q) is int and type(max_seqlen_k) is int):
+        key = _memo_key(
+            q, k, v, key_bias, causal, scale, causal_strength, prefix_len, return_lse,
+            dropout_p, backend, cu_seqlens_q.shape, cu_seqlens_k.shape, cu_seqlens_q.dtype,
+            cu_seqlens_k.dtype, cu_seqlens_q.device, cu_seqlens_k.device, max_seqlen_q,
+            max_seqlen_k,
+        )
+    if key is not None:
+        hit = VARLEN_ATTENTION.memo().get(key)
+        if hit is not None:
+            fn, default_scale = hit
+            op = "varlen_attention"
+            _check_cu_seqlens_values(op, "cu_seqlens_q", cu_seqlens_q, "max_seqlen_q",
+                                     max_seqlen_q, q.shape[0], "q")
+            _check_cu_seqlens_values(op, "cu_seqlens_k", cu_seqlens_k, "max_seqlen_k",
+                                     max_seqlen_k, k.shape[0], "k")
+            return fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_bias,
+                      None, default_scale if scale is None else scale, causal, 1.0, return_lse,
+                      dropout_p)
     _validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
                      key_bias, scale, causal_strength, prefix_len, return_lse)
-    scale, causal_strength, prefix_len = _normalize(
+    scale_value, causal_strength, prefix_len = _normalize(
         q, cu_seqlens_q.shape[0] - 1, scale, causal_strength, prefix_len
     )
     _check_dropout("varlen_attention", dropout_p)
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_bias,
-            prefix_len, scale, bool(causal), causal_strength, return_lse, float(dropout_p))
-    return VARLEN_ATTENTION.select(backend, q.device, *args)(*args)
+            prefix_len, scale_value, bool(causal), causal_strength, return_lse,
+            float(dropout_p))
+    fn = VARLEN_ATTENTION.select(backend, q.device, *args)
+    if key is not None:
+        VARLEN_ATTENTION.remember(key, (fn, _default_scale(q)))
+    return fn(*args)

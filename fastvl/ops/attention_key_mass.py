@@ -8,8 +8,8 @@ FitPrune (the maximum over heads).
 
 Backends: ``torch`` (:func:`fastvl.reference.attention_key_mass`, explicit probabilities of
 the selected rows; float64 capable) and ``triton`` (``fastvl::attention_key_mass_triton``, a
-``torch.library.triton_op`` with an explicit fake impl). No gradient: the inputs are
-detached and the output never requires grad.
+``torch.library.triton_op`` with an explicit fake impl, used under torch.compile; in eager
+mode the launcher is called directly). No gradient: the output never requires grad.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ import torch
 
 from fastvl.ops._checks import check_int, check_tensor
 from fastvl.ops.attention import HEAD_DIM, TRITON_SUPPORTS
-from fastvl.ops.attention import (  # the checks shared with attention
+from fastvl.ops.attention import (  # the checks and the memo key shared with attention
+    _default_scale,
+    _memo_key,
     _normalize,
     _validate_key_bias,
     _validate_options,
@@ -45,13 +47,19 @@ ATTENTION_KEY_MASS = register_op("attention_key_mass", sizes=HEAD_DIM, describe=
 # Every implementation is called as
 #   fn(q, k, lse, key_bias, prefix_len, scale, causal, causal_strength, query_start,
 #      query_end, head_reduce)
-# with validated, detached, normalized arguments: scale a number, causal_strength a number in
-# [0, 1] (1.0 = hard mask), prefix_len None or an integer (B,) tensor on q's device,
-# 0 <= query_start <= query_end <= Nq ints.
+# with validated, normalized arguments: scale a number, causal_strength a number in [0, 1]
+# (1.0 = hard mask), prefix_len None or an integer (B,) tensor on q's device,
+# 0 <= query_start <= query_end <= Nq ints; q, k, lse and key_bias may require grad (each
+# implementation detaches what it differentiates through).
+
+
+def _detached(q, k, lse, key_bias):
+    return q.detach(), k.detach(), lse.detach(), None if key_bias is None else key_bias.detach()
 
 
 def _torch_impl(q, k, lse, key_bias, prefix_len, scale, causal, causal_strength, query_start,
                 query_end, head_reduce):
+    q, k, lse, key_bias = _detached(q, k, lse, key_bias)
     return _reference_key_mass(
         q, k, lse, causal=causal, key_bias=key_bias, scale=scale,
         causal_strength=causal_strength, prefix_len=prefix_len, query_start=query_start,
@@ -93,8 +101,16 @@ if TRITON_IMPORT_ERROR is None:
         )
 
     torch.library.register_fake(attention_key_mass_triton, _key_mass_fake)
+
+    def _triton_impl(q, k, lse, *args):
+        if torch.compiler.is_compiling():  # the registered op (it has no autograd: detach)
+            q, k, lse, key_bias = _detached(q, k, lse, args[0])
+            return attention_key_mass_triton(q, k, lse, key_bias, *args[1:])
+        # eager: the launcher (its output has no grad)
+        return _triton_key_mass.attention_key_mass(q, k, lse, *args, eager=True)
+
     # The attention kernels' limits (dtype, head dim); every mask feature is served.
-    ATTENTION_KEY_MASS.implement("triton", attention_key_mass_triton, Supports(
+    ATTENTION_KEY_MASS.implement("triton", _triton_impl, Supports(
         dtypes=TRITON_SUPPORTS.dtypes, dtype_of="q", max_sizes=TRITON_SUPPORTS.max_sizes,
     ))
 
@@ -187,16 +203,27 @@ def attention_key_mass(
         float32 (B, Nk), or (B, H, Nk) with ``head_reduce=None``. Not differentiable: the
         inputs are detached, so the result never requires grad (also under torch.compile).
     """
+    key = None
+    if (type(query_start) is int and (query_end is None or type(query_end) is int)
+            and (head_reduce is None or type(head_reduce) is str)):
+        # the memo fast path of fastvl.ops.attention (lse stands in for v)
+        key = _memo_key(q, k, lse, key_bias, causal, scale, causal_strength, prefix_len, False,
+                        0.0, backend, query_start, query_end, head_reduce)
+    if key is not None:
+        hit = ATTENTION_KEY_MASS.memo().get(key)
+        if hit is not None:
+            fn, default_scale, end = hit
+            return fn(q, k, lse, key_bias, None, default_scale if scale is None else scale,
+                      causal, 1.0, query_start, end, head_reduce)
     _validate(q, k, lse, causal, key_bias, scale, causal_strength, prefix_len, query_start,
               query_end, head_reduce)
-    scale, causal_strength, prefix_len = _normalize(
+    scale_value, causal_strength, prefix_len = _normalize(
         q, q.shape[0], scale, causal_strength, prefix_len
     )
-    if query_end is None:
-        query_end = q.shape[2]
-    q, k, lse = q.detach(), k.detach(), lse.detach()
-    if key_bias is not None:
-        key_bias = key_bias.detach()
-    args = (q, k, lse, key_bias, prefix_len, scale, bool(causal), causal_strength,
-            query_start, query_end, head_reduce)
-    return ATTENTION_KEY_MASS.select(backend, q.device, *args)(*args)
+    end = q.shape[2] if query_end is None else query_end
+    args = (q, k, lse, key_bias, prefix_len, scale_value, bool(causal), causal_strength,
+            query_start, end, head_reduce)
+    fn = ATTENTION_KEY_MASS.select(backend, q.device, *args)
+    if key is not None:
+        ATTENTION_KEY_MASS.remember(key, (fn, _default_scale(q), end))
+    return fn(*args)

@@ -239,6 +239,8 @@ class Op:
     describe: Callable[..., Call] = _default_describe
     impls: dict = field(default_factory=dict)
     _cache: dict = field(default_factory=dict, repr=False)
+    _memo: dict = field(default_factory=dict, repr=False)
+    _memo_generation: int = field(default=-1, repr=False)
 
     def implement(self, backend: str, fn: Callable, supports: Optional[Supports] = None):
         """Register ``fn`` as the ``backend`` implementation; ``supports`` defaults to every
@@ -255,6 +257,24 @@ class Op:
             raise ValueError(f"{self.name}: {backend} declares unknown features {sorted(unknown)}")
         self.impls[backend] = Implementation(fn, supports)
         self._cache.clear()
+        self._memo.clear()
+
+    def memo(self) -> dict:
+        """A dict the op may keep per-call work in (validation, the selected implementation,
+        defaults) under a key it computes cheaply from what that work depends on; emptied
+        whenever dispatch may change (implementations, table, simulated GPU). The op bounds
+        its size (:meth:`remember`)."""
+        if self._memo_generation != _GENERATION[0]:
+            self._memo.clear()
+            self._memo_generation = _GENERATION[0]
+        return self._memo
+
+    def remember(self, key, value) -> None:
+        """``memo()[key] = value``, emptying the memo first when it holds 4096 entries."""
+        memo = self.memo()
+        if len(memo) >= 4096:
+            memo.clear()
+        memo[key] = value
 
     @property
     def backends(self) -> tuple:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import fastvl.ops
-from fastvl.bench.cases import BACKWARD, FORWARD, MODES, Built, register_case, with_backward
+from fastvl.bench.cases import FORWARD, MODES, Built, register_case, with_backward
 from fastvl.bench.suites.lora import boolean_indexing_lora_linear
 from fastvl.bench.suites.tome import _pair_tokens, plain_tome_step
 from fastvl.ops.registry import OPS
@@ -302,7 +302,8 @@ def _random_masking(dtype, mode):
     noise = torch.rand(2, 16, generator=generator)
     built = Built(shapes={"noise": list(noise.shape)})
     built.add(PLAIN, lambda: reference_masking.random_masking(noise, 0.75))
-    _fastvl(built, "random_masking", lambda backend: fastvl.ops.random_masking(2, 16, 0.75, noise=noise))
+    _fastvl(built, "random_masking",
+            lambda backend: fastvl.ops.random_masking(2, 16, 0.75, noise=noise))
     return built
 
 
