@@ -18,6 +18,7 @@ from torch.library import wrap_triton
 from fastvl._outputs import empty_output
 
 _MAX_BLOCK_BYTES = 4096
+_TORCH_WRAP_TRITON = wrap_triton
 
 
 def cdiv(a: int, b: int) -> int:
@@ -32,11 +33,14 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
-def launchable(kernel):
-    """What a launcher launches: ``wrap_triton(kernel)`` (a traceable launch) while that is
-    enabled, i.e. while torch.compile or make_fx traces, else the kernel itself, as
-    wrap_triton would return it, without its cost of microseconds per call."""
-    return wrap_triton(kernel) if is_wrap_triton_enabled() else kernel
+def launchable(kernel, wrap):
+    """What a launcher launches: ``wrap(kernel)``, ``wrap`` being the launching module's
+    ``wrap_triton`` (which :func:`fastvl.triton_aot.recorded_launches` replaces). Where that
+    is torch's and torch.library is not tracing, wrap_triton would return the kernel itself
+    after microseconds of imports: that case is answered here."""
+    if wrap is _TORCH_WRAP_TRITON and not is_wrap_triton_enabled():
+        return kernel
+    return wrap(kernel)
 
 
 def channel_block(channels: int, element_size: int) -> int:
@@ -97,7 +101,8 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     if out.numel() == 0:
         return out
     block_c = channel_block(channels, x.element_size())
-    launchable(_gather_tokens_kernel)[(batch * num_kept, cdiv(channels, block_c))](
+    grid = (batch * num_kept, cdiv(channels, block_c))
+    launchable(_gather_tokens_kernel, wrap_triton)[grid](
         x, index, out, num_kept, num_tokens, channels, *x.stride(), *index.stride(),
         BLOCK_C=block_c,
     )
@@ -115,7 +120,8 @@ def scatter_add_tokens(src: torch.Tensor, index: torch.Tensor, num_tokens: int) 
     acc = torch.zeros((batch, num_tokens, channels), dtype=acc_dtype, device=src.device)
     if src.numel() > 0:
         block_c = channel_block(channels, 4)
-        launchable(_scatter_add_tokens_kernel)[(batch * num_kept, cdiv(channels, block_c))](
+        grid = (batch * num_kept, cdiv(channels, block_c))
+        launchable(_scatter_add_tokens_kernel, wrap_triton)[grid](
             src, index, acc, num_kept, num_tokens, channels, *src.stride(), *index.stride(),
             BLOCK_C=block_c,
         )

@@ -1,8 +1,9 @@
 """LoRA branch kernels: the shrink + expand added into a base output, and its backward.
 
 Layouts as :mod:`fastvl.reference.lora`, with the plain op seen as one adapter: x (N, in),
-lora_a (E, r, in), lora_b (E, out, r), per-adapter scale (E,) float32, optional route (N,)
-int64 in [-1, E). The base GEMMs (``x Wᵀ + b`` forward, ``dY W`` backward) are cuBLAS's; these
+lora_a (E, r, in), lora_b (E, out, r), a scale per adapter (a float32 (E,) tensor, or one
+float for all: a kernel argument, no tensor to build per call), optional route (N,) int64 in
+[-1, E). The base GEMMs (``x Wᵀ + b`` forward, ``dY W`` backward) are cuBLAS's; these
 kernels add the LoRA terms into their outputs in place. Every pass is split over a 2-D grid
 (rows × chunks of CHUNK columns) so that a whole GPU works on it even for few row blocks;
 the r-column sums a pass needs across chunks go through a small float32 (chunks, N, BLOCK_R)
@@ -50,6 +51,7 @@ from torch.library import wrap_triton
 
 from fastvl._outputs import empty_output
 from fastvl.kernels import gpu_sizes
+from fastvl.kernels.gather import cdiv, launchable, next_power_of_2
 
 _PRECISION = "ieee"  # float32 dots are not rounded to tf32
 MAX_RANK = 64
@@ -57,7 +59,7 @@ MAX_RANK = 64
 
 def shrink_columns(rank: int) -> int:
     """Columns of the float32 shrink s the forward stores: r padded to a power of two >= 16."""
-    return max(16, triton.next_power_of_2(rank))
+    return max(16, next_power_of_2(rank))
 
 
 def row_path_max_rows(device: torch.device) -> int:
@@ -101,6 +103,17 @@ def _block_rows(route_ptr, order_ptr, num_rows, ROUTED: tl.constexpr, BLOCK_M: t
     first = tl.maximum(tl.min(tl.where(adapter >= 0, adapter, 1 << 40)), 0)
     last = tl.max(adapter)
     return rows, in_rows, adapter, first, last
+
+
+@triton.jit
+def _adapter_scale(scale_ptr, scaling, adapter, mask, PER_ADAPTER: tl.constexpr):
+    """The scale of ``adapter`` (0 where not ``mask``): ``scale[adapter]`` of the float32 (E,)
+    scales, or without PER_ADAPTER the one float ``scaling`` of every adapter."""
+    if PER_ADAPTER:
+        scale = tl.load(scale_ptr + adapter, mask=mask, other=0.0)
+    else:
+        scale = tl.where(mask, tl.cast(scaling, tl.float32), 0.0)  # inductor passes fp64
+    return scale
 
 
 @triton.jit
@@ -158,11 +171,11 @@ def _block_sum(partial_ptr, rows, in_rows, num_rows, num_chunks, BLOCK_M: tl.con
 
 @triton.jit
 def _lora_expand_kernel(
-    partial_ptr, b_ptr, scale_ptr, route_ptr, order_ptr, out_ptr, s_ptr,
+    partial_ptr, b_ptr, scale_ptr, scaling, route_ptr, order_ptr, out_ptr, s_ptr,
     num_rows, out_features, rank, num_chunks,
     stride_be, stride_bo, stride_br, stride_om, stride_on,
-    ROUTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    CHUNK: tl.constexpr, PRECISION: tl.constexpr,
+    ROUTED: tl.constexpr, PER_ADAPTER_SCALE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """s = the summed shrink of the row block of program 0 (stored by the programs of the
     first chunk); out[n, cols] += scaleₑ · s[n] Bₑ[cols]ᵀ over the CHUNK output columns of
@@ -175,7 +188,7 @@ def _lora_expand_kernel(
     tl.store(s_ptr + rows[:, None] * BLOCK_R + r[None, :], s,
              mask=in_rows[:, None] & (chunk == 0))
     has = in_rows & (adapter >= 0)
-    scale = tl.load(scale_ptr + tl.maximum(adapter, 0), mask=has, other=0.0)
+    scale = _adapter_scale(scale_ptr, scaling, tl.maximum(adapter, 0), has, PER_ADAPTER_SCALE)
     scaled = (s * scale[:, None]).to(out_ptr.dtype.element_ty)
     for n0 in range(chunk * CHUNK, chunk * CHUNK + CHUNK, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
@@ -228,10 +241,11 @@ def _lora_shrink_rows_kernel(
 
 @triton.jit
 def _lora_expand_rows_kernel(
-    partial_ptr, b_ptr, scale_ptr, route_ptr, out_ptr, s_ptr,
+    partial_ptr, b_ptr, scale_ptr, scaling, route_ptr, out_ptr, s_ptr,
     num_rows, out_features, rank, num_chunks,
     stride_be, stride_bo, stride_br, stride_om, stride_on,
-    ROUTED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    ROUTED: tl.constexpr, PER_ADAPTER_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     """s[n] = the sum of row n's partial shrinks (in chunk order), stored by the programs of
     the first column block; out[n, cols] += scaleₑ · s[n] Bₑ[cols]ᵀ for row n = program 0 and
@@ -245,7 +259,8 @@ def _lora_expand_rows_kernel(
         s += tl.load(partial_ptr + (chunk * num_rows + row) * BLOCK_R + r)
     tl.store(s_ptr + row * BLOCK_R + r, s, mask=(r < BLOCK_R) & (column_block == 0))
     # Rounded to the input dtype like the row-block path's expand operand.
-    scaled = (s * tl.load(scale_ptr + adapter)).to(out_ptr.dtype.element_ty).to(tl.float32)
+    scale = _adapter_scale(scale_ptr, scaling, adapter, used, PER_ADAPTER_SCALE)
+    scaled = (s * scale).to(out_ptr.dtype.element_ty).to(tl.float32)
     n = column_block * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = (n < out_features) & used
     b = tl.load(b_ptr + adapter * stride_be + n[:, None] * stride_bo + r[None, :] * stride_br,
@@ -270,23 +285,23 @@ def _add_to_weight_grad(grad_ptr, offsets, values, mask, block_stride,
 
 @triton.jit
 def _lora_bwd_dy_kernel(
-    g_ptr, b_ptr, scale_ptr, route_ptr, order_ptr, s_ptr, ds_partial_ptr, db_ptr,
+    g_ptr, b_ptr, scale_ptr, scaling, route_ptr, order_ptr, s_ptr, ds_partial_ptr, db_ptr,
     num_rows, out_features, rank, db_block_stride,
     stride_gm, stride_gn, stride_be, stride_bo, stride_br,
-    ROUTED: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    ROUTED: tl.constexpr, PER_ADAPTER_SCALE: tl.constexpr, DETERMINISTIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, CHUNK: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """For the row block of program 0 and the CHUNK output columns of program 1, one pass
     over dY: ds_partial[c, n] = scaleₑ · dY[n, chunk c] Bₑ[chunk c] (float32 (chunks, N,
-    BLOCK_R)) and db[e] += scaleₑ · dY[rows of e, chunk c]ᵀ s (float32 (E, out, BLOCK_R))."""
+    BLOCK_R)) and db[e] += scaleₑ · dY[rows of e, chunk c]ᵀ s (float32 (E, out, r))."""
     rows, in_rows, adapter, first, last = _block_rows(route_ptr, order_ptr, num_rows, ROUTED,
                                                       BLOCK_M)
     chunk = tl.program_id(1)
     r = tl.arange(0, BLOCK_R)
     r_mask = r < rank
     has = in_rows & (adapter >= 0)
-    scale = tl.load(scale_ptr + tl.maximum(adapter, 0), mask=has, other=0.0)
+    scale = _adapter_scale(scale_ptr, scaling, tl.maximum(adapter, 0), has, PER_ADAPTER_SCALE)
     s = tl.load(s_ptr + rows[:, None] * BLOCK_R + r[None, :], mask=has[:, None], other=0.0)
     s = s.to(g_ptr.dtype.element_ty)
     ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -301,8 +316,9 @@ def _lora_bwd_dy_kernel(
                         mask=n_mask[:, None] & r_mask[None, :], other=0.0)
             ds += tl.where(mine, tl.dot(g, b, input_precision=PRECISION), 0.0)
             s_e = tl.where(mine, s, 0.0).to(s.dtype)
-            db = tl.dot(tl.trans(g), s_e, input_precision=PRECISION) * tl.load(scale_ptr + e)
-            _add_to_weight_grad(db_ptr, (e * out_features + n[:, None]) * BLOCK_R + r[None, :],
+            db = tl.dot(tl.trans(g), s_e, input_precision=PRECISION) * _adapter_scale(
+                scale_ptr, scaling, e, True, PER_ADAPTER_SCALE)
+            _add_to_weight_grad(db_ptr, (e * out_features + n[:, None]) * rank + r[None, :],
                                 db, n_mask[:, None] & r_mask[None, :], db_block_stride,
                                 DETERMINISTIC)
     tl.store(ds_partial_ptr + (chunk * num_rows + rows[:, None]) * BLOCK_R + r[None, :],
@@ -321,7 +337,7 @@ def _lora_bwd_x_kernel(
 ):
     """For the row block of program 0 and the CHUNK columns of ``in`` of program 1, one pass
     over x: dx[n] += dropout'(ds[n] Aₑ) in place and da[e] += ds[rows of e]ᵀ dropout(x)
-    (float32 (E, BLOCK_R, in)); ds is the sum of the dY pass's partials."""
+    (float32 (E, r, in)); ds is the sum of the dY pass's partials."""
     rows, in_rows, adapter, first, last = _block_rows(route_ptr, order_ptr, num_rows, ROUTED,
                                                       BLOCK_M)
     chunk = tl.program_id(1)
@@ -339,16 +355,17 @@ def _lora_bwd_x_kernel(
         if DROPOUT:
             x = _dropout(x, rows[:, None] * in_features + k[None, :], seed, dropout_p)
         dx_lora = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        tile = r[:, None] * in_features + k[None, :]  # of the (r, in) dA of one adapter
+        tile_mask_a = r_mask[:, None] & k_mask[None, :]
         for e in range(first, last + 1):
             ds_e = tl.where((adapter == e)[:, None], ds, 0.0).to(ds.dtype)
             if COMPUTE_DX:
                 a = tl.load(a_ptr + e * stride_ae + r[:, None] * stride_ar + k[None, :] * stride_ak,
-                            mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+                            mask=tile_mask_a, other=0.0)
                 dx_lora = tl.dot(ds_e, a, dx_lora, input_precision=PRECISION)
             da = tl.dot(tl.trans(ds_e), x, input_precision=PRECISION)
-            _add_to_weight_grad(da_ptr, (e * BLOCK_R + r[:, None]) * in_features + k[None, :],
-                                da, r_mask[:, None] & k_mask[None, :], da_block_stride,
-                                DETERMINISTIC)
+            _add_to_weight_grad(da_ptr, e * rank * in_features + tile, da, tile_mask_a,
+                                da_block_stride, DETERMINISTIC)
         if COMPUTE_DX:
             if DROPOUT:
                 dx_lora = _dropout(dx_lora, rows[:, None] * in_features + k[None, :], seed,
@@ -365,11 +382,20 @@ def _route_order(route: Optional[torch.Tensor]):
     return route, torch.argsort(route, stable=True)
 
 
+def _scale_args(scale, dummy: torch.Tensor) -> tuple:
+    """The kernels' (scale_ptr, scaling, PER_ADAPTER_SCALE) for ``scale``, a float32 (E,)
+    tensor or one float (then ``dummy`` stands for the pointer the kernel never reads)."""
+    if isinstance(scale, torch.Tensor):
+        return scale, 0.0, True
+    return dummy, float(scale), False
+
+
 def lora_forward(x, lora_a, lora_b, scale, route, dropout_p: float, seed: int, out,
                  row_path: Optional[bool] = None):
     """Add ``scale[e] · (dropout(x) Aₑᵀ) Bₑᵀ`` into ``out`` (N, out) in place, e = route[n]
     (adapter 0 when route is None). x (N, in), lora_a (E, r, in), lora_b (E, out, r), scale
-    (E,) float32. ``row_path``: the decode path (default: N <= :func:`row_path_max_rows`).
+    (E,) float32 or one float for every adapter. ``row_path``: the decode path (default:
+    N <= :func:`row_path_max_rows`).
     Returns s = dropout(x) Aₑᵀ, float32 (N, BLOCK_R) (columns >= r unused)."""
     num_rows, in_features = x.shape
     out_features, rank = lora_b.shape[1:]
@@ -382,21 +408,23 @@ def lora_forward(x, lora_a, lora_b, scale, route, dropout_p: float, seed: int, o
         return _row_forward(x, lora_a, lora_b, scale, route, dropout_p, seed, out, block_r,
                             warps)
     route, order = _route_order(route)
-    num_blocks, in_chunks = triton.cdiv(num_rows, block_m), triton.cdiv(in_features, chunk)
+    num_blocks, in_chunks = cdiv(num_rows, block_m), cdiv(in_features, chunk)
     partial = _partial_sums(in_chunks, num_rows, block_r, x.device)
     if in_chunks:
-        wrap_triton(_lora_shrink_kernel)[(num_blocks, in_chunks)](
+        launchable(_lora_shrink_kernel, wrap_triton)[(num_blocks, in_chunks)](
             x, lora_a, route, order, partial, num_rows, in_features, rank, seed, dropout_p,
             *x.stride(), *lora_a.stride(),
             ROUTED=route is not None, DROPOUT=dropout_p > 0, BLOCK_M=block_m, BLOCK_K=block_k,
             BLOCK_R=block_r, CHUNK=chunk, PRECISION=_PRECISION, num_warps=warps,
         )
     s = empty_output((num_rows, block_r), dtype=torch.float32, device=x.device)
-    wrap_triton(_lora_expand_kernel)[(num_blocks, triton.cdiv(out_features, chunk))](
-        partial, lora_b, scale, route, order, out, s, num_rows, out_features, rank, in_chunks,
-        *lora_b.stride(), *out.stride(),
-        ROUTED=route is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
-        CHUNK=chunk, PRECISION=_PRECISION, num_warps=warps,
+    scale_ptr, scaling, per_adapter = _scale_args(scale, lora_b)
+    grid = (num_blocks, cdiv(out_features, chunk))
+    launchable(_lora_expand_kernel, wrap_triton)[grid](
+        partial, lora_b, scale_ptr, scaling, route, order, out, s, num_rows, out_features, rank,
+        in_chunks, *lora_b.stride(), *out.stride(),
+        ROUTED=route is not None, PER_ADAPTER_SCALE=per_adapter, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_R=block_r, CHUNK=chunk, PRECISION=_PRECISION, num_warps=warps,
     )
     return s
 
@@ -412,20 +440,23 @@ def _row_forward(x, lora_a, lora_b, scale, route, dropout_p, seed, out, block_r,
     num_rows, in_features = x.shape
     out_features, rank = lora_b.shape[1:]
     block_k, block_n = _row_blocks(x.device, block_r)
-    num_chunks = triton.cdiv(in_features, block_k)
+    num_chunks = cdiv(in_features, block_k)
     partial = _partial_sums(num_chunks, num_rows, block_r, x.device)
     s = empty_output((num_rows, block_r), dtype=torch.float32, device=x.device)
     if num_chunks:
-        wrap_triton(_lora_shrink_rows_kernel)[(num_rows, num_chunks)](
+        launchable(_lora_shrink_rows_kernel, wrap_triton)[(num_rows, num_chunks)](
             x, lora_a, route, partial, num_rows, in_features, rank, seed, dropout_p,
             *x.stride(), *lora_a.stride(),
             ROUTED=route is not None, DROPOUT=dropout_p > 0, BLOCK_K=block_k,
             BLOCK_R=block_r, num_warps=warps,
         )
-    wrap_triton(_lora_expand_rows_kernel)[(num_rows, triton.cdiv(out_features, block_n))](
-        partial, lora_b, scale, route, out, s, num_rows, out_features, rank, num_chunks,
-        *lora_b.stride(), *out.stride(),
-        ROUTED=route is not None, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=warps,
+    scale_ptr, scaling, per_adapter = _scale_args(scale, lora_b)
+    grid = (num_rows, cdiv(out_features, block_n))
+    launchable(_lora_expand_rows_kernel, wrap_triton)[grid](
+        partial, lora_b, scale_ptr, scaling, route, out, s, num_rows, out_features, rank,
+        num_chunks, *lora_b.stride(), *out.stride(),
+        ROUTED=route is not None, PER_ADAPTER_SCALE=per_adapter, BLOCK_N=block_n,
+        BLOCK_R=block_r, num_warps=warps,
     )
     return s
 
@@ -433,42 +464,51 @@ def _row_forward(x, lora_a, lora_b, scale, route, dropout_p, seed, out, block_r,
 def lora_backward(grad_out, x, lora_a, lora_b, scale, route, s, dropout_p: float, seed: int,
                   dx, deterministic: bool = False):
     """The LoRA branch's backward: adds its part of dX into ``dx`` (N, in) in place unless dx
-    is None, and returns (da (E, r, in), db (E, out, r)) float32, zeros for adapters without
-    rows. s: the forward's float32 (N, BLOCK_R) shrink. ``deterministic``: each row block
-    writes its own dA / dB slice and the slices are summed in order (bit-reproducible; one
-    float32 (E, r, in) + (E, out, r) buffer per BLOCK_M rows) instead of atomic adds."""
+    is None, and returns dA (E, r, in) and dB (E, out, r) flattened one after the other in one
+    float32 (E·r·in + E·out·r,) tensor (:func:`split_adapter_grads`), zeros for adapters
+    without rows. s: the forward's float32 (N, BLOCK_R) shrink; scale as in
+    :func:`lora_forward`. ``deterministic``: each row block writes its own dA, dB slice and
+    the slices are summed in order (bit-reproducible; one such buffer per BLOCK_M rows)
+    instead of atomic adds."""
     num_rows, in_features = x.shape
     num_adapters, out_features, rank = lora_b.shape
     block_m, block_n, block_k, block_r, chunk, warps = _blocks(x.device, rank, x.dtype)
-    num_blocks = triton.cdiv(num_rows, block_m)
-    slices = (num_blocks,) if deterministic and num_rows else ()
-    da = torch.zeros((*slices, num_adapters, block_r, in_features), dtype=torch.float32,
-                     device=x.device)
-    db = torch.zeros((*slices, num_adapters, out_features, block_r), dtype=torch.float32,
-                     device=x.device)
+    num_blocks = cdiv(num_rows, block_m)
+    slices = num_blocks if deterministic and num_rows else 1
+    # dA and dB of each slice side by side in one buffer: one zero-fill, one sum.
+    size_a = num_adapters * rank * in_features
+    size = size_a + num_adapters * out_features * rank
+    grads = torch.zeros((slices, size), dtype=torch.float32, device=x.device)
+    da, db = grads[:, :size_a], grads[:, size_a:]
     if num_rows and out_features and in_features:
         route, order = _route_order(route)
-        out_chunks, in_chunks = triton.cdiv(out_features, chunk), triton.cdiv(in_features, chunk)
+        out_chunks, in_chunks = cdiv(out_features, chunk), cdiv(in_features, chunk)
         ds_partial = _partial_sums(out_chunks, num_rows, block_r, x.device)
-        wrap_triton(_lora_bwd_dy_kernel)[(num_blocks, out_chunks)](
-            grad_out, lora_b, scale, route, order, s, ds_partial, db,
-            num_rows, out_features, rank, db[0].numel() if slices else 0,
+        scale_ptr, scaling, per_adapter = _scale_args(scale, lora_b)
+        launchable(_lora_bwd_dy_kernel, wrap_triton)[(num_blocks, out_chunks)](
+            grad_out, lora_b, scale_ptr, scaling, route, order, s, ds_partial, db,
+            num_rows, out_features, rank, size,
             *grad_out.stride(), *lora_b.stride(),
-            ROUTED=route is not None, DETERMINISTIC=bool(slices),
+            ROUTED=route is not None, PER_ADAPTER_SCALE=per_adapter,
+            DETERMINISTIC=deterministic,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, CHUNK=chunk,
             PRECISION=_PRECISION, num_warps=warps,
         )
         dx_strides = (0, 0) if dx is None else dx.stride()
-        wrap_triton(_lora_bwd_x_kernel)[(num_blocks, in_chunks)](
+        launchable(_lora_bwd_x_kernel, wrap_triton)[(num_blocks, in_chunks)](
             x, lora_a, route, order, ds_partial, dx, da,
-            num_rows, in_features, rank, seed, dropout_p, out_chunks,
-            da[0].numel() if slices else 0,
+            num_rows, in_features, rank, seed, dropout_p, out_chunks, size,
             *x.stride(), *lora_a.stride(), *dx_strides,
             ROUTED=route is not None, DROPOUT=dropout_p > 0, COMPUTE_DX=dx is not None,
-            DETERMINISTIC=bool(slices),
+            DETERMINISTIC=deterministic,
             BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, CHUNK=chunk,
             PRECISION=_PRECISION, num_warps=warps,
         )
-    if slices:
-        da, db = da.sum(0), db.sum(0)
-    return da[:, :rank], db[:, :, :rank]
+    return grads[0] if slices == 1 else grads.sum(0)
+
+
+def split_adapter_grads(grads: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor):
+    """(dA, dB) shaped like lora_a, lora_b: views of the flat ``grads`` of
+    :func:`lora_backward` (or of its cast to another dtype)."""
+    size_a = lora_a.numel()
+    return grads[:size_a].view(lora_a.shape), grads[size_a:].view(lora_b.shape)

@@ -16,7 +16,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from fastvl._outputs import empty_output
-from fastvl.kernels.gather import channel_block
+from fastvl.kernels.gather import cdiv, channel_block, launchable, next_power_of_2
 
 NORM_NONE, NORM_MAE, NORM_VIDEOMAE = 0, 1, 2
 
@@ -107,8 +107,8 @@ def unshuffle_forward(x, ids_restore, mask_token, pos_embed, num_prefix_tokens, 
     has_pos = pos_embed is not None
     pos = pos_embed if has_pos else mask_token.view(1, dim)  # a dummy pointer when absent
     block_d = channel_block(dim, 4)
-    grid = (batch * num_rows, triton.cdiv(dim, block_d))
-    wrap_triton(_unshuffle_fwd_kernel)[grid](
+    grid = (batch * num_rows, cdiv(dim, block_d))
+    launchable(_unshuffle_fwd_kernel, wrap_triton)[grid](
         x, ids_restore, mask_token, pos, out,
         num_rows, num_prefix_tokens, num_x_rows - num_prefix_tokens, dim,
         x.stride(0), x.stride(1), x.stride(2),
@@ -136,8 +136,8 @@ def unshuffle_backward(grad_out, ids_restore, num_prefix_tokens, num_visible, co
     if dtoken_rows.numel() == 0:
         return dx, dtoken_rows, dpos
     block_d = channel_block(dim, 4)
-    grid = (num_rows, triton.cdiv(dim, block_d))
-    wrap_triton(_unshuffle_bwd_kernel)[grid](
+    grid = (num_rows, cdiv(dim, block_d))
+    launchable(_unshuffle_bwd_kernel, wrap_triton)[grid](
         grad_out, ids_restore, dx, dtoken_rows, dpos,
         batch, num_rows, num_prefix_tokens, num_visible, dim,
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
@@ -273,7 +273,7 @@ def _loss_geometry(pred, imgs, patch_size, norm):
         pred.shape[1], num_pix, channels, imgs.shape[3] // patch_h, imgs.shape[4] // patch_w,
         patch_t, patch_h, patch_w,
     )
-    block_p, block_c = triton.next_power_of_2(num_pix), triton.next_power_of_2(channels)
+    block_p, block_c = next_power_of_2(num_pix), next_power_of_2(channels)
     meta = dict(NORM=norm, BLOCK_P=block_p, BLOCK_C=block_c,
                 num_warps=8 if block_p * block_c >= 4096 else 4)
     return imgs, sizes, imgs.stride(), meta
@@ -289,7 +289,7 @@ def pixel_loss_forward(pred, imgs, patch_index, row_weight, patch_size, norm, ep
         return row_error
     imgs5, sizes, img_strides, meta = _loss_geometry(pred, imgs, patch_size, norm)
     has_index = patch_index is not None
-    wrap_triton(_pixel_loss_fwd_kernel)[(batch * num_rows,)](
+    launchable(_pixel_loss_fwd_kernel, wrap_triton)[(batch * num_rows,)](
         pred, imgs5, patch_index if has_index else row_weight, row_weight, row_error,
         *sizes, eps,
         *pred.stride(),
@@ -309,7 +309,7 @@ def pixel_loss_backward(grad_rows, pred, imgs, patch_index, patch_size, norm, ep
         return dpred
     imgs5, sizes, img_strides, meta = _loss_geometry(pred, imgs, patch_size, norm)
     has_index = patch_index is not None
-    wrap_triton(_pixel_loss_bwd_kernel)[(batch * num_rows,)](
+    launchable(_pixel_loss_bwd_kernel, wrap_triton)[(batch * num_rows,)](
         grad_rows, pred, imgs5, patch_index if has_index else grad_rows, dpred,
         *sizes, eps,
         grad_rows.stride(0), grad_rows.stride(1),

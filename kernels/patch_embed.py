@@ -34,6 +34,7 @@ from torch.library import wrap_triton
 
 from fastvl._outputs import empty_output
 from fastvl.kernels import gpu_sizes, multiprocessors
+from fastvl.kernels.gather import cdiv, launchable, next_power_of_2
 
 _INTERPRETER_BLOCKS = (16, 16, 16)  # small blocks so the tests' shapes span several
 # tl.dot's input precision: float32 must not be rounded to tf32 (fp16 / bf16 ignore it).
@@ -242,8 +243,8 @@ def masked_patch_embed_forward(imgs, weight, bias, pos_embed, ids_keep, cls_toke
     pos_row0 = 0 if pos_embed is None else pos_embed.shape[0] - num_patches
     pos_strides = (0, 0) if pos_embed is None else pos_embed.stride()
     block_m, block_n, block_k, warps, stages = _gemm_config(imgs.dtype, imgs.device)
-    grid = (triton.cdiv(num_rows, block_m), triton.cdiv(dim, block_n))
-    wrap_triton(_embed_fwd_kernel)[grid](
+    grid = (cdiv(num_rows, block_m), cdiv(dim, block_n))
+    launchable(_embed_fwd_kernel, wrap_triton)[grid](
         imgs, w2, bias, pos_embed, ids_keep, out,
         num_rows, num_kept, num_patches, grid_h, grid_w, dim, patch_len, pos_row0, out_row0,
         *imgs.stride(), *w2.stride(), *ids_keep.stride(), *pos_strides,
@@ -258,11 +259,11 @@ def masked_patch_embed_forward(imgs, weight, bias, pos_embed, ids_keep, cls_toke
 
 def _weight_splits(tiles: int, num_rows: int, block_k: int, device: torch.device) -> int:
     """How many partial sums dweight's reduction over the kept rows is split into."""
-    chunks = triton.cdiv(num_rows, block_k)
+    chunks = cdiv(num_rows, block_k)
     if not gpu_sizes(device):
         return min(2, chunks)  # exercise the split path in the interpreter
     programs = 2 * multiprocessors(device)
-    return max(1, min(triton.cdiv(programs, tiles), chunks // 4))
+    return max(1, min(cdiv(programs, tiles), chunks // 4))
 
 
 def masked_patch_embed_backward(grad_out, imgs, weight, ids_keep, num_pos_rows: int,
@@ -285,8 +286,8 @@ def masked_patch_embed_backward(grad_out, imgs, weight, ids_keep, num_pos_rows: 
     if compute_dimgs:
         acc = torch.zeros(imgs.shape, dtype=torch.float32, device=imgs.device)
         if run:
-            grid = (triton.cdiv(num_rows, block_m), triton.cdiv(patch_len, block_n))
-            wrap_triton(_embed_dimgs_kernel)[grid](
+            grid = (cdiv(num_rows, block_m), cdiv(patch_len, block_n))
+            launchable(_embed_dimgs_kernel, wrap_triton)[grid](
                 grad_out, w2, ids_keep, acc,
                 num_rows, num_kept, num_patches, grid_h, grid_w, dim, patch_len, out_row0,
                 *grad_out.stride(), *w2.stride(), *ids_keep.stride(), *acc.stride(),
@@ -296,33 +297,38 @@ def masked_patch_embed_backward(grad_out, imgs, weight, ids_keep, num_pos_rows: 
 
     dweight = imgs.new_empty(0)  # not asked for
     if compute_dweight:
-        tiles = triton.cdiv(dim, block_m) * triton.cdiv(patch_len, block_n)
+        tiles = cdiv(dim, block_m) * cdiv(patch_len, block_n)
         splits = _weight_splits(tiles, num_rows, block_k, imgs.device) if run else 1
-        rows_per_split = triton.cdiv(triton.cdiv(num_rows, splits), block_k) * block_k
-        partial = torch.zeros((splits, dim, patch_len), dtype=torch.float32, device=imgs.device)
+        rows_per_split = cdiv(cdiv(num_rows, splits), block_k) * block_k
+        # Every element of every split is written by the kernel (zeros only without a launch).
+        new_partial = empty_output if run else torch.zeros
+        partial = new_partial((splits, dim, patch_len), dtype=torch.float32, device=imgs.device)
         if run:
-            grid = (triton.cdiv(dim, block_m), triton.cdiv(patch_len, block_n), splits)
-            wrap_triton(_embed_dweight_kernel)[grid](
+            grid = (cdiv(dim, block_m), cdiv(patch_len, block_n), splits)
+            launchable(_embed_dweight_kernel, wrap_triton)[grid](
                 grad_out, imgs, ids_keep, partial,
                 num_rows, rows_per_split, num_kept, num_patches, grid_h, grid_w, dim,
                 patch_len, out_row0, *grad_out.stride(), *ids_keep.stride(), *imgs.stride(),
                 **geometry,
             )
-        dweight = partial.sum(0).to(weight.dtype).reshape(weight.shape)
+        total = partial[0] if splits == 1 else partial.sum(0)
+        dweight = total.to(weight.dtype).reshape(weight.shape)
 
     dpos = imgs.new_empty(0)  # not asked for
     if num_pos_rows:
-        dpos = torch.zeros((num_pos_rows, dim), dtype=torch.float32, device=imgs.device)
+        # The kernel writes every patch row, the class token's row is written below.
+        new_dpos = empty_output if run else torch.zeros
+        dpos = new_dpos((num_pos_rows, dim), dtype=torch.float32, device=imgs.device)
         if num_pos_rows > num_patches:  # the class token's row
-            dpos[0] = grad_out[:, 0].sum(0, dtype=torch.float32)
+            torch.sum(grad_out[:, 0], 0, dtype=torch.float32, out=dpos[0])
         if run:
             flat = ids_keep.reshape(-1)
             sorted_ids, order = torch.sort(flat, stable=True)
             patches = torch.arange(num_patches + 1, device=flat.device, dtype=flat.dtype)
             bounds = torch.searchsorted(sorted_ids, patches)  # rows of patch l: [b[l], b[l+1])
-            block_d = min(triton.next_power_of_2(dim), 1024 if gpu_sizes(imgs.device) else 64)
-            grid = (num_patches, triton.cdiv(dim, block_d))
-            wrap_triton(_embed_dpos_kernel)[grid](
+            block_d = min(next_power_of_2(dim), 1024 if gpu_sizes(imgs.device) else 64)
+            grid = (num_patches, cdiv(dim, block_d))
+            launchable(_embed_dpos_kernel, wrap_triton)[grid](
                 grad_out, order, bounds, dpos[num_pos_rows - num_patches:],
                 num_kept, dim, out_row0, *grad_out.stride(), BLOCK_D=block_d,
             )

@@ -33,13 +33,13 @@ from torch.library import wrap_triton
 
 from fastvl._outputs import empty_output
 from fastvl.kernels import gpu_sizes
-from fastvl.kernels.gather import channel_block
+from fastvl.kernels.gather import cdiv, channel_block, launchable, next_power_of_2
 from fastvl.reference.tome import NORM_EPS, token_sets
 
 
 def _match_blocks(channels: int, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_A, BLOCK_B, BLOCK_C, num_warps) of the best-partner kernel."""
-    block_c = min(64, max(16, triton.next_power_of_2(channels)))
+    block_c = min(64, max(16, next_power_of_2(channels)))
     if not gpu_sizes(device):
         # Small interpreted blocks, so that the tests' small shapes span several of each.
         return 16, 16, 16, 4
@@ -189,11 +189,11 @@ def best_partners(metric: torch.Tensor, num_prefix_tokens: int):
     if score.numel() == 0:
         return score, partner
     block_a, block_b, block_c, warps = _match_blocks(channels, metric.device)
-    grid = (triton.cdiv(num_a, block_a), batch)
-    wrap_triton(_best_partner_kernel)[grid](
+    grid = (cdiv(num_a, block_a), batch)
+    launchable(_best_partner_kernel, wrap_triton)[grid](
         metric, score, partner,
         num_a, num_b, a_first, b_first, channels,
-        metric.stride(0), metric.stride(1), metric.stride(2),
+        *metric.stride(),
         NORM_EPS,
         BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_C=block_c,
         # float32 metrics must not be rounded to tf32; Triton ignores it for fp16/bf16.
@@ -219,12 +219,12 @@ def segment_reduce(x: torch.Tensor, size: Optional[torch.Tensor], offsets: torch
     if batch * num_merged == 0:
         return out, size_out
     block_c = channel_block(channels, x.element_size())
-    grid = (batch * num_merged, max(1, triton.cdiv(channels, block_c)))
-    wrap_triton(_segment_reduce_kernel)[grid](
+    grid = (batch * num_merged, max(1, cdiv(channels, block_c)))
+    launchable(_segment_reduce_kernel, wrap_triton)[grid](
         x, size if size is not None else x, offsets, sources, out,
         size_out if size_out is not None else out,
         num_tokens, num_merged, channels,
-        x.stride(0), x.stride(1), x.stride(2), *_size_strides(size),
+        *x.stride(), *_size_strides(size),
         MEAN=mean, HAS_SIZE=size is not None, BLOCK_C=block_c,
     )
     return out, size_out
@@ -242,12 +242,12 @@ def spread(y: torch.Tensor, size: Optional[torch.Tensor], size_merged: Optional[
     if out.numel() == 0:
         return out
     block_c = channel_block(channels, y.element_size())
-    grid = (batch * num_tokens, triton.cdiv(channels, block_c))
-    wrap_triton(_spread_kernel)[grid](
+    grid = (batch * num_tokens, cdiv(channels, block_c))
+    launchable(_spread_kernel, wrap_triton)[grid](
         y, size if size is not None else y, size_merged if size_merged is not None else y,
         dest, out,
         num_tokens, num_merged, channels,
-        y.stride(0), y.stride(1), y.stride(2),
+        *y.stride(),
         *_size_strides(size), *_size_strides(size_merged),
         WEIGHTED=size_merged is not None, HAS_SIZE=size is not None, BLOCK_C=block_c,
     )

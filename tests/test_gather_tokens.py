@@ -259,6 +259,100 @@ def test_unchecked_out_of_range_rows_are_zero(backend):
     assert torch.count_nonzero(out[0, 1:3]) == 0
 
 
+def test_eager_calls_launch_directly_and_tracing_calls_the_registered_op():
+    """Eager mode runs the kernels without dispatching fastvl's custom ops (gradients
+    included; a dispatch mode that only watches sees that path); under FakeTensorMode, as
+    while torch.compile traces, the registered op (its fake impl) serves the call."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    require_backend("gather_tokens", "triton")
+    namespaces = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            namespaces.append(func.namespace)
+            return func(*args, **(kwargs or {}))
+
+    g = _gen(10)
+    x = random_tensor(2, 7, 5, device=DEVICE, generator=g, requires_grad=True)
+    index = random_index(2, 3, 7, device=DEVICE, generator=g)
+    with Watch():
+        out = gather_tokens(x, index, backend="triton", check_bounds=False)
+        (grad,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    assert namespaces and "fastvl" not in namespaces
+    torch.testing.assert_close(out, reference.gather_tokens(x.detach(), index), rtol=0, atol=0)
+    torch.testing.assert_close(grad, reference.scatter_add_tokens(torch.ones_like(out), index, 7))
+    with FakeTensorMode() as mode:
+        fake = gather_tokens(mode.from_tensor(x), mode.from_tensor(index), backend="triton",
+                             check_bounds=False)
+    assert fake.shape == (2, 3, 5)
+
+
+# ---- the torch backend's flat-table path ---------------------------------------------------
+
+
+def _loop_gather64(x, index):
+    """Independent oracle: out[b, k] = x[b, index[b, k]] by Python loops, in float64."""
+    out = torch.empty(*index.shape, x.shape[2], dtype=torch.float64)
+    for b in range(index.shape[0]):
+        for k in range(index.shape[1]):
+            out[b, k] = x[b, int(index[b, k])].double()
+    return out
+
+
+def _loop_scatter_add64(src, index, num_tokens):
+    out = torch.zeros(src.shape[0], num_tokens, src.shape[2], dtype=torch.float64)
+    for b in range(index.shape[0]):
+        for k in range(index.shape[1]):
+            out[b, int(index[b, k])] += src[b, k].double()
+    return out
+
+
+def _strided_x(kind, g):
+    """x (3, N, C): contiguous; batch-sliced (a view with an offset, still one flat table);
+    token-sliced and channel-strided (no flat view: the torch.gather path)."""
+    base = random_tensor(4, 13, 7, dtype=torch.float64, generator=g)
+    return {"contiguous": base[:3].contiguous(), "batch-sliced": base[1:],
+            "rows": base[:3, 2:, :5],
+            "channels-last": base[:3].transpose(1, 2).contiguous().transpose(1, 2)}[kind]
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "batch-sliced", "rows", "channels-last"])
+def test_torch_path_values_and_gradients_against_loops(kind):
+    """reference.gather_tokens (the torch backend) and scatter_add_tokens against Python-loop
+    float64 oracles, repeated indices included: exact (copies and sums of <= 4 terms in
+    float64; rtol = atol = 0 for the gather, 1e-15 for the sums)."""
+    g = torch.Generator().manual_seed(12)
+    x = _strided_x(kind, g).requires_grad_(True)
+    index = random_index(3, 9, x.shape[1], unique=False, generator=g)
+    out = reference.gather_tokens(x, index)
+    assert out.is_contiguous() and out.shape == (3, 9, x.shape[2])
+    torch.testing.assert_close(out, _loop_gather64(x.detach(), index), rtol=0, atol=0)
+    grad_out = random_tensor(3, 9, x.shape[2], dtype=torch.float64, generator=g)
+    (grad,) = torch.autograd.grad(out, x, grad_out)
+    expected = _loop_scatter_add64(grad_out, index, x.shape[1])
+    torch.testing.assert_close(grad, expected, rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(reference.scatter_add_tokens(grad_out, index, x.shape[1]),
+                               expected, rtol=1e-15, atol=1e-15)
+    assert torch.autograd.gradgradcheck(lambda t: reference.gather_tokens(t, index), (x,))
+
+
+@pytest.mark.parametrize("bad", [6, -1, 100])
+@pytest.mark.parametrize("sample", [0, 1])
+def test_torch_path_out_of_range_raises(bad, sample):
+    """An index outside [0, N) raises like torch.gather; it never reads (or adds into)
+    another sample's token of the flat (B * N) table."""
+    x = random_tensor(2, 6, 3)
+    index = torch.tensor([[0, 5], [1, 2]])
+    index[sample, 1] = bad
+    with pytest.raises((IndexError, RuntimeError)):
+        reference.gather_tokens(x, index)
+    with pytest.raises((IndexError, RuntimeError)):
+        reference.scatter_add_tokens(random_tensor(2, 2, 3), index, 6)
+    with pytest.raises((IndexError, RuntimeError)):
+        gather_tokens(x, index, backend="torch", check_bounds=False)
+
+
 # ---- GPU ---------------------------------------------------------------------------------
 
 

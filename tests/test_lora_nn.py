@@ -171,7 +171,7 @@ def test_lora_linear_sharing_uses_the_given_modules():
     (dict(r=2.0), ValueError, "r must be a positive int"),
     (dict(alpha="8"), TypeError, "alpha must be"),
     (dict(dropout=1.0), ValueError, "dropout must be"),
-    (dict(backend="cutlass"), ValueError, "backend must be one of"),
+    (dict(backend="cutlass"), ValueError, "backend must be 'auto' or one of"),
     (dict(adapter_name="a.b"), ValueError, "adapter_name"),
 ])
 def test_lora_linear_bad_arguments(kwargs, error, match):
@@ -403,7 +403,7 @@ def test_accelerate_restore_refuses_merged_and_bad_arguments():
     assert len(report.remove()) == 2
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         fastvl_peft.accelerate("model")
-    with pytest.raises(ValueError, match="backend must be one of"):
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
         fastvl_peft.accelerate(model, backend="cutlass")
     with pytest.raises(ValueError, match="itself a peft LoRA layer"):
         fastvl_peft.accelerate(model.get_submodule(report.replaced[0]))

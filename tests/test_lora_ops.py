@@ -252,6 +252,21 @@ def test_route_per_sequence_broadcasts(backend):
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_strided_route_and_scales(backend):
+    """A non-contiguous route (N,) and per-adapter scales (E,) give what their contiguous
+    copies give."""
+    require_backend("routed_lora_linear", backend)
+    x, weight, bias, lora_a, lora_b = (t.float() for t in _params((7,), 24, 18, 4, 3, seed=48))
+    route = _routes("mixed", (14,), 3, seed=49)[::2]
+    scales = torch.tensor([0.5, 9.0, 1.5, 9.0, 2.0, 9.0], device=DEVICE)[::2]
+    assert not route.is_contiguous() and not scales.is_contiguous()
+    out = routed_lora_linear(x, weight, bias, lora_a, lora_b, scales, route, backend=backend)
+    expected = routed_lora_linear(x, weight, bias, lora_a, lora_b, scales.contiguous(),
+                                  route.contiguous(), backend=backend)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
 @pytest.fixture
 def deterministic_algorithms():
     previous = torch.are_deterministic_algorithms_enabled()
@@ -383,17 +398,19 @@ def test_opcheck_triton_ops():
     fwd = torch.ops.fastvl.lora_linear_fwd_triton.default
     bwd = torch.ops.fastvl.lora_linear_bwd_triton.default
     leaves = [t.clone().requires_grad_(True) for t in (x, weight, bias, lora_a, lora_b)]
-    assert_opcheck(fwd, (*leaves, scale, route, 0.2, 5))
-    assert_opcheck(fwd, (x, weight, None, lora_a[:1], lora_b[:1], scale[:1], None, 0.0, 0))
+    # (scale tensor, scaling float): per-adapter scales, or None and one float for all.
+    assert_opcheck(fwd, (*leaves, scale, 0.0, route, 0.2, 5))
+    assert_opcheck(fwd, (x, weight, None, lora_a[:1], lora_b[:1], None, 0.5, None, 0.0, 0))
     decode_rows = [leaves[0][:5].detach().requires_grad_(True), *leaves[1:]]  # the row path
-    assert_opcheck(fwd, (*decode_rows, scale, route[:5], 0.2, 5))
-    out, s = fwd(x, weight, bias, lora_a, lora_b, scale, route, 0.2, 5)
+    assert_opcheck(fwd, (*decode_rows, scale, 0.0, route[:5], 0.2, 5))
+    assert_opcheck(fwd, (*decode_rows, None, 1.5, route[:5], 0.2, 5))
+    out, s = fwd(x, weight, bias, lora_a, lora_b, scale, 0.0, route, 0.2, 5)
     assert s.shape == (9, shrink_columns(4))
     grad_out = random_tensor(*out.shape, device=DEVICE, generator=_gen(20))
-    assert_opcheck(bwd, (grad_out, x, weight, lora_a, lora_b, scale, route, s, 0.2, 5, True,
-                         True, False))
-    assert_opcheck(bwd, (grad_out, x, weight, lora_a, lora_b, scale, route, s, 0.2, 5, False,
-                         False, True))
+    assert_opcheck(bwd, (grad_out, x, weight, lora_a, lora_b, scale, 0.0, route, s, 0.2, 5,
+                         True, True, False))
+    assert_opcheck(bwd, (grad_out, x, weight, lora_a, lora_b, None, 1.5, route, s, 0.2, 5,
+                         False, False, True))
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -508,7 +525,7 @@ def test_auto_uses_torch_on_cpu_and_triton_reasons():
     with pytest.raises(BackendNotSupportedError) as info:
         lora_linear(x, weight, bias, lora_a, lora_b, 1.0, backend="triton")
     assert any("float64" in r for r in info.value.reasons)
-    assert any("rank r = 65" in r for r in info.value.reasons)
+    assert any("LoRA rank r 65 is above" in r for r in info.value.reasons)
 
 
 # ---- bad inputs --------------------------------------------------------------------------
@@ -557,6 +574,51 @@ def _bad_routed(**change):
 def test_bad_inputs_raise_clear_errors(make_call, error, match):
     with pytest.raises(error, match=match):
         make_call()
+
+
+def test_value_and_argument_checks_after_a_valid_call():
+    """The checks are memoized by shapes, dtypes, devices and arguments: after valid calls,
+    a call differing in an argument (or its type) is checked again and the route's values
+    are checked on every call."""
+    for _ in range(2):
+        _bad_plain()()
+        _bad_routed()()
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+        _bad_plain(dropout_p=1.0)()
+    with pytest.raises(TypeError, match="dropout_p must be a float"):
+        _bad_plain(dropout_p=True)()
+    with pytest.raises(ValueError, match=r"route values must lie in \[-1, 2\)"):
+        _bad_routed(route=torch.tensor([[0, 2, 0], [0, 0, 0]]))()
+
+
+def test_triton_launches_per_call():
+    """On the GPU path (:func:`fastvl.bench.host_overhead.gpu_path`: CPU tensors dispatched as
+    on a GPU, Triton launches counted and skipped), the forward is the base GEMM and two
+    kernels (a float scaling is a kernel argument: no tensor per call), the backward the dX
+    GEMM, one zero-fill (dA and dB share a buffer) and two kernels."""
+    require_backend("lora_linear", "triton")
+    from fastvl.bench.host_overhead import count_launches, gpu_path
+
+    x, weight, bias, lora_a, lora_b = (t.float().cpu() for t in _params((4,), 16, 12, 4, 3,
+                                                                          seed=27))
+    one_a, one_b = lora_a[1].clone(), lora_b[1].clone()
+    leaves = [t.requires_grad_(True) for t in (x, one_a, one_b, lora_a, lora_b)]
+    route = torch.tensor([0, 2, -1, 2])
+    grad = torch.randn(4, 12)
+
+    def plain():
+        return lora_linear(x, weight, bias, one_a, one_b, 2.0)
+
+    def routed():
+        return routed_lora_linear(x, weight, bias, lora_a, lora_b, 2.0, route,
+                                  check_route=False)
+
+    with gpu_path():
+        for call in (plain, routed):
+            assert count_launches(call) == (3, ["addmm.default", "triton", "triton"])
+        launches, ops = count_launches(lambda: torch.autograd.grad(plain(), leaves[:3], grad))
+    assert sorted(ops) == sorted(["addmm.default", "mm.default", "zeros.default"] + [
+        "triton"] * 4)
 
 
 # ---- GPU ---------------------------------------------------------------------------------

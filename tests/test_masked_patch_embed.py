@@ -348,6 +348,18 @@ def test_bad_inputs_raise_clear_errors(change, error, match):
         masked_patch_embed(**args)
 
 
+def test_range_check_runs_on_every_call():
+    """The checks that read no values are memoized by shapes, dtypes, devices and arguments;
+    the range check of ids_keep reads values, so a repeated call runs it again."""
+    args = _valid_args()
+    masked_patch_embed(**args)
+    masked_patch_embed(**args)
+    with pytest.raises(ValueError, match=r"index values must lie in \[0, 6\).*to 6"):
+        masked_patch_embed(**{**args, "ids_keep": args["ids_keep"] + 1})
+    with pytest.raises(TypeError, match=r"patch_size must be an int or a tuple"):
+        masked_patch_embed(**{**args, "patch_size": 4.0})
+
+
 def test_video_needs_matching_tubelet():
     args = _valid_args()
     video = args["imgs"][:, :, None].expand(-1, -1, 4, -1, -1)
@@ -364,7 +376,7 @@ def test_unavailable_backend_lists_reasons():
                for k, v in args.items()}
     with pytest.raises(BackendNotSupportedError, match=r"imgs has dtype torch.float64"):
         masked_patch_embed(**doubled, backend="triton")
-    with pytest.raises(BackendNotSupportedError, match=r"no cuda implementation"):
+    with pytest.raises(ValueError, match=r"backend must be 'auto' or one of .*, got 'cuda'"):
         masked_patch_embed(**args, backend="cuda")
 
 

@@ -451,11 +451,26 @@ def test_bad_inputs_raise_clear_errors(call, error, match):
         call(*_bad())
 
 
+def test_checks_are_repeated_for_other_argument_types():
+    """The checks are memoized by shapes, dtypes, devices and arguments (with their types):
+    after a valid call, one differing only in an argument's type is checked again."""
+    metric, plan, x = _bad()
+    tome_match(metric, 1)
+    tome_merge(plan, x)
+    with pytest.raises(TypeError, match="r must be an int, got bool"):
+        tome_match(metric, True)
+    with pytest.raises(TypeError, match="num_prefix_tokens must be an int, got float"):
+        tome_match(metric, 1, num_prefix_tokens=1.0)
+    with pytest.raises(TypeError, match="plan must be the TomePlan"):
+        tome_merge(tuple(plan), x)
+
+
 def test_unknown_and_unavailable_backends():
     metric, plan, x = _bad()
     with pytest.raises(ValueError, match=r"backend must be 'auto' or one of"):
         tome_match(metric, 1, backend="fast")
-    with pytest.raises(BackendNotSupportedError, match="tome_merge has no cuda implementation"):
+    with pytest.raises(ValueError,
+                       match=r"tome_merge: backend must be 'auto' or one of .*, got 'cuda'"):
         tome_merge(plan, x, backend="cuda")
     require_backend("tome_match", "triton", metric.device)
     with pytest.raises(BackendNotSupportedError, match=r"metric has dtype torch.float64"):

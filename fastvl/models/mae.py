@@ -53,7 +53,6 @@ from fastvl.ops import (
     unshuffle_with_mask_token,
 )
 from fastvl.reference import masking as plain_masking
-from fastvl.reference.gather import gather_tokens as plain_gather_tokens
 
 __all__ = [
     "MaskedAutoencoderViT",
@@ -362,7 +361,7 @@ class MaskedAutoencoderViT(nn.Module):
     def _embed_plain(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """MAE's: embed every patch, add positions, keep ``ids_keep``, prepend the class token."""
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
-        x = plain_gather_tokens(x, ids_keep)
+        x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         return torch.cat([cls.to(x.dtype), x], dim=1)
 

@@ -232,10 +232,12 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer  # (each submodule / parameter lookup is a Python call)
         if self.merged:
-            return self.base_layer(x)
+            return base(x)
+        name = self.adapter_name
         return lora_linear(
-            x, self.base_layer.weight, self.base_layer.bias, self.weight_a, self.weight_b,
+            x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
             self.scaling, dropout_p=self.dropout if self.training else 0.0, backend=self.backend,
         )
 
@@ -348,8 +350,9 @@ class RoutedLoRALinear(nn.Module):
         check = block is None or (
             self.num_adapters not in block.checked and not torch.compiler.is_compiling()
         )
+        base = self.base_layer
         out = routed_lora_linear(
-            x, self.base_layer.weight, self.base_layer.bias, self.lora_A, self.lora_B,
+            x, base.weight, base.bias, self.lora_A, self.lora_B,
             self.scaling, route, dropout_p=self.dropout if self.training else 0.0,
             backend=self.backend, check_route=check,
         )

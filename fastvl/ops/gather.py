@@ -6,17 +6,18 @@ The primitive that token pruning and MAE masking build on. Three backends:
 The backward of a gather is a scatter-add into zeros, and the backward of that is a gather
 again, so both directions are registered ops with gradients (double backward works).
 
-In eager mode the kernel backends skip the custom-op dispatch (whose Python autograd and
-dispatch cost ten times a gather's host time): :func:`can_launch_directly` says when an op may
-launch its kernels itself, :func:`launch_directly` runs a launcher so, and the gradients come
-from ``torch.autograd.Function`` s; torch.compile and dispatch modes get the registered ops.
-The other ops of the package share these two helpers.
+Eager mode skips the custom-op dispatch, whose Python autograd and dispatch cost several
+times a gather's whole host time: an :class:`EagerOp` launches the kernels itself and takes
+its gradient from a ``torch.autograd.Function`` built on the op's registered backward;
+torch.compile and dispatch modes get the registered op. Every kernel op of fastvl's token,
+ToMe, MAE and LoRA families is called through one.
 """
 
 from __future__ import annotations
 
 import torch
 from torch._library import triton as _torch_triton
+from torch.autograd.function import once_differentiable
 
 from fastvl import _extension, reference
 from fastvl.ops._checks import check_tensor, check_token_index, check_value_range
@@ -25,14 +26,22 @@ from fastvl.ops.registry import TRITON_IMPORT_ERROR, Call, Supports, register_op
 GATHER_TOKENS = register_op("gather_tokens", describe=lambda x, index: Call(x.device, x.dtype))
 
 
-# ---- the eager path of the kernel backends (shared by fastvl's ops) ----------------------
+# ---- the eager path of registered kernel ops (shared by fastvl's ops) --------------------
+
+
+_TRACING_MODES = tuple(torch._C._TorchDispatchModeKey.__members__.values())  # fake, proxy, ...
 
 
 def can_launch_directly() -> bool:
-    """Whether an op may run its kernels itself, with autograd by a ``torch.autograd.Function``
-    (no custom-op dispatch): in eager mode on real tensors. Not while torch.compile traces nor
-    under a dispatch mode (FakeTensorMode, make_fx, ...): there it calls its registered op."""
-    return not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack())
+    """Whether an op may run its kernels itself: in eager mode on real tensors. Not while
+    torch.compile traces nor under a tracing dispatch mode (FakeTensorMode, make_fx's proxy
+    mode, functionalization), where its registered op must be called; other dispatch modes
+    (op counters, loggers) see the eager path's ATen ops."""
+    if torch.compiler.is_compiling():
+        return False
+    if not torch._C._len_torch_dispatch_stack():
+        return True
+    return all(torch._C._get_dispatch_mode(key) is None for key in _TRACING_MODES)
 
 
 def launch_directly(launcher, *args):
@@ -49,8 +58,94 @@ def launch_directly(launcher, *args):
         state.value = previous
 
 
-def _call(fn, *args):
-    return fn(*args)
+def call_key(tensors, *flags):
+    """The memo key of a call (:func:`memoized`): each of ``flags`` (hashable non-tensor
+    arguments) with its type, and its entries' types for a tuple (``True`` is not ``1``), and
+    the shape, dtype and device of each of ``tensors`` (None stays None); None when one of
+    ``tensors`` is anything else (a call the checks will reject)."""
+    key = [(type(flag), flag, tuple(map(type, flag))) if type(flag) is tuple
+           else (type(flag), flag) for flag in flags]
+    for t in tensors:
+        if t is None:
+            key.append(None)
+        elif isinstance(t, torch.Tensor):
+            key += (t.shape, t.dtype, t.device)
+        else:
+            return None
+    return tuple(key)
+
+
+def memoized(op, key, resolve):
+    """``resolve()``, a call's argument checks and implementation choice, memoized in
+    ``op.memo()`` under ``key``, which must determine everything ``resolve`` reads (see
+    :func:`call_key`; None: not memoized). The checks of a call whose key was seen passed
+    then; value checks (index ranges, ...) stay the caller's. Not under torch.compile,
+    where checks cost nothing at run time."""
+    if key is None or torch.compiler.is_compiling():
+        return resolve()
+    try:
+        hit = op.memo().get(key)
+    except TypeError:  # an unhashable flag: the checks say what is wrong with it
+        return resolve()
+    if hit is None:
+        hit = resolve()
+        op.remember(key, hit)
+    return hit
+
+
+class EagerOp:
+    """A registered kernel op with a lean eager path.
+
+    ``op``: the ``torch.library`` op (``triton_op`` or a compiled extension's), called where
+    not :func:`can_launch_directly` (torch.compile, FakeTensorMode, make_fx);
+    ``kernels(*args)``: what it computes, run by :func:`launch_directly` in eager mode.
+    ``setup_context`` / ``backward``: the op's gradient, registered with
+    ``torch.library.register_autograd`` and used in eager mode by a
+    ``torch.autograd.Function`` when an argument at a position of ``grad_inputs`` requires
+    grad. ``double_backward``: the backward is differentiable (it calls differentiable ops,
+    e.g. EagerOps with gradients); else differentiating it raises, as for the registered op.
+    Called like the op.
+    """
+
+    def __init__(self, op, kernels, setup_context=None, backward=None, grad_inputs=(),
+                 double_backward=False):
+        self.op, self.kernels, self.grad_inputs = op, kernels, grad_inputs
+        self.function = None
+        if backward is None:
+            return
+        torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+        def forward(ctx, *inputs):
+            output = launch_directly(kernels, *inputs)
+            if isinstance(output, tuple):  # no zero-filled gradients for unused outputs
+                ctx.set_materialize_grads(False)
+            setup_context(ctx, inputs, output)
+            return output
+
+        if double_backward:
+            eager_backward = backward
+        else:
+            once = once_differentiable(backward)
+
+            def eager_backward(ctx, *grads):
+                # once_differentiable's bookkeeping only matters when a graph is recorded
+                return once(ctx, *grads) if torch.is_grad_enabled() else backward(ctx, *grads)
+
+        self.function = type("EagerFunction", (torch.autograd.Function,), {
+            "forward": staticmethod(forward), "backward": staticmethod(eager_backward),
+        })
+
+    def __call__(self, *args):
+        if not can_launch_directly():
+            return self.op(*args)
+        if self.function is not None and torch.is_grad_enabled():
+            for i in self.grad_inputs:
+                if args[i] is not None and args[i].requires_grad:
+                    return self.function.apply(*args)
+        return launch_directly(self.kernels, *args)
+
+
+# ---- gather / scatter-add ----------------------------------------------------------------
 
 
 def _gather_tokens_fake(x, index):
@@ -61,8 +156,10 @@ def _scatter_add_tokens_fake(src, index, num_tokens):
     return src.new_empty(src.shape[0], num_tokens, src.shape[2])
 
 
-def _register_kernel_pair(gather, scatter_add) -> None:
-    """Attach fake impls and gradients to a backend's gather / scatter-add op pair.
+def _kernel_pair(gather_op, scatter_add_op, gather, scatter_add) -> EagerOp:
+    """A backend's gather / scatter-add ops (and ``gather(x, index)``, ``scatter_add(src,
+    index, num_tokens)``, what they compute) with fake impls and gradients attached; returns
+    the gather :class:`EagerOp`.
 
     Each op is the other's adjoint, so double backward works. The explicit fake impls
     (rather than tracing a triton_op's body) also serve the Triton interpreter, where
@@ -76,67 +173,22 @@ def _register_kernel_pair(gather, scatter_add) -> None:
 
     def gather_backward(ctx, grad_out):
         (index,) = ctx.saved_tensors
-        return scatter_add(grad_out, index, ctx.num_tokens), None
+        return eager_scatter_add(grad_out, index, ctx.num_tokens), None
 
     def scatter_setup(ctx, inputs, output):
         ctx.save_for_backward(inputs[1])
 
     def scatter_backward(ctx, grad_out):
         (index,) = ctx.saved_tensors
-        return gather(grad_out, index), None, None
+        return eager_gather(grad_out, index), None, None
 
-    torch.library.register_fake(gather, _gather_tokens_fake)
-    torch.library.register_fake(scatter_add, _scatter_add_tokens_fake)
-    torch.library.register_autograd(gather, gather_backward, setup_context=gather_setup)
-    torch.library.register_autograd(scatter_add, scatter_backward, setup_context=scatter_setup)
-
-
-def _eager_gather(gather_op, gather, scatter_add, run):
-    """The gather implementation of one backend: in eager mode ``run(gather, x, index)``
-    (``gather`` / ``scatter_add`` (src, index, num_tokens) being the backend's kernels) with
-    autograd by two ``torch.autograd.Function`` s, each the other's gradient (double backward
-    works), no custom-op dispatch; under torch.compile or a dispatch mode the registered
-    ``gather_op``."""
-
-    class Gather(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, index):
-            ctx.save_for_backward(index)
-            ctx.num_tokens = x.shape[1]
-            return run(gather, x, index)
-
-        @staticmethod
-        def backward(ctx, grad_out):
-            (index,) = ctx.saved_tensors
-            return eager_scatter_add(grad_out, index, ctx.num_tokens), None
-
-    class ScatterAdd(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, src, index, num_tokens):
-            ctx.save_for_backward(index)
-            return run(scatter_add, src, index, num_tokens)
-
-        @staticmethod
-        def backward(ctx, grad_out):
-            (index,) = ctx.saved_tensors
-            return eager_gather(grad_out, index), None, None
-
-    def eager_gather(x, index):
-        if torch.is_grad_enabled() and x.requires_grad:
-            return Gather.apply(x, index)
-        return run(gather, x, index)
-
-    def eager_scatter_add(src, index, num_tokens):
-        if torch.is_grad_enabled() and src.requires_grad:
-            return ScatterAdd.apply(src, index, num_tokens)
-        return run(scatter_add, src, index, num_tokens)
-
-    def gather_impl(x, index):
-        if can_launch_directly():
-            return eager_gather(x, index)
-        return gather_op(x, index)
-
-    return gather_impl
+    torch.library.register_fake(gather_op, _gather_tokens_fake)
+    torch.library.register_fake(scatter_add_op, _scatter_add_tokens_fake)
+    eager_gather = EagerOp(gather_op, gather, gather_setup, gather_backward, (0,),
+                           double_backward=True)
+    eager_scatter_add = EagerOp(scatter_add_op, scatter_add, scatter_setup, scatter_backward,
+                                (0,), double_backward=True)
+    return eager_gather
 
 
 KERNEL_SUPPORTS = Supports(dtype_of="x")  # every float dtype, float64 included
@@ -156,20 +208,18 @@ if TRITON_IMPORT_ERROR is None:
     ) -> torch.Tensor:
         return _triton_gather.scatter_add_tokens(src, index, num_tokens)
 
-    _register_kernel_pair(gather_tokens_triton, scatter_add_tokens_triton)
     GATHER_TOKENS.implement(
         "triton",
-        _eager_gather(gather_tokens_triton, _triton_gather.gather_tokens,
-                      _triton_gather.scatter_add_tokens, launch_directly),
+        _kernel_pair(gather_tokens_triton, scatter_add_tokens_triton,
+                     _triton_gather.gather_tokens, _triton_gather.scatter_add_tokens),
         KERNEL_SUPPORTS,
     )
 
 if _extension.is_built():
     _cuda_gather = torch.ops.fastvl.gather_tokens_cuda.default
     _cuda_scatter_add = torch.ops.fastvl.scatter_add_tokens_cuda.default
-    _register_kernel_pair(_cuda_gather, _cuda_scatter_add)
     GATHER_TOKENS.implement(
-        "cuda", _eager_gather(_cuda_gather, _cuda_gather, _cuda_scatter_add, _call),
+        "cuda", _kernel_pair(_cuda_gather, _cuda_scatter_add, _cuda_gather, _cuda_scatter_add),
         KERNEL_SUPPORTS,
     )
 

@@ -26,14 +26,19 @@ Backends:
 * ``triton`` (``fastvl::lora_linear_fwd_triton`` / ``..._bwd_triton``,
   :mod:`fastvl.kernels.lora`): torch's GEMM for the base (cuBLAS on GPU), then a shrink
   kernel (x read once) and an expand kernel adding the LoRA branch into the base output
-  (read and written once), both over rows × column chunks (r <= 64); for a decode batch (few rows, up to ``kernels.lora.row_path_max_rows``, any
-  number of adapters) two GEMV-style launches per row instead, so a step over tens of
-  adapters runs in parallel over rows and output columns; backward: ``dY W`` by torch, then
-  one pass over dY (ds and dB) and one over x (dX and dA), the dropout mask regenerated from
-  the seed (Philox). dA / dB are float32 atomic sums (last-bit run-to-run differences), or
-  with ``torch.use_deterministic_algorithms(True)`` per-row-block sums added in a fixed order
+  (read and written once), both over rows × column chunks (r <= 64); for a decode batch
+  (few rows, up to ``kernels.lora.row_path_max_rows``, any number of adapters) two
+  GEMV-style launches per row instead, so a step over tens of adapters runs in parallel over
+  rows and output columns; backward: ``dY W`` by torch, then one zero-fill (dA and dB share a
+  buffer), one pass over dY (ds and dB) and one over x (dX and dA), the dropout mask
+  regenerated from the seed (Philox). A float scaling is a kernel argument (no tensor per
+  call). dA / dB are float32 atomic sums (last-bit run-to-run differences), or with
+  ``torch.use_deterministic_algorithms(True)`` per-row-block sums added in a fixed order
   (bit-reproducible, one (E, r, in) + (E, out, r) float32 buffer per block of 32-64 rows).
-  float16 / bfloat16 / float32. No double backward.
+  float16 / bfloat16 / float32. No double backward. In eager mode the kernels are launched
+  directly and the gradient comes from a ``torch.autograd.Function``
+  (:class:`fastvl.ops.gather.EagerOp`); torch.compile sees the registered ops.
+  The checks of a call are memoized by shapes, dtypes, devices and flags.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvl.ops._checks import check_tensor, check_value_range, is_int
+from fastvl.ops.gather import EagerOp, call_key, memoized
 from fastvl.ops.registry import KERNEL_DTYPES, TRITON_IMPORT_ERROR, Call, Supports, register_op
 from fastvl.reference import lora as reference
 
@@ -68,7 +74,7 @@ LORA_LINEAR.implement("torch", reference.lora_linear, Supports(dtype_of="x"))
 ROUTED_LORA_LINEAR.implement("torch", reference.routed_lora_linear, Supports(dtype_of="x"))
 
 
-def _fwd_fake(x, weight, bias, lora_a, lora_b, scale, route, dropout_p, seed):
+def _fwd_fake(x, weight, bias, lora_a, lora_b, scale, scaling, route, dropout_p, seed):
     from fastvl.kernels.lora import shrink_columns
 
     return (x.new_empty(x.shape[0], weight.shape[0]),
@@ -76,15 +82,31 @@ def _fwd_fake(x, weight, bias, lora_a, lora_b, scale, route, dropout_p, seed):
                         dtype=torch.float32))
 
 
-def _bwd_fake(grad_out, x, weight, lora_a, lora_b, scale, route, s, dropout_p, seed,
+def _bwd_fake(grad_out, x, weight, lora_a, lora_b, scale, scaling, route, s, dropout_p, seed,
               compute_dx, compute_dweight, deterministic):
     return (x.new_empty(x.shape) if compute_dx else x.new_empty(0),
             weight.new_empty(weight.shape) if compute_dweight else x.new_empty(0),
-            lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape))
+            lora_a.new_empty(lora_a.numel() + lora_b.numel()))
 
 
 if TRITON_IMPORT_ERROR is None:
     from fastvl.kernels import lora as _kernels
+
+    def _forward_kernels(x, weight, bias, lora_a, lora_b, scale, scaling, route, dropout_p,
+                         seed):
+        out = F.linear(x, weight, bias)
+        s = _kernels.lora_forward(x, lora_a, lora_b, scaling if scale is None else scale,
+                                  route, dropout_p, seed, out)
+        return out, s
+
+    def _backward_kernels(grad_out, x, weight, lora_a, lora_b, scale, scaling, route, s,
+                          dropout_p, seed, compute_dx, compute_dweight, deterministic):
+        dx = grad_out @ weight if compute_dx else None
+        grads = _kernels.lora_backward(grad_out, x, lora_a, lora_b,
+                                       scaling if scale is None else scale, route, s,
+                                       dropout_p, seed, dx, deterministic)
+        dweight = grad_out.t() @ x if compute_dweight else x.new_empty(0)
+        return x.new_empty(0) if dx is None else dx, dweight, grads.to(lora_a.dtype)
 
     @torch.library.triton_op("fastvl::lora_linear_fwd_triton", mutates_args=())
     def lora_linear_fwd_triton(
@@ -93,17 +115,18 @@ if TRITON_IMPORT_ERROR is None:
         bias: Optional[torch.Tensor],
         lora_a: torch.Tensor,
         lora_b: torch.Tensor,
-        scale: torch.Tensor,
+        scale: Optional[torch.Tensor],
+        scaling: float,
         route: Optional[torch.Tensor],
         dropout_p: float,
         seed: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, in), weight (out, in), lora_a (E, r, in), lora_b (E, out, r), scale (E,)
-        float32, route (N,) or None (all rows adapter 0) -> (out (N, out), the float32 shrink
-        s (N, BLOCK_R) kept for the backward)."""
-        out = F.linear(x, weight, bias)
-        s = _kernels.lora_forward(x, lora_a, lora_b, scale, route, dropout_p, seed, out)
-        return out, s
+        float32 or None (then every adapter's scale is ``scaling``), route (N,) or None (all
+        rows adapter 0) -> (out (N, out), the float32 shrink s (N, BLOCK_R) kept for the
+        backward)."""
+        return _forward_kernels(x, weight, bias, lora_a, lora_b, scale, scaling, route,
+                                dropout_p, seed)
 
     @torch.library.triton_op("fastvl::lora_linear_bwd_triton", mutates_args=())
     def lora_linear_bwd_triton(
@@ -112,7 +135,8 @@ if TRITON_IMPORT_ERROR is None:
         weight: torch.Tensor,
         lora_a: torch.Tensor,
         lora_b: torch.Tensor,
-        scale: torch.Tensor,
+        scale: Optional[torch.Tensor],
+        scaling: float,
         route: Optional[torch.Tensor],
         s: torch.Tensor,
         dropout_p: float,
@@ -120,40 +144,36 @@ if TRITON_IMPORT_ERROR is None:
         compute_dx: bool,
         compute_dweight: bool,
         deterministic: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> (dx (N, in), dweight (out, in), da (E, r, in), db (E, out, r)); dx and dweight
-        empty (shape (0,)) when not asked for; ``deterministic``: da / db without atomics."""
-        dx = grad_out @ weight if compute_dx else None
-        da, db = _kernels.lora_backward(grad_out, x, lora_a, lora_b, scale, route, s,
-                                        dropout_p, seed, dx, deterministic)
-        dweight = grad_out.t() @ x if compute_dweight else x.new_empty(0)
-        return (
-            x.new_empty(0) if dx is None else dx,
-            dweight,
-            da.to(lora_a.dtype).contiguous(),
-            db.to(lora_b.dtype).contiguous(),
-        )
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (dx (N, in), dweight (out, in), dA (E, r, in) and dB (E, out, r) flattened into
+        one (E·r·in + E·out·r,) tensor); dx and dweight empty (shape (0,)) when not asked
+        for; ``deterministic``: dA / dB without atomics."""
+        return _backward_kernels(grad_out, x, weight, lora_a, lora_b, scale, scaling, route, s,
+                                 dropout_p, seed, compute_dx, compute_dweight, deterministic)
 
     def _setup_context(ctx, inputs, output):
-        x, weight, bias, lora_a, lora_b, scale, route, dropout_p, seed = inputs
+        x, weight, bias, lora_a, lora_b, scale, scaling, route, dropout_p, seed = inputs
         ctx.save_for_backward(x, weight, lora_a, lora_b, scale, route, output[1])
-        ctx.dropout_p, ctx.seed = dropout_p, seed
+        ctx.mark_non_differentiable(output[1])
+        ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
 
     def _backward(ctx, grad_out, grad_s):
         x, weight, lora_a, lora_b, scale, route, s = ctx.saved_tensors
         needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        dx, dweight, da, db = lora_linear_bwd_triton(
-            grad_out, x, weight, lora_a, lora_b, scale, route, s, ctx.dropout_p, ctx.seed,
-            needs_x, needs_weight, torch.are_deterministic_algorithms_enabled(),
+        dx, dweight, grads = _backward_op(
+            grad_out, x, weight, lora_a, lora_b, scale, ctx.scaling, route, s, ctx.dropout_p,
+            ctx.seed, needs_x, needs_weight, torch.are_deterministic_algorithms_enabled(),
         )
+        da, db = _kernels.split_adapter_grads(grads, lora_a, lora_b)
         dbias = grad_out.sum(0, dtype=torch.float32).to(grad_out.dtype) if needs_bias else None
         return (dx if needs_x else None, dweight if needs_weight else None, dbias, da, db,
-                None, None, None, None)
+                None, None, None, None, None)
 
     torch.library.register_fake(lora_linear_fwd_triton, _fwd_fake)
     torch.library.register_fake(lora_linear_bwd_triton, _bwd_fake)
-    torch.library.register_autograd(lora_linear_fwd_triton, _backward,
-                                    setup_context=_setup_context)
+    _forward_op = EagerOp(lora_linear_fwd_triton, _forward_kernels, _setup_context, _backward,
+                          grad_inputs=(0, 1, 2, 3, 4))
+    _backward_op = EagerOp(lora_linear_bwd_triton, _backward_kernels)
 
     def _triton_seed(dropout_p: float, seed: Optional[int]) -> int:
         """The Philox seed: the caller's, or one drawn from torch's default generator."""
@@ -161,20 +181,17 @@ if TRITON_IMPORT_ERROR is None:
             return 0
         return int(torch.randint(2**31 - 1, ())) if seed is None else seed
 
-    def _scale_tensor(scaling, num_adapters: int, device) -> torch.Tensor:
-        if isinstance(scaling, torch.Tensor):
-            return scaling.to(torch.float32)
-        return torch.full((num_adapters,), float(scaling), dtype=torch.float32, device=device)
-
     def _plain_triton(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
-        scale = _scale_tensor(scaling, 1, x.device)
-        return lora_linear_fwd_triton(x, weight, bias, lora_a[None], lora_b[None], scale, None,
-                                      dropout_p, _triton_seed(dropout_p, seed))[0]
+        return _forward_op(x, weight, bias, lora_a[None], lora_b[None], None, scaling, None,
+                           dropout_p, _triton_seed(dropout_p, seed))[0]
 
     def _routed_triton(x, weight, bias, lora_a, lora_b, scaling, route, dropout_p, seed):
-        scale = _scale_tensor(scaling, lora_a.shape[0], x.device)
-        return lora_linear_fwd_triton(x, weight, bias, lora_a, lora_b, scale, route, dropout_p,
-                                      _triton_seed(dropout_p, seed))[0]
+        # The kernels read route and a tensor scale as contiguous (N,) / (E,) tensors.
+        scale = None
+        if isinstance(scaling, torch.Tensor):
+            scale, scaling = scaling.to(torch.float32).contiguous(), 0.0
+        return _forward_op(x, weight, bias, lora_a, lora_b, scale, scaling, route.contiguous(),
+                           dropout_p, _triton_seed(dropout_p, seed))[0]
 
     _TRITON_SUPPORTS = Supports(
         dtypes=KERNEL_DTYPES, dtype_of="x", max_sizes={"rank": _kernels.MAX_RANK}
@@ -190,8 +207,9 @@ def _shape(t: torch.Tensor) -> tuple:
     return tuple(t.shape)
 
 
-def _validate_common(op, x, weight, bias, lora_a, lora_b, dropout_p, seed, adapter_dims: int):
-    """Checks shared by both ops; returns (in_features, out_features, rank)."""
+def _validate_common(op, x, weight, bias, lora_a, lora_b, dropout_p, seed,
+                     adapter_dims: int) -> None:
+    """Checks shared by both ops."""
     check_tensor(op, "x", x)
     check_tensor(op, "weight", weight)
     check_tensor(op, "lora_a", lora_a)
@@ -253,7 +271,6 @@ def _validate_common(op, x, weight, bias, lora_a, lora_b, dropout_p, seed, adapt
                 f"{op}: x is on {x.device} but {name} is on {t.device}; put every tensor on "
                 "the same device"
             )
-    return in_features, out_features, rank
 
 
 def _check_scalar_scaling(op: str, scaling) -> None:
@@ -287,14 +304,24 @@ def lora_linear(
         (..., out) in x's dtype (every tensor argument must share it). Differentiable in x,
         lora_a, lora_b, and in weight / bias where they require grad.
     """
+    key = call_key((x, weight, bias, lora_a, lora_b), type(scaling), dropout_p, type(seed),
+                   backend)
+    fn = memoized(LORA_LINEAR, key, lambda: _resolve_plain(
+        x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, backend))
+    if x.dim() == 2:  # (views cost microseconds too)
+        return fn(x, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p), seed)
+    out = fn(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, float(scaling),
+             float(dropout_p), seed)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _resolve_plain(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, backend):
+    """The implementation for a :func:`lora_linear` call, whose arguments are checked."""
     op = "lora_linear"
-    in_features, out_features, _ = _validate_common(op, x, weight, bias, lora_a, lora_b,
-                                                    dropout_p, seed, adapter_dims=2)
+    _validate_common(op, x, weight, bias, lora_a, lora_b, dropout_p, seed, adapter_dims=2)
     _check_scalar_scaling(op, scaling)
-    args = (x.reshape(-1, in_features), weight, bias, lora_a, lora_b, float(scaling),
-            float(dropout_p), seed)
-    out = LORA_LINEAR.select(backend, x.device, *args)(*args)
-    return out.view(*x.shape[:-1], out_features)
+    return LORA_LINEAR.select(backend, x.device, x, weight, bias, lora_a, lora_b,
+                              float(scaling), float(dropout_p), seed)
 
 
 def _check_route_range(route: torch.Tensor, num_adapters: int, op: str) -> None:
@@ -341,9 +368,27 @@ def routed_lora_linear(
         (..., out) in x's dtype. lora_a / lora_b gradients are zeros for adapters with no
         routed tokens.
     """
+    scale = scaling if isinstance(scaling, torch.Tensor) else None
+    key = call_key((x, weight, bias, lora_a, lora_b, scale, route), type(scaling), dropout_p,
+                   type(seed), backend)
+    fn = memoized(ROUTED_LORA_LINEAR, key, lambda: _resolve_routed(
+        x, weight, bias, lora_a, lora_b, scaling, route, dropout_p, seed, backend))
+    if check_route:
+        _check_route_range(route, lora_a.shape[0], "routed_lora_linear")
+    scaling = float(scaling) if scale is None else scale.detach()
+    tokens = x.shape[:-1]
+    if x.dim() == 2 and route.shape == tokens:  # (views cost microseconds too)
+        return fn(x, weight, bias, lora_a, lora_b, scaling, route, float(dropout_p), seed)
+    out = fn(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scaling,
+             route.expand(tokens).reshape(-1), float(dropout_p), seed)
+    return out.view(*tokens, out.shape[-1])
+
+
+def _resolve_routed(x, weight, bias, lora_a, lora_b, scaling, route, dropout_p, seed, backend):
+    """The implementation for a :func:`routed_lora_linear` call, whose arguments (but not
+    the route's values) are checked."""
     op = "routed_lora_linear"
-    in_features, out_features, _ = _validate_common(op, x, weight, bias, lora_a, lora_b,
-                                                    dropout_p, seed, adapter_dims=3)
+    _validate_common(op, x, weight, bias, lora_a, lora_b, dropout_p, seed, adapter_dims=3)
     num_adapters = lora_a.shape[0]
     if isinstance(scaling, torch.Tensor):
         if _shape(scaling) != (num_adapters,) or not scaling.is_floating_point():
@@ -353,7 +398,6 @@ def routed_lora_linear(
             )
         if scaling.device != x.device:
             raise ValueError(f"{op}: x is on {x.device} but scaling is on {scaling.device}")
-        scaling = scaling.detach()
     else:
         _check_scalar_scaling(op, scaling)
         scaling = float(scaling)
@@ -371,9 +415,5 @@ def routed_lora_linear(
         )
     if route.device != x.device:
         raise ValueError(f"{op}: x is on {x.device} but route is on {route.device}")
-    if check_route:
-        _check_route_range(route, num_adapters, op)
-    args = (x.reshape(-1, in_features), weight, bias, lora_a, lora_b, scaling,
-            route.expand(tokens).reshape(-1), float(dropout_p), seed)
-    out = ROUTED_LORA_LINEAR.select(backend, x.device, *args)(*args)
-    return out.view(*x.shape[:-1], out_features)
+    return ROUTED_LORA_LINEAR.select(backend, x.device, x, weight, bias, lora_a, lora_b,
+                                     scaling, route, float(dropout_p), seed)

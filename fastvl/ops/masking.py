@@ -15,7 +15,10 @@ those rows from the unshuffled decoder input with :func:`fastvl.ops.gather_token
 :func:`masked_pixel_loss` the decoder's rows (``pred`` (B, M2, N), ascending patch order)
 with the mask of the decoded patches (``tests/test_masking.py::test_dual_masking_pipeline``).
 
-Layouts and the exact math are in :mod:`fastvl.reference.masking`.
+Layouts and the exact math are in :mod:`fastvl.reference.masking`. On the triton backend the
+kernels are launched directly in eager mode (:class:`fastvl.ops.gather.EagerOp`; torch.compile
+sees the registered ops), and the checks that read no values are memoized by the shapes,
+dtypes, devices and flags they read.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Optional
 import torch
 
 from fastvl.ops._checks import check_float_tensor, check_int, check_tensor, host_readable, is_int
+from fastvl.ops.gather import EagerOp, call_key, memoized
 from fastvl.ops.registry import KERNEL_DTYPES, TRITON_IMPORT_ERROR, Call, Supports, register_op
 from fastvl.reference import masking as _reference
 
@@ -137,8 +141,12 @@ def _unshuffle_torch_impl(x, ids_restore, mask_token, pos_embed, num_prefix_toke
 
 
 def _unshuffle_out_dtype(x, mask_token, pos_embed) -> torch.dtype:
-    dtype = torch.promote_types(x.dtype, mask_token.dtype)
-    return dtype if pos_embed is None else torch.promote_types(dtype, pos_embed.dtype)
+    dtype = x.dtype
+    if mask_token.dtype != dtype:  # (promote_types is an op call: skipped when not needed)
+        dtype = torch.promote_types(dtype, mask_token.dtype)
+    if pos_embed is not None and pos_embed.dtype != dtype:
+        dtype = torch.promote_types(dtype, pos_embed.dtype)
+    return dtype
 
 
 def _unshuffle_fwd_fake(x, ids_restore, mask_token, pos_embed, num_prefix_tokens):
@@ -159,6 +167,12 @@ UNSHUFFLE_WITH_MASK_TOKEN.implement("torch", _unshuffle_torch_impl, Supports(dty
 if TRITON_IMPORT_ERROR is None:
     from fastvl.kernels import masking as _kernels
 
+    def _unshuffle_forward_kernels(x, ids_restore, mask_token, pos_embed, num_prefix_tokens):
+        return _kernels.unshuffle_forward(
+            x, ids_restore, mask_token, pos_embed, num_prefix_tokens,
+            _unshuffle_out_dtype(x, mask_token, pos_embed),
+        )
+
     @torch.library.triton_op("fastvl::unshuffle_with_mask_token_fwd_triton", mutates_args=())
     def unshuffle_with_mask_token_fwd_triton(
         x: torch.Tensor,
@@ -169,10 +183,8 @@ if TRITON_IMPORT_ERROR is None:
     ) -> torch.Tensor:
         """x (B, P + K, D), ids_restore (B, L), mask_token (D,), pos_embed (P + L, D) | None
         -> (B, P + L, D) contiguous, dtype promoted over the inputs."""
-        return _kernels.unshuffle_forward(
-            x, ids_restore, mask_token, pos_embed, num_prefix_tokens,
-            _unshuffle_out_dtype(x, mask_token, pos_embed),
-        )
+        return _unshuffle_forward_kernels(x, ids_restore, mask_token, pos_embed,
+                                          num_prefix_tokens)
 
     @torch.library.triton_op("fastvl::unshuffle_with_mask_token_bwd_triton", mutates_args=())
     def unshuffle_with_mask_token_bwd_triton(
@@ -199,7 +211,7 @@ if TRITON_IMPORT_ERROR is None:
         (ids_restore,) = ctx.saved_tensors
         x_dtype, token_dtype, pos_dtype = ctx.dtypes
         compute_dpos = pos_dtype is not None and ctx.needs_input_grad[3]
-        dx, dtoken_rows, dpos = unshuffle_with_mask_token_bwd_triton(
+        dx, dtoken_rows, dpos = _unshuffle_backward_kernels(
             grad_out, ids_restore, ctx.num_prefix_tokens, ctx.num_visible, compute_dpos
         )
         dtoken = dtoken_rows.sum(dim=0).to(token_dtype)
@@ -207,17 +219,18 @@ if TRITON_IMPORT_ERROR is None:
 
     torch.library.register_fake(unshuffle_with_mask_token_fwd_triton, _unshuffle_fwd_fake)
     torch.library.register_fake(unshuffle_with_mask_token_bwd_triton, _unshuffle_bwd_fake)
-    torch.library.register_autograd(
-        unshuffle_with_mask_token_fwd_triton, _unshuffle_backward,
-        setup_context=_unshuffle_setup_context,
+    _unshuffle_forward = EagerOp(
+        unshuffle_with_mask_token_fwd_triton, _unshuffle_forward_kernels,
+        _unshuffle_setup_context, _unshuffle_backward, grad_inputs=(0, 2, 3),
     )
+    _unshuffle_backward_kernels = EagerOp(unshuffle_with_mask_token_bwd_triton,
+                                          _kernels.unshuffle_backward)
 
     def _unshuffle_triton_impl(x, ids_restore, mask_token, pos_embed, num_prefix_tokens):
         dim = x.shape[-1]
         pos = None if pos_embed is None else pos_embed.reshape(-1, dim)
-        return unshuffle_with_mask_token_fwd_triton(
-            x, ids_restore, mask_token.reshape(dim), pos, num_prefix_tokens
-        )
+        return _unshuffle_forward(x, ids_restore, mask_token.reshape(dim), pos,
+                                  num_prefix_tokens)
 
     UNSHUFFLE_WITH_MASK_TOKEN.implement(
         "triton", _unshuffle_triton_impl, Supports(dtypes=KERNEL_DTYPES, dtype_of="x")
@@ -318,10 +331,20 @@ def unshuffle_with_mask_token(
     ids_restore is checked to hold permutations only on CPU outside torch.compile (no host
     sync); on a GPU a row that is not a permutation leaves rows of x's gradient unwritten.
     """
-    _validate_unshuffle(x, ids_restore, mask_token, num_prefix_tokens, pos_embed)
+    fn = memoized(
+        UNSHUFFLE_WITH_MASK_TOKEN,
+        call_key((x, ids_restore, mask_token, pos_embed), num_prefix_tokens, backend),
+        lambda: _resolve_unshuffle(x, ids_restore, mask_token, num_prefix_tokens, pos_embed,
+                                   backend),
+    )
     _check_restore_values(ids_restore)
+    return fn(x, ids_restore, mask_token, pos_embed, num_prefix_tokens)
+
+
+def _resolve_unshuffle(x, ids_restore, mask_token, num_prefix_tokens, pos_embed, backend):
+    _validate_unshuffle(x, ids_restore, mask_token, num_prefix_tokens, pos_embed)
     args = (x, ids_restore, mask_token, pos_embed, num_prefix_tokens)
-    return UNSHUFFLE_WITH_MASK_TOKEN.select(backend, x.device, *args)(*args)
+    return UNSHUFFLE_WITH_MASK_TOKEN.select(backend, x.device, *args)
 
 
 # ---- masked_pixel_loss -------------------------------------------------------------------
@@ -381,23 +404,22 @@ if TRITON_IMPORT_ERROR is None:
 
     def _row_error_backward(ctx, grad_rows):
         pred, imgs, patch_index = ctx.saved_tensors
-        dpred = masked_pixel_row_error_bwd_triton(
+        dpred = _row_error_grad(
             grad_rows, pred, imgs, patch_index, ctx.patch_size, ctx.norm, ctx.eps
         )
         return dpred, None, None, None, None, None, None
 
     torch.library.register_fake(masked_pixel_row_error_triton, _row_error_fake)
     torch.library.register_fake(masked_pixel_row_error_bwd_triton, _pixel_loss_bwd_fake)
-    torch.library.register_autograd(
-        masked_pixel_row_error_triton, _row_error_backward,
-        setup_context=_row_error_setup_context,
-    )
+    _row_error = EagerOp(masked_pixel_row_error_triton, _kernels.pixel_loss_forward,
+                         _row_error_setup_context, _row_error_backward, grad_inputs=(0,))
+    _row_error_grad = EagerOp(masked_pixel_row_error_bwd_triton, _kernels.pixel_loss_backward)
 
     def _loss_triton_impl(pred, imgs, mask, patch_size, norm_pix, eps, eps_style):
         index, weight = _reference.loss_rows(mask, pred.shape[1], torch.float32)
         if index is not None:
             index = index.contiguous()
-        row_error = masked_pixel_row_error_triton(
+        row_error = _row_error(
             pred, imgs.detach(), index, weight.contiguous(), list(patch_size),
             EPS_STYLES[eps_style] if norm_pix else 0, float(eps),
         )
@@ -446,8 +468,17 @@ def _check_mask_rows(mask: torch.Tensor, num_rows: int) -> None:
         )
 
 
+def _check_imgs_constant(imgs: torch.Tensor) -> None:
+    if imgs.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "masked_pixel_loss: imgs requires grad, but the targets are constants (no gradient "
+            "flows to imgs); pass imgs.detach()"
+        )
+
+
 def _validate_loss(pred, imgs, mask, patch_size, norm_pix, eps, eps_style) -> tuple:
-    """All checks; returns patch_size as a tuple."""
+    """The checks that read no values (the value checks: :func:`_check_mask_rows`); returns
+    patch_size as a tuple."""
     op = "masked_pixel_loss"
     check_float_tensor(op, "pred", pred)
     check_float_tensor(op, "imgs", imgs)
@@ -456,11 +487,7 @@ def _validate_loss(pred, imgs, mask, patch_size, norm_pix, eps, eps_style) -> tu
         raise ValueError(
             f"{op}: imgs must be (B, C, H, W) or (B, C, T, H, W), got shape {tuple(imgs.shape)}"
         )
-    if imgs.requires_grad and torch.is_grad_enabled():
-        raise ValueError(
-            f"{op}: imgs requires grad, but the targets are constants (no gradient flows to "
-            "imgs); pass imgs.detach()"
-        )
+    _check_imgs_constant(imgs)
     patch_size = _normalize_patch_size(op, patch_size, imgs)
     batch, channels = imgs.shape[:2]
     num_patches = math.prod([s // p for s, p in zip(imgs.shape[2:], patch_size)])
@@ -494,8 +521,6 @@ def _validate_loss(pred, imgs, mask, patch_size, norm_pix, eps, eps_style) -> tu
                 f"{op}: norm_pix with eps_style={eps_style!r} needs at least 2 values per "
                 f"statistic (unbiased variance), but a patch gives {count}"
             )
-    if pred.shape[1] != num_patches:
-        _check_mask_rows(mask, pred.shape[1])
     return patch_size
 
 
@@ -539,6 +564,20 @@ def masked_pixel_loss(
         Differentiable in pred only. The triton kernels reduce in float32, skip the rows
         that do not count and write pred's gradient in pred's dtype.
     """
+    key = call_key((pred, imgs, mask), patch_size, norm_pix, eps, eps_style, backend)
+    patch_size, fn = memoized(
+        MASKED_PIXEL_LOSS, key,
+        lambda: _resolve_loss(pred, imgs, mask, patch_size, norm_pix, eps, eps_style, backend),
+    )
+    _check_imgs_constant(imgs)
+    if pred.shape[1] != mask.shape[1]:
+        _check_mask_rows(mask, pred.shape[1])
+    return fn(pred, imgs, mask, patch_size, norm_pix, eps, eps_style)
+
+
+def _resolve_loss(pred, imgs, mask, patch_size, norm_pix, eps, eps_style, backend):
+    """(patch_size as a tuple, the implementation) of a call whose arguments pass the checks
+    that read no values (and need not be repeated for the same shapes, dtypes and flags)."""
     patch_size = _validate_loss(pred, imgs, mask, patch_size, norm_pix, eps, eps_style)
     args = (pred, imgs, mask, patch_size, norm_pix, eps, eps_style)
-    return MASKED_PIXEL_LOSS.select(backend, pred.device, *args)(*args)
+    return patch_size, MASKED_PIXEL_LOSS.select(backend, pred.device, *args)

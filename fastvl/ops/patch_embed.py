@@ -18,7 +18,12 @@ Backends:
   from the image, bias and positions added in its epilogue; backward GEMMs re-read the patches
   (the im2col matrix is never stored). Deterministic except for the image gradient when an
   index repeats within a sample (float32 atomics; distinct indices, as from
-  ``random_masking``, are exact). float16 / bfloat16 / float32. No double backward.
+  ``random_masking``, are exact). float16 / bfloat16 / float32. No double backward. Eager
+  mode launches the kernels directly (:class:`fastvl.ops.gather.EagerOp`); torch.compile
+  sees the registered ops.
+
+The checks of a call (and the implementation chosen) are memoized by the shapes, dtypes,
+devices and arguments they read; the optional range check of ``ids_keep`` runs every call.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from fastvl.ops._checks import check_tensor, check_token_index, is_int
-from fastvl.ops.gather import check_index_range
+from fastvl.ops.gather import EagerOp, call_key, check_index_range, memoized
 from fastvl.ops.registry import KERNEL_DTYPES, TRITON_IMPORT_ERROR, Supports, register_op
 from fastvl.reference.patch_embed import masked_patch_embed_gather_first
 
@@ -98,7 +103,7 @@ if TRITON_IMPORT_ERROR is None:
     def _backward(ctx, grad_out):
         imgs, weight, ids_keep = ctx.saved_tensors
         needs_imgs, needs_weight, needs_bias, needs_pos, _, needs_cls = ctx.needs_input_grad
-        dimgs, dweight, dpos = masked_patch_embed_bwd_triton(
+        dimgs, dweight, dpos = _backward_kernels(
             grad_out, imgs, weight, ids_keep, ctx.num_pos_rows if needs_pos else 0,
             needs_imgs, needs_weight,
         )
@@ -120,16 +125,17 @@ if TRITON_IMPORT_ERROR is None:
 
     torch.library.register_fake(masked_patch_embed_fwd_triton, _fwd_fake)
     torch.library.register_fake(masked_patch_embed_bwd_triton, _bwd_fake)
-    torch.library.register_autograd(
-        masked_patch_embed_fwd_triton, _backward, setup_context=_setup_context
-    )
+    _forward = EagerOp(masked_patch_embed_fwd_triton, _kernels.masked_patch_embed_forward,
+                       _setup_context, _backward, grad_inputs=(0, 1, 2, 3, 5))
+    _backward_kernels = EagerOp(masked_patch_embed_bwd_triton,
+                                _kernels.masked_patch_embed_backward)
 
     def _triton_impl(imgs, weight, bias, pos_embed, ids_keep, patch_size, cls_token):
         if imgs.dim() == 4:  # an image is a one-frame video with tubelet size 1
             imgs, weight = imgs.unsqueeze(2), weight.unsqueeze(2)
         if pos_embed is not None:
             pos_embed = pos_embed.reshape(-1, pos_embed.shape[-1])
-        return masked_patch_embed_fwd_triton(imgs, weight, bias, pos_embed, ids_keep, cls_token)
+        return _forward(imgs, weight, bias, pos_embed, ids_keep, cls_token)
 
     MASKED_PATCH_EMBED.implement(
         "triton", _triton_impl, Supports(dtypes=KERNEL_DTYPES, dtype_of="imgs")
@@ -282,9 +288,19 @@ def masked_patch_embed(
         argument must share it): ``out[:, [1 +] k] = weight · patch(ids_keep[:, k]) + bias
         + pos[ids_keep[:, k]]``. Differentiable in imgs, weight, bias, pos_embed, cls_token.
     """
-    patch, num_patches = _validate(imgs, weight, bias, pos_embed, ids_keep, patch_size,
-                                   cls_token)
+    key = call_key((imgs, weight, bias, pos_embed, ids_keep, cls_token), patch_size, backend)
+    patch, num_patches, fn = memoized(
+        MASKED_PATCH_EMBED, key,
+        lambda: _resolve(imgs, weight, bias, pos_embed, ids_keep, patch_size, cls_token, backend),
+    )
     if check_bounds:
         check_index_range(ids_keep, num_patches, OP)
+    return fn(imgs, weight, bias, pos_embed, ids_keep, patch, cls_token)
+
+
+def _resolve(imgs, weight, bias, pos_embed, ids_keep, patch_size, cls_token, backend):
+    """(patch size tuple, number of patches, the implementation) of a checked call."""
+    patch, num_patches = _validate(imgs, weight, bias, pos_embed, ids_keep, patch_size,
+                                   cls_token)
     args = (imgs, weight, bias, pos_embed, ids_keep, patch, cls_token)
-    return MASKED_PATCH_EMBED.select(backend, imgs.device, *args)(*args)
+    return patch, num_patches, MASKED_PATCH_EMBED.select(backend, imgs.device, *args)

@@ -18,6 +18,7 @@ number (as in :func:`torch.sort`). The selection itself has no gradient.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from fastvl.ops._checks import check_float_tensor, check_tensor, is_int, value_check_allowed
 from fastvl.ops.gather import gather_tokens
@@ -105,9 +106,12 @@ def topk_token_index(
 
 
 def _topk_token_index(scores, keep, num_prefix_tokens):
-    kept = _best_first(scores)[:, :keep].sort(dim=1).values + num_prefix_tokens
-    prefix = torch.arange(num_prefix_tokens, device=scores.device).expand(scores.shape[0], -1)
-    return torch.cat([prefix, kept], dim=1)
+    # Scores of all N tokens, NaN for the prefix: NaN ranks first and ties go to the lower
+    # position, so one sort picks the prefix and the best `keep` tokens (fewer launches
+    # than picking the kept tokens and concatenating the prefix's positions).
+    if num_prefix_tokens:
+        scores = F.pad(scores.detach(), (num_prefix_tokens, 0), value=float("nan"))
+    return _best_first(scores)[:, : num_prefix_tokens + keep].sort(dim=1).values
 
 
 def topk_candidate_index(
@@ -218,7 +222,8 @@ def keep_topk_tokens(
     _check_count(op, "keep", keep, num_tokens - num_prefix_tokens, "N - num_prefix_tokens")
     if not isinstance(fuse_rest, bool):
         raise TypeError(f"{op}: fuse_rest must be a bool, got {type(fuse_rest).__name__}")
-    check_op_backend(op, backend, "gather_tokens")
+    if backend != "auto":
+        check_op_backend(op, backend, "gather_tokens")
 
     index = _topk_token_index(scores, keep, num_prefix_tokens)
     # The index is in range by construction: skip gather's bounds check (a host sync).

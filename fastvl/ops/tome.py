@@ -31,7 +31,11 @@ Backends:
   gradient is ``fastvl::tome_spread_triton`` (a weighted gather, deterministic too); the
   unmerge is ``tome_spread_triton`` unweighted, with ``fastvl::tome_segment_sum_triton`` as
   its gradient. Each op's gradient is registered as the other op, so double backward works.
-  float16 / bfloat16 / float32.
+  float16 / bfloat16 / float32. Eager mode launches the kernels directly (no custom-op
+  dispatch, :class:`fastvl.ops.gather.EagerOp`); torch.compile sees the registered ops.
+
+The checks of a call (and the implementation chosen) are memoized by the shapes, dtypes,
+devices and flags they read, so repeated calls of a model skip them.
 
 Sizes (how many original patches each token holds) are (B, N) floats and are treated as
 constants, as in ToMe: no gradient flows to them. Bad input raises ``ValueError`` /
@@ -45,6 +49,7 @@ from typing import Optional
 import torch
 
 from fastvl.ops._checks import check_float_tensor, check_int, check_tensor
+from fastvl.ops.gather import EagerOp, call_key, memoized
 from fastvl.ops.registry import KERNEL_DTYPES, TRITON_IMPORT_ERROR, Call, Supports, register_op
 from fastvl.reference import tome as _reference
 from fastvl.reference.tome import TomePlan
@@ -67,7 +72,9 @@ def _describe_merge(plan, x, size) -> Call:
     return Call(x.device, x.dtype, more_dtypes=more)
 
 
-TOME_MATCH = register_op("tome_match")
+TOME_MATCH = register_op(
+    "tome_match", describe=lambda metric, r, prefix: Call(metric.device, metric.dtype)
+)
 TOME_MERGE = register_op("tome_merge", describe=_describe_merge)
 TOME_UNMERGE = register_op("tome_unmerge", describe=lambda plan, x: Call(x.device, x.dtype))
 
@@ -108,6 +115,19 @@ def _segment_sum_fake(x, dest, offsets, sources):
 if TRITON_IMPORT_ERROR is None:
     from fastvl.kernels import tome as _kernels
 
+    def _merge_kernels(x, size, dest, offsets, sources):
+        return _kernels.segment_reduce(
+            x, size, offsets.contiguous(), sources.contiguous(), mean=True
+        )
+
+    def _spread_kernels(y, size, size_merged, dest, offsets, sources):
+        return _kernels.spread(y, size, size_merged, dest.contiguous())
+
+    def _segment_sum_kernels(x, dest, offsets, sources):
+        return _kernels.segment_reduce(
+            x, None, offsets.contiguous(), sources.contiguous(), mean=False
+        )[0]
+
     @torch.library.triton_op("fastvl::tome_best_partners_triton", mutates_args=())
     def tome_best_partners_triton(
         metric: torch.Tensor, num_prefix_tokens: int
@@ -126,10 +146,7 @@ if TRITON_IMPORT_ERROR is None:
         """-> (merged (B, M, C) x's dtype, size_merged (B, M) size's dtype or float32).
 
         ``dest`` is unused here; it is an input so that the gradient can use it."""
-        merged, size_merged = _kernels.segment_reduce(
-            x, size, offsets.contiguous(), sources.contiguous(), mean=True
-        )
-        return merged, size_merged
+        return _merge_kernels(x, size, dest, offsets, sources)
 
     @torch.library.triton_op("fastvl::tome_spread_triton", mutates_args=())
     def tome_spread_triton(
@@ -142,16 +159,14 @@ if TRITON_IMPORT_ERROR is None:
     ) -> torch.Tensor:
         """y (B, M, C) -> (B, N, C): ``(size_i or 1) / size_merged[dest_i] * y[dest_i]``, or
         ``y[dest_i]`` without ``size_merged``. ``offsets``/``sources`` serve the gradient."""
-        return _kernels.spread(y, size, size_merged, dest.contiguous())
+        return _spread_kernels(y, size, size_merged, dest, offsets, sources)
 
     @torch.library.triton_op("fastvl::tome_segment_sum_triton", mutates_args=())
     def tome_segment_sum_triton(
         x: torch.Tensor, dest: torch.Tensor, offsets: torch.Tensor, sources: torch.Tensor
     ) -> torch.Tensor:
         """x (B, N, C) -> (B, M, C): the sum of each merged token's sources (unweighted)."""
-        return _kernels.segment_reduce(
-            x, None, offsets.contiguous(), sources.contiguous(), mean=False
-        )[0]
+        return _segment_sum_kernels(x, dest, offsets, sources)
 
     def _merge_setup(ctx, inputs, output):
         _, size, dest, offsets, sources = inputs
@@ -160,9 +175,7 @@ if TRITON_IMPORT_ERROR is None:
 
     def _merge_backward(ctx, grad_merged, _grad_size):
         size, size_merged, dest, offsets, sources = ctx.saved_tensors
-        grad_x = torch.ops.fastvl.tome_spread_triton(
-            grad_merged, size, size_merged, dest, offsets, sources
-        )
+        grad_x = _spread(grad_merged, size, size_merged, dest, offsets, sources)
         return grad_x, None, None, None, None
 
     def _spread_setup(ctx, inputs, output):
@@ -173,9 +186,9 @@ if TRITON_IMPORT_ERROR is None:
     def _spread_backward(ctx, grad_out):
         size, dest, offsets, sources = ctx.saved_tensors
         if ctx.weighted:  # the adjoint of a weighted gather is the weighted merge
-            grad_y = torch.ops.fastvl.tome_merge_triton(grad_out, size, dest, offsets, sources)[0]
+            grad_y = _merge(grad_out, size, dest, offsets, sources)[0]
         else:
-            grad_y = torch.ops.fastvl.tome_segment_sum_triton(grad_out, dest, offsets, sources)
+            grad_y = _segment_sum(grad_out, dest, offsets, sources)
         return grad_y, None, None, None, None, None
 
     def _segment_sum_setup(ctx, inputs, output):
@@ -183,32 +196,30 @@ if TRITON_IMPORT_ERROR is None:
 
     def _segment_sum_backward(ctx, grad_out):
         dest, offsets, sources = ctx.saved_tensors
-        grad_x = torch.ops.fastvl.tome_spread_triton(grad_out, None, None, dest, offsets, sources)
+        grad_x = _spread(grad_out, None, None, dest, offsets, sources)
         return grad_x, None, None, None
 
     torch.library.register_fake(tome_best_partners_triton, _best_partners_fake)
     torch.library.register_fake(tome_merge_triton, _merge_fake)
     torch.library.register_fake(tome_spread_triton, _spread_fake)
     torch.library.register_fake(tome_segment_sum_triton, _segment_sum_fake)
-    torch.library.register_autograd(tome_merge_triton, _merge_backward, setup_context=_merge_setup)
-    torch.library.register_autograd(
-        tome_spread_triton, _spread_backward, setup_context=_spread_setup
-    )
-    torch.library.register_autograd(
-        tome_segment_sum_triton, _segment_sum_backward, setup_context=_segment_sum_setup
-    )
+    _best_partners = EagerOp(tome_best_partners_triton, _kernels.best_partners)
+    # Each op's gradient is one of the others: double backward works.
+    _merge = EagerOp(tome_merge_triton, _merge_kernels, _merge_setup, _merge_backward, (0,),
+                     double_backward=True)
+    _spread = EagerOp(tome_spread_triton, _spread_kernels, _spread_setup, _spread_backward,
+                      (0,), double_backward=True)
+    _segment_sum = EagerOp(tome_segment_sum_triton, _segment_sum_kernels, _segment_sum_setup,
+                           _segment_sum_backward, (0,), double_backward=True)
 
     def _match_triton(metric, r, num_prefix_tokens):
-        return _reference.tome_match(
-            metric, r, num_prefix_tokens,
-            find_partners=torch.ops.fastvl.tome_best_partners_triton,
-        )
+        return _reference.tome_match(metric, r, num_prefix_tokens, find_partners=_best_partners)
 
     def _merge_triton(plan, x, size):
-        return torch.ops.fastvl.tome_merge_triton(x, size, *plan)
+        return _merge(x, size, *plan)
 
     def _unmerge_triton(plan, x):
-        return torch.ops.fastvl.tome_spread_triton(x, None, None, *plan)
+        return _spread(x, None, None, *plan)
 
     TOME_MATCH.implement("triton", _match_triton,
                          Supports(dtypes=KERNEL_DTYPES, dtype_of="metric"))
@@ -284,6 +295,12 @@ def tome_match(
     Returns:
         A :class:`TomePlan` for ``N`` -> ``N - r`` tokens (int64 tensors on metric's device).
     """
+    fn = memoized(TOME_MATCH, call_key((metric,), r, num_prefix_tokens, backend),
+                  lambda: _resolve_match(metric, r, num_prefix_tokens, backend))
+    return fn(metric, r, num_prefix_tokens)
+
+
+def _resolve_match(metric, r, num_prefix_tokens, backend):
     op = "tome_match"
     _check_tokens(op, "metric", metric)
     check_int(op, "num_prefix_tokens", num_prefix_tokens)
@@ -300,8 +317,7 @@ def tome_match(
             f"{op}: r must lie in [0, (N - num_prefix_tokens) // 2] = [0, {max_r}] "
             f"(N = {num_tokens}, num_prefix_tokens = {num_prefix_tokens}), got {r}"
         )
-    args = (metric, r, num_prefix_tokens)
-    return TOME_MATCH.select(backend, metric.device, *args)(*args)
+    return TOME_MATCH.select(backend, metric.device, metric, r, num_prefix_tokens)
 
 
 def tome_merge(
@@ -326,6 +342,19 @@ def tome_merge(
         j; size_merged (B, M), those sums, in size's dtype (float32 by default, float64 for
         float64 x). Tokens merged with nothing are copied exactly, so r = 0 returns x's values.
     """
+    fn = memoized(TOME_MERGE, _plan_key(plan, (x, size), backend),
+                  lambda: _resolve_merge(plan, x, size, backend))
+    return fn(plan, x, None if size is None else size.detach())
+
+
+def _plan_key(plan, tensors, backend):
+    """The memo key of a call on ``plan`` and ``tensors`` (None if plan is not a TomePlan)."""
+    if type(plan) is not TomePlan:
+        return None
+    return call_key((*plan, *tensors), backend)
+
+
+def _resolve_merge(plan, x, size, backend):
     op = "tome_merge"
     _check_plan(op, plan)
     _check_tokens(op, "x", x)
@@ -339,9 +368,7 @@ def tome_merge(
                 f"{op}: size must be (B, N) = {tuple(x.shape[:2])}, got shape {tuple(size.shape)}"
             )
         _check_matches_plan(op, "size", size, plan, plan.num_tokens, "N")
-        size = size.detach()
-    args = (plan, x, size)
-    return TOME_MERGE.select(backend, x.device, *args)(*args)
+    return TOME_MERGE.select(backend, x.device, plan, x, size)
 
 
 def tome_unmerge(plan: TomePlan, x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
@@ -353,11 +380,17 @@ def tome_unmerge(plan: TomePlan, x: torch.Tensor, *, backend: str = "auto") -> t
     steps, or map straight to the original patches with :func:`tome_merge_source` and
     :func:`fastvl.ops.gather_tokens`.
     """
+    fn = memoized(TOME_UNMERGE, _plan_key(plan, (x,), backend),
+                  lambda: _resolve_unmerge(plan, x, backend))
+    return fn(plan, x)
+
+
+def _resolve_unmerge(plan, x, backend):
     op = "tome_unmerge"
     _check_plan(op, plan)
     _check_tokens(op, "x", x, "(B, M, C)")
     _check_matches_plan(op, "x", x, plan, plan.num_merged_tokens, "M")
-    return TOME_UNMERGE.select(backend, x.device, plan, x)(plan, x)
+    return TOME_UNMERGE.select(backend, x.device, plan, x)
 
 
 def tome_merge_source(plan: TomePlan, source: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -9,6 +9,13 @@ with the logits ``s`` of :mod:`fastvl.reference.attention` (same scale, key bias
 and ``lse`` the row log-sum-exp that :func:`fastvl.ops.attention` returned; a row whose
 ``lse`` is ``-inf`` (no visible key) contributes 0. The head reduction ``"mean"``, ``"sum"``
 or ``"max"`` then runs over the H query heads.
+
+The probabilities are computed a block at a time (:data:`BLOCK_BYTES` of logits: whole
+(batch, kv head) slices, or row blocks of one when a slice is larger), so each block's
+scale, bias, exponential and row sum run on data in cache, and the (B, H, rows, Nk) matrix
+is never held whole. The H / Hkv query heads of a kv head are one matmul against its keys
+(no copy of k per query head), and with the hard causal mask (no ``prefix_len``) a row block
+skips the keys that all of its rows have in their future.
 """
 
 from __future__ import annotations
@@ -18,9 +25,12 @@ from typing import Optional
 
 import torch
 
-from fastvl.reference.attention import _expand_kv, attention_bias
-
 HEAD_REDUCTIONS = ("mean", "max", "sum", None)
+
+# Logits per block, in bytes: about a CPU's last-level cache, and few enough blocks that their
+# per-op cost (dispatch, thread start and join) stays small; 4 MiB is a little faster on an
+# idle 2-core machine, 16 MiB much less sensitive to a loaded one. Tests shrink it.
+BLOCK_BYTES = 16 << 20
 
 
 def reduce_heads(mass: torch.Tensor, head_reduce: Optional[str]) -> torch.Tensor:
@@ -32,6 +42,21 @@ def reduce_heads(mass: torch.Tensor, head_reduce: Optional[str]) -> torch.Tensor
     if head_reduce == "max":
         return mass.amax(dim=1)
     return mass.sum(dim=1)
+
+
+def _blocks(slices: int, rows: int, row_elems: int, block_elems: int) -> list:
+    """(s0, s1, r0, r1) blocks of at most ``block_elems`` logits (at least one row): several
+    whole slices per block, or one slice in row blocks."""
+    per_slice = rows * row_elems
+    if per_slice <= block_elems:
+        step = max(1, block_elems // max(1, per_slice))
+        return [(s0, min(slices, s0 + step), 0, rows) for s0 in range(0, slices, step)]
+    step = max(1, block_elems // max(1, row_elems))
+    return [
+        (s0, s0 + 1, r0, min(rows, r0 + step))
+        for s0 in range(slices)
+        for r0 in range(0, rows, step)
+    ]
 
 
 def attention_key_mass(
@@ -52,27 +77,90 @@ def attention_key_mass(
 
     q (B, H, Nq, D), k (B, Hkv, Nk, D), lse (B, H, Nq). Returns (B, Nk), or (B, H, Nk) with
     ``head_reduce=None``, in float32 (float64 for float64 q). The logits are ``q k^T`` in q's
-    dtype, then the bias, exponentials and sums in the accumulation dtype, as in
-    :func:`fastvl.reference.attention.attention_math`. Materialises the selected rows'
-    (B, H, rows, Nk) probabilities.
+    dtype, then the scale, bias, exponentials and sums in the accumulation dtype, as in
+    :func:`fastvl.reference.attention.attention_math`. Materialises one block of the
+    selected rows' probabilities at a time (see the module docstring).
     """
-    num_queries = q.shape[2]
+    batch, heads, num_queries, head_dim = q.shape
+    kv_heads, num_keys = k.shape[1], k.shape[2]
     query_end = num_queries if query_end is None else query_end
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    rows = slice(query_start, query_end)
-    keys = _expand_kv(k, q.shape[1])
-    scores = (q[:, :, rows] @ keys.transpose(-1, -2)).to(acc_dtype) * scale
-    # The mask depends on the query's position among all Nq queries, so it is built for
-    # all of them and its selected rows are taken (a per-key bias alone has one row).
-    bias = attention_bias(
-        q, k, causal=causal, key_bias=key_bias, causal_strength=causal_strength,
-        prefix_len=prefix_len, dtype=acc_dtype,
-    )
-    if bias is not None:
-        scores = scores + (bias if bias.shape[2] == 1 else bias[:, :, rows])
-    # A row without a visible key (lse = -inf) is shifted by +inf: all of its exps are 0.
-    row_lse = lse[:, :, rows].to(acc_dtype)
-    row_lse = torch.where(torch.isneginf(row_lse), math.inf, row_lse)
-    mass = torch.exp(scores - row_lse.unsqueeze(-1)).sum(dim=2)
-    return reduce_heads(mass, head_reduce)
+    num_rows = query_end - query_start
+    group = heads // kv_heads if kv_heads else 0
+    slices = batch * kv_heads  # (sample, kv head) pairs; each holds `group` query heads
+    mass = torch.zeros(slices, group, num_keys, dtype=acc_dtype, device=q.device)
+    if num_rows == 0 or mass.numel() == 0:
+        return reduce_heads(mass.view(batch, heads, num_keys), head_reduce)
+
+    strength = 1.0 if causal_strength is None else float(causal_strength)
+    masked = causal and strength > 0.0
+    hard = strength >= 1.0
+    offset = num_keys - num_queries  # bottom-right: query i sees keys j <= i + offset
+    # A row without a visible key (lse = -inf) is shifted by -inf: all of its exps are 0.
+    row_lse = lse[:, :, query_start:query_end].to(acc_dtype)
+    neg_lse = torch.where(torch.isneginf(row_lse), -math.inf, -row_lse)
+    neg_lse = neg_lse.reshape(slices, group, num_rows, 1)
+    q_rows = q[:, :, query_start:query_end].reshape(slices, group, num_rows, head_dim)
+    keys = k.reshape(slices, num_keys, head_dim)
+    bias = None
+    if key_bias is not None:  # per slice: (slices, 1 or group, 1, Nk)
+        bias = key_bias.to(acc_dtype)
+        if bias.dim() == 2:
+            bias = bias.view(batch, 1, 1, 1, num_keys).expand(batch, kv_heads, 1, 1, num_keys)
+        bias = bias.reshape(slices, -1, 1, num_keys)
+    prefix = None
+    if masked and prefix_len is not None:  # keys j < prefix_len[b] are never in the future
+        prefix = prefix_len.to(q.device).long().repeat_interleave(kv_heads).view(slices, 1, 1, 1)
+    skip_future = masked and hard and prefix is None
+    block_elems = max(1, BLOCK_BYTES // (torch.finfo(acc_dtype).bits // 8))
+    blocks = _blocks(slices, num_rows, group * num_keys, block_elems)
+    triangle = None
+    if skip_future:  # triangle[r, t] = t >= r: which of a row block's diagonal keys are future
+        step = max(r1 - r0 for _, _, r0, r1 in blocks)
+        steps = torch.arange(step, device=q.device)
+        triangle = steps.unsqueeze(0) >= steps.unsqueeze(1)
+
+    for s0, s1, r0, r1 in blocks:
+        count, rows = s1 - s0, r1 - r0
+        first = query_start + r0  # the block's first query index
+        cols = num_keys
+        if skip_future:  # keys after the last row's visible ones get nothing from this block
+            cols = max(0, min(num_keys, first + rows + offset))
+            if cols == 0:
+                continue
+        q_block = q_rows[s0:s1, :, r0:r1].reshape(count, group * rows, head_dim)
+        k_block = keys[s0:s1, :cols].transpose(1, 2)
+        shift = neg_lse[s0:s1, :, r0:r1].reshape(count, group * rows, 1)
+        if q.dtype == acc_dtype:  # scale * q k^T - lse in one call
+            scores = torch.baddbmm(shift, q_block, k_block, alpha=scale)
+        else:  # logits in q's dtype, then the accumulation dtype
+            scores = torch.bmm(q_block, k_block).to(acc_dtype).mul_(scale).add_(shift)
+        scores = scores.view(count, group, rows, cols)
+        if bias is not None:
+            scores.add_(bias[s0:s1, :, :, :cols])
+        if skip_future:
+            # Key j is in the future of row i iff j > i + offset: in this block only keys
+            # from diagonal = first + offset + 1 on, where the triangle gives them.
+            diagonal = first + offset + 1
+            low = max(0, diagonal)
+            if low < cols:
+                scores[..., low:].masked_fill_(
+                    triangle[:rows, low - diagonal:cols - diagonal], -math.inf
+                )
+        elif masked:
+            row = torch.arange(first, first + rows, device=q.device).unsqueeze(1)
+            col = torch.arange(cols, device=q.device)
+            future = col > row + offset  # (rows, cols)
+            if prefix is not None:
+                future = future & (col >= prefix[s0:s1])  # (count, 1, rows, cols)
+            if hard:
+                scores.masked_fill_(future, -math.inf)
+            else:
+                scores.add_(future.to(acc_dtype) * math.log1p(-strength))
+        scores = scores.exp_()
+        if rows == num_rows and cols == num_keys:  # the block's whole mass: summed in place
+            torch.sum(scores, dim=2, out=mass[s0:s1])
+        else:
+            mass[s0:s1, :, :cols] += scores.sum(dim=2)
+    return reduce_heads(mass.view(batch, heads, num_keys), head_reduce)
