@@ -230,7 +230,7 @@ def test_bad_inputs_video_and_construction():
         MaskedAutoencoderViT(img_size=30, patch_size=8)
     with pytest.raises(ValueError, match="multiple of tubelet_size"):
         mae_vit_tiny(num_frames=3, tubelet_size=2)
-    with pytest.raises(ValueError, match="backend must be one of"):
+    with pytest.raises(ValueError, match="backend must be .auto. or one of"):
         mae_vit_tiny(backend="cuda-graphs")
 
 

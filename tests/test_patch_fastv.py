@@ -388,7 +388,7 @@ def test_bad_model_and_calls_raise(registered):
     with pytest.raises(ValueError, match="same number of image tokens"):
         model(ids, image_token_mask=uneven)
     dense = torch.ones(23, 23, dtype=torch.bool, device=DEVICE).tril().expand(2, 1, 23, 23)
-    with pytest.raises(ValueError, match="attention probe needs the fastvl op path"):
+    with pytest.raises(ValueError, match="attention probe needs a causal or bidirectional"):
         model(ids, attention_mask=dense, image_token_mask=image_mask)
     static = StaticCache(config=model.config, max_cache_len=32)
     with pytest.raises(ValueError, match="DynamicCache"):

@@ -378,7 +378,7 @@ def test_remove_restores_the_model():
     (dict(r=0), ValueError, "r must be a positive int"),
     (dict(alpha=None), TypeError, "alpha must be a finite"),
     (dict(target_modules=("gate",)), ValueError, "no nn.Linear named"),
-    (dict(backend="cutlass"), ValueError, "backend must be one of"),
+    (dict(backend="cutlass"), ValueError, "backend must be 'auto' or one of"),
     (dict(image_token_id=1.5), TypeError, "image_token_id must be an int"),
 ])
 def test_bad_arguments_leave_the_model_untouched(kwargs, error, match):
