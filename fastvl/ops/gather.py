@@ -258,7 +258,7 @@ def gather_tokens(
     ``backend``: "auto", "cuda", "triton" or "torch" (see ``python -m fastvl info``).
     ``check_bounds``: verify 0 <= index < N first (one host sync); pass False in hot loops
     or CUDA graphs. The kernels never read out of bounds, but an unchecked bad index gives a
-    zero row (triton/cuda) or a device-side error (torch), not an exception.
+    zero row (triton/cuda) or an error from index_select (torch).
     """
     _validate(x, index)
     if check_bounds:
