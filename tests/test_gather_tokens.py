@@ -317,11 +317,21 @@ def _strided_x(kind, g):
             "channels-last": base[:3].transpose(1, 2).contiguous().transpose(1, 2)}[kind]
 
 
+def _force_index_check(monkeypatch, on_host):
+    """The torch backend checks indices on the host (CPU, eager) or on the device (-1 rows,
+    as under torch.compile or on a GPU): pick one."""
+    import fastvl.reference.gather as module
+
+    monkeypatch.setattr(module, "host_readable", lambda t: on_host)
+
+
+@pytest.mark.parametrize("on_host", [True, False])
 @pytest.mark.parametrize("kind", ["contiguous", "batch-sliced", "rows", "channels-last"])
-def test_torch_path_values_and_gradients_against_loops(kind):
+def test_torch_path_values_and_gradients_against_loops(kind, on_host, monkeypatch):
     """reference.gather_tokens (the torch backend) and scatter_add_tokens against Python-loop
     float64 oracles, repeated indices included: exact (copies and sums of <= 4 terms in
     float64; rtol = atol = 0 for the gather, 1e-15 for the sums)."""
+    _force_index_check(monkeypatch, on_host)
     g = torch.Generator().manual_seed(12)
     x = _strided_x(kind, g).requires_grad_(True)
     index = random_index(3, 9, x.shape[1], unique=False, generator=g)
@@ -337,11 +347,13 @@ def test_torch_path_values_and_gradients_against_loops(kind):
     assert torch.autograd.gradgradcheck(lambda t: reference.gather_tokens(t, index), (x,))
 
 
+@pytest.mark.parametrize("on_host", [True, False])
 @pytest.mark.parametrize("bad", [6, -1, 100])
 @pytest.mark.parametrize("sample", [0, 1])
-def test_torch_path_out_of_range_raises(bad, sample):
+def test_torch_path_out_of_range_raises(bad, sample, on_host, monkeypatch):
     """An index outside [0, N) raises like torch.gather; it never reads (or adds into)
     another sample's token of the flat (B * N) table."""
+    _force_index_check(monkeypatch, on_host)
     x = random_tensor(2, 6, 3)
     index = torch.tensor([[0, 5], [1, 2]])
     index[sample, 1] = bad

@@ -136,6 +136,48 @@ def test_torch_backend_gradcheck(routed, dropout_p):
     assert torch.autograd.gradcheck(fn, leaves)
 
 
+@pytest.mark.parametrize("path", ["segments", "dense"])
+def test_torch_routed_paths_match_formula_and_gradcheck(path, monkeypatch):
+    """Both forms of the torch backend's routed_lora_linear (per-adapter row segments, used
+    on CPU in eager mode, and the dense one-hot form) against the per-token formula in
+    float64 (rtol = atol = 1e-12), gradients by gradcheck; -1 rows, an unused adapter, rows
+    routed outside [0, E) (unchecked: no adapter in both forms), dropout with a seed."""
+    import fastvl.reference.lora as reference_lora
+
+    if DEVICE.type != "cpu":
+        pytest.skip("the segment form is a CPU path")
+    monkeypatch.setattr(reference_lora, "SEGMENT_MIN_ADAPTERS", 2 if path == "segments" else 99)
+    calls = []
+    original = reference_lora._routed_by_segments
+    monkeypatch.setattr(reference_lora, "_routed_by_segments",
+                        lambda *args: calls.append(1) or original(*args))
+    x, weight, bias, lora_a, lora_b = _params((11,), 12, 10, 4, 4, seed=21)
+    route = torch.tensor([2, -1, 0, 2, 1, 0, 5, 2, -3, 1, 0], device=DEVICE)  # adapter 3 unused
+    scaling = torch.tensor([0.5, -2.0, 3.0, 1.25], dtype=torch.float64, device=DEVICE)
+    valid = torch.where((route >= 0) & (route < 4), route, -1)
+    for scale in (scaling, 1.5):
+        out = routed_lora_linear(x, weight, bias, lora_a, lora_b, scale, route,
+                                 backend="torch", check_route=False)
+        expected = x @ weight.t() + bias + _per_token_branch(x, lora_a, lora_b, scale, valid)
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    assert len(calls) == (2 if path == "segments" else 0)
+
+    leaves = [t.detach().requires_grad_(True) for t in (x, weight, bias, lora_a, lora_b)]
+    assert torch.autograd.gradcheck(
+        lambda *t: routed_lora_linear(*t, scaling, route, dropout_p=0.3, seed=7,
+                                      backend="torch", check_route=False), leaves)
+    routed_lora_linear(*leaves, scaling, valid, backend="torch").sum().backward()
+    assert torch.count_nonzero(leaves[3].grad[3]) == 0 and torch.count_nonzero(leaves[4].grad[3]) == 0
+    # Dropout with a seed draws one mask over all of x in both forms: the same output.
+    monkeypatch.setattr(reference_lora, "SEGMENT_MIN_ADAPTERS", 99)
+    dense = routed_lora_linear(x, weight, bias, lora_a, lora_b, scaling, valid, dropout_p=0.5,
+                               seed=3, backend="torch")
+    monkeypatch.setattr(reference_lora, "SEGMENT_MIN_ADAPTERS", 2)
+    segments = routed_lora_linear(x, weight, bias, lora_a, lora_b, scaling, valid,
+                                  dropout_p=0.5, seed=3, backend="torch")
+    torch.testing.assert_close(segments, dense, rtol=1e-12, atol=1e-12)
+
+
 # ---- backends vs float64 -----------------------------------------------------------------
 
 PLAIN_CASES = [  # (lead dims, in, out, rank)

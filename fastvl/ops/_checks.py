@@ -28,10 +28,11 @@ def check_int(op: str, name: str, value, what: str = "an int") -> None:
 
 
 def host_readable(t: torch.Tensor) -> bool:
-    """Whether t's values can be read now at no cost: a real CPU tensor outside torch.compile
-    (and outside a simulated GPU dispatch, where CPU tensors stand for GPU ones)."""
+    """Whether t's values can be read now at no cost: a real CPU tensor in eager mode (not
+    while torch.compile traces, nor under a dispatch mode such as fake tensors or the host-sync
+    detector, nor under a simulated GPU dispatch, where CPU tensors stand for GPU ones)."""
     return (t.device.type == "cpu" and not torch.compiler.is_compiling() and not is_fake(t)
-            and not registry.simulating_gpu())
+            and not torch._C._len_torch_dispatch_stack() and not registry.simulating_gpu())
 
 
 def value_check_allowed(t: torch.Tensor) -> bool:

@@ -5,19 +5,33 @@ copy, when x's batch stride allows it): ``index_select`` / ``index_add_`` with t
 numbers ``b * N + index[b, k]``. On CPU that is several times faster than ``torch.gather`` /
 ``scatter_add`` with an index expanded over the channels, in both directions (the gradient of
 ``index_select`` is an ``index_add_``, and the gradient of that an ``index_select`` again).
-An index outside [0, N) raises, as ``torch.gather`` does (it is never read from another
-sample's rows).
+An index outside [0, N) raises (IndexError), as ``torch.gather`` does: it is never read from
+another sample's rows.
 """
 
 import torch
 
+from fastvl.ops._checks import host_readable
+
 
 def _rows(index: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """(B, K) token indices -> (B * K,) rows of the (B * N) table; -1 (out of range of every
-    table: index_select / index_add_ raise) where an index is outside [0, N)."""
+    """(B, K) token indices -> (B * K,) rows of the (B * N) table. An index outside [0, N)
+    raises IndexError: checked on the host for CPU tensors in eager mode (one min / max),
+    elsewhere its row is -1, out of range of every table, so index_select / index_add_
+    raise."""
     batch = index.shape[0]
-    step = max(num_tokens, 1)  # (N = 0: no valid index, every row is -1)
+    step = max(num_tokens, 1)  # (N = 0: there is no valid index)
     offsets = torch.arange(0, batch * step, step, device=index.device).unsqueeze(1)
+    if host_readable(index):
+        if index.numel():
+            low, high = torch.aminmax(index)
+            low, high = low.item(), high.item()
+            if low < 0 or high >= num_tokens:
+                bad = low if low < 0 else high
+                raise IndexError(
+                    f"index {bad} is out of bounds for the token dimension with size {num_tokens}"
+                )
+        return (index + offsets).reshape(-1)
     valid = index.clamp(0, num_tokens - 1) == index
     return torch.where(valid, index + offsets, -1).reshape(-1)
 

@@ -24,6 +24,8 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
+from fastvl.ops._checks import host_readable
+
 __all__ = ["lora_dropout", "lora_linear", "routed_lora_linear"]
 
 
@@ -55,6 +57,44 @@ def lora_linear(
     return out.addmm_(shrunk, lora_b.t(), alpha=scaling)
 
 
+# On CPU tensors in eager mode, routed_lora_linear with at least this many adapters runs each
+# adapter on its own rows (see _routed_by_segments); else the dense one-hot form.
+SEGMENT_MIN_ADAPTERS = 2
+
+
+def _use_segments(x: torch.Tensor, num_adapters: int) -> bool:
+    """Enough adapters, and reading the per-adapter row counts costs no device sync
+    (:func:`~fastvl.ops._checks.host_readable`); elsewhere the sync-free dense form."""
+    return num_adapters >= SEGMENT_MIN_ADAPTERS and host_readable(x)
+
+
+def _routed_by_segments(out, dropped, lora_a, lora_b, scaling, route):
+    """out += the LoRA branch, each adapter on its own rows: one stable sort of the rows by
+    route, one read of the rows per adapter (the only host read), one gather of the routed
+    rows, per adapter ``((rows Aₑᵀ) · scalingₑ) Bₑᵀ``, one ``index_add_`` into out: r columns
+    per row and no copy of the adapter weights (the dense form: E·r columns and a copy of the
+    stacked B). Unused adapters get zero gradients (``unbind``); rows routed to -1 (or, like
+    the dense form, to no adapter of [0, E)) get none of the branch. None when no row is
+    routed (the caller then runs the dense form, whose gradients are zeros)."""
+    num_adapters = lora_a.shape[0]
+    bucket = (route + 1).clamp(0, num_adapters + 1)  # 0: no adapter, e + 1, E + 1: beyond
+    counts = torch.bincount(bucket, minlength=num_adapters + 2).tolist()
+    routed = route.numel() - counts[0] - counts[-1]
+    if routed == 0:
+        return None
+    order = torch.argsort(route, stable=True)[counts[0]:counts[0] + routed]
+    rows = dropped.index_select(0, order)
+    scales = (scaling.to(dropped.dtype).unbind(0) if isinstance(scaling, torch.Tensor)
+              else (scaling,) * num_adapters)
+    deltas = [
+        ((rows_e @ a.t()) * scale) @ b.t()
+        for rows_e, a, b, scale in zip(rows.split(counts[1:-1]), lora_a.unbind(0),
+                                       lora_b.unbind(0), scales)
+        if rows_e.shape[0]
+    ]
+    return out.index_add_(0, order, deltas[0] if len(deltas) == 1 else torch.cat(deltas))
+
+
 def routed_lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -69,15 +109,23 @@ def routed_lora_linear(
     """x (N, in), lora_a (E, r, in), lora_b (E, out, r), scaling float or (E,), route (N,)
     -> (N, out).
 
-    Without host synchronisation or row copies: every row is shrunk against all E adapters at
-    once, ``x A_allᵀ`` (N, E·r), the columns of the adapters it is not routed to are zeroed
-    (one-hot of ``route``; -1 rows keep none), and one GEMM with the stacked B (out, E·r) adds
-    the expand. That costs E·r instead of r columns per row: right for the few adapters of
-    PLoRA-style routing (E small), not for many. Unused adapters get zero gradients.
+    Dense form, without host synchronisation or row copies: every row is shrunk against all E
+    adapters at once, ``x A_allᵀ`` (N, E·r), the columns of the adapters it is not routed to
+    are zeroed (one-hot of ``route``; -1 rows keep none), and one GEMM with the stacked B
+    (out, E·r) adds the expand. That costs E·r instead of r columns per row: right for the few
+    adapters of PLoRA-style routing (E small), not for many. On CPU in eager mode (where
+    reading the counts syncs nothing) with E >= :data:`SEGMENT_MIN_ADAPTERS` each adapter runs
+    on its own rows instead (:func:`_routed_by_segments`); the two compute the same sum.
+    Unused adapters get zero gradients.
     """
     num_adapters, rank, in_features = lora_a.shape
     out = F.linear(x, weight, bias)
-    shrunk = lora_dropout(x, dropout_p, seed) @ lora_a.reshape(num_adapters * rank, in_features).t()
+    dropped = lora_dropout(x, dropout_p, seed)
+    if _use_segments(x, num_adapters):
+        result = _routed_by_segments(out, dropped, lora_a, lora_b, scaling, route)
+        if result is not None:
+            return result
+    shrunk = dropped @ lora_a.reshape(num_adapters * rank, in_features).t()
     adapters = torch.arange(num_adapters, device=route.device)
     gate = (route[:, None] == adapters).to(x.dtype)  # (N, E); a -1 row is all zeros
     gate = gate * (scaling.to(x.dtype) if isinstance(scaling, torch.Tensor) else scaling)
