@@ -7,6 +7,10 @@ compiled extension ``fastvl._C``). ``python -m fastvl info`` shows what this mac
 
 __version__ = "0.1.0"
 
+from fastvl import _shadowing  # noqa: E402
+
+_shadowing.import_installed_kernels()  # before anything imports transformers
+
 from fastvl import ops  # noqa: E402  (registers the torch.library ops)
 
 __all__ = ["ops", "__version__"]

@@ -5,6 +5,8 @@ triton is available first (:data:`fastvl.ops.registry.TRITON_IMPORT_ERROR`).
 """
 
 import torch
+from torch._library.triton import is_wrap_triton_enabled
+from torch.library import wrap_triton as _torch_wrap_triton
 
 # Set by fastvl.triton_aot.gpu_launch_sizes(): launch configurations take their GPU sizes on
 # every device, so that a CPU (interpreted) run records the launches a GPU would make.
@@ -24,3 +26,30 @@ def multiprocessors(device: torch.device) -> int:
     if device.type != "cuda":
         return NOMINAL_MULTIPROCESSORS
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# ---- host-side launch helpers (plain Python: triton.cdiv and triton.next_power_of_2 cost
+# microseconds per call)
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints (and SymInts)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n, and 1 for n <= 1 (a block size: concrete, so a SymInt
+    is specialised)."""
+    n = int(n)
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+def launchable(kernel, wrap, eager: bool = False):
+    """What a launcher launches: ``wrap(kernel)``, ``wrap`` being the launching module's
+    ``wrap_triton`` (which :func:`fastvl.triton_aot.recorded_launches` replaces). Where that
+    is torch's and nothing traces (``eager``: the caller says so; else torch.library's switch
+    says so), wrap_triton would return the kernel itself after microseconds of imports: that
+    case is answered here."""
+    if wrap is _torch_wrap_triton and (eager or not is_wrap_triton_enabled()):
+        return kernel
+    return wrap(kernel)

@@ -38,13 +38,10 @@ import math
 import torch
 import triton
 import triton.language as tl
-from torch._library.triton import is_wrap_triton_enabled
 from torch.library import wrap_triton
 
-_TORCH_WRAP_TRITON = wrap_triton
-
 from fastvl._outputs import empty_output
-from fastvl.kernels import gpu_sizes
+from fastvl.kernels import cdiv, gpu_sizes, launchable
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -56,20 +53,6 @@ _INTERPRETER_BLOCKS = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
 
 def _block_d(head_dim: int) -> int:
     return max(16, 1 << (int(head_dim) - 1).bit_length())
-
-
-def _cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b  # triton.cdiv, without its constexpr-function wrapper's cost
-
-
-def launchable(kernel, wrap, eager: bool = False):
-    """``wrap(kernel)``, ``wrap`` the launching module's ``wrap_triton`` (which
-    :func:`fastvl.triton_aot.recorded_launches` replaces). Where that is torch's and nothing
-    traces (``eager``: the caller says so; else torch.library's switch says so), it would
-    return ``kernel`` itself after µs of imports: that case is answered here."""
-    if wrap is _TORCH_WRAP_TRITON and (eager or not is_wrap_triton_enabled()):
-        return kernel
-    return wrap(kernel)
 
 
 _CONFIGS: dict = {}
@@ -565,7 +548,7 @@ def attention_forward(q, k, v, key_bias, prefix_len, scale: float, causal: bool,
         return out, lse
     is_causal, soft, has_prefix, future_bias = _mask_params(causal, causal_strength, prefix_len)
     block_m, block_n, warps, stages = _config("fwd", head_dim, dtype, device)
-    grid = (_cdiv(num_queries, block_m), batch * heads)
+    grid = (cdiv(num_queries, block_m), batch * heads)
     launchable(_attn_fwd_kernel, wrap_triton, eager)[grid](
         q, k, v,
         key_bias if key_bias is not None else q,
@@ -629,7 +612,7 @@ def attention_backward(grad_out, grad_lse, q, k, v, out, lse, key_bias, prefix_l
 
     delta = empty_output(lse.shape, dtype=torch.float32, device=device)
     delta_block = max(16, min(128, 8192 // block_d)) if gpu_sizes(device) else 16
-    delta_grid = (_cdiv(num_queries, delta_block), batch * heads)
+    delta_grid = (cdiv(num_queries, delta_block), batch * heads)
     launchable(_attn_bwd_delta_kernel, wrap_triton, eager)[delta_grid](
         out, grad_out, grad_lse if grad_lse is not None else lse, cu_q, delta,
         heads, num_queries, head_dim,
@@ -639,7 +622,7 @@ def attention_backward(grad_out, grad_lse, q, k, v, out, lse, key_bias, prefix_l
     )
 
     block_m, block_n, warps, stages = _config("dkdv", head_dim, q.dtype, device)
-    dkdv_grid = (_cdiv(num_keys, block_n), batch * kv_heads)
+    dkdv_grid = (cdiv(num_keys, block_n), batch * kv_heads)
     launchable(_attn_bwd_dkdv_kernel, wrap_triton, eager)[dkdv_grid](
         q, k, v, bias_arg, prefix_arg, cu_q, cu_k, grad_out, lse, delta,
         dk, dv, dbias if dbias is not None else dk,
@@ -653,7 +636,7 @@ def attention_backward(grad_out, grad_lse, q, k, v, out, lse, key_bias, prefix_l
     )
 
     block_m, block_n, warps, stages = _config("dq", head_dim, q.dtype, device)
-    dq_grid = (_cdiv(num_queries, block_m), batch * heads)
+    dq_grid = (cdiv(num_queries, block_m), batch * heads)
     launchable(_attn_bwd_dq_kernel, wrap_triton, eager)[dq_grid](
         q, k, v, bias_arg, prefix_arg, cu_q, cu_k, grad_out, lse, delta, dq,
         heads, group, num_queries, num_keys, head_dim,

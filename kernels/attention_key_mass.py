@@ -24,18 +24,17 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from fastvl._outputs import empty_output
+from fastvl.kernels import cdiv, launchable
 from fastvl.kernels.attention import (
     LOG2E,
     _bias_strides,
     _block_d,
-    _cdiv,
     _config,
     _dot_precision,
     _last_dim_contiguous,
     _load_prefix,
     _mask_params,
     _masked_logits,
-    launchable,
 )
 
 
@@ -144,7 +143,7 @@ def attention_key_mass(q, k, lse, key_bias, prefix_len, scale: float, causal: bo
         is_causal, soft, has_prefix, future_bias = _mask_params(causal, causal_strength,
                                                                 prefix_len)
         block_m, block_n, warps, stages = _config("dkdv", head_dim, q.dtype, q.device)
-        grid = (_cdiv(num_keys, block_n), batch * kv_heads)
+        grid = (cdiv(num_keys, block_n), batch * kv_heads)
         launchable(_key_mass_kernel, wrap_triton, eager)[grid](
             q, k, lse,
             key_bias if key_bias is not None else q,

@@ -3,44 +3,17 @@
 One program copies one C-block of one output row. Indices outside [0, N) are never
 dereferenced: gather writes zeros for them and scatter-add skips them (the op layer
 validates ranges before launching, so this only keeps the kernels memory-safe).
-
-Also the host-side helpers of every launcher of fastvl's token ops, cheap on the host:
-grid arithmetic in plain Python (``triton.cdiv`` and ``triton.next_power_of_2`` cost
-microseconds per call) and :func:`launchable`.
 """
 
 import torch
 import triton
 import triton.language as tl
-from torch._library.triton import is_wrap_triton_enabled
 from torch.library import wrap_triton
 
 from fastvl._outputs import empty_output
+from fastvl.kernels import cdiv, launchable, next_power_of_2
 
 _MAX_BLOCK_BYTES = 4096
-_TORCH_WRAP_TRITON = wrap_triton
-
-
-def cdiv(a: int, b: int) -> int:
-    """ceil(a / b) for ints (and SymInts)."""
-    return -(-a // b)
-
-
-def next_power_of_2(n: int) -> int:
-    """The smallest power of two >= n, and 1 for n <= 1 (a block size: concrete, so a SymInt
-    is specialised)."""
-    n = int(n)
-    return 1 << (n - 1).bit_length() if n > 1 else 1
-
-
-def launchable(kernel, wrap):
-    """What a launcher launches: ``wrap(kernel)``, ``wrap`` being the launching module's
-    ``wrap_triton`` (which :func:`fastvl.triton_aot.recorded_launches` replaces). Where that
-    is torch's and torch.library is not tracing, wrap_triton would return the kernel itself
-    after microseconds of imports: that case is answered here."""
-    if wrap is _TORCH_WRAP_TRITON and not is_wrap_triton_enabled():
-        return kernel
-    return wrap(kernel)
 
 
 def channel_block(channels: int, element_size: int) -> int:

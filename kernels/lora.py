@@ -50,8 +50,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from fastvl._outputs import empty_output
-from fastvl.kernels import gpu_sizes
-from fastvl.kernels.gather import cdiv, launchable, next_power_of_2
+from fastvl.kernels import cdiv, gpu_sizes, launchable, next_power_of_2
 
 _PRECISION = "ieee"  # float32 dots are not rounded to tf32
 MAX_RANK = 64

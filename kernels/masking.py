@@ -16,7 +16,8 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from fastvl._outputs import empty_output
-from fastvl.kernels.gather import cdiv, channel_block, launchable, next_power_of_2
+from fastvl.kernels import cdiv, launchable, next_power_of_2
+from fastvl.kernels.gather import channel_block
 
 NORM_NONE, NORM_MAE, NORM_VIDEOMAE = 0, 1, 2
 

@@ -33,8 +33,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from fastvl._outputs import empty_output
-from fastvl.kernels import gpu_sizes, multiprocessors
-from fastvl.kernels.gather import cdiv, launchable, next_power_of_2
+from fastvl.kernels import cdiv, gpu_sizes, launchable, multiprocessors, next_power_of_2
 
 _INTERPRETER_BLOCKS = (16, 16, 16)  # small blocks so the tests' shapes span several
 # tl.dot's input precision: float32 must not be rounded to tf32 (fp16 / bf16 ignore it).

@@ -32,8 +32,8 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from fastvl._outputs import empty_output
-from fastvl.kernels import gpu_sizes
-from fastvl.kernels.gather import cdiv, channel_block, launchable, next_power_of_2
+from fastvl.kernels import cdiv, gpu_sizes, launchable, next_power_of_2
+from fastvl.kernels.gather import channel_block
 from fastvl.reference.tome import NORM_EPS, token_sets
 
 

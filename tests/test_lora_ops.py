@@ -635,7 +635,7 @@ def test_value_and_argument_checks_after_a_valid_call():
 
 def test_triton_launches_per_call():
     """On the GPU path (:func:`fastvl.bench.host_overhead.gpu_path`: CPU tensors dispatched as
-    on a GPU, Triton launches counted and skipped), the forward is the base GEMM and two
+    on a GPU, Triton launches counted and skipped), the triton backend's forward is the base GEMM and two
     kernels (a float scaling is a kernel argument: no tensor per call), the backward the dX
     GEMM, one zero-fill (dA and dB share a buffer) and two kernels."""
     require_backend("lora_linear", "triton")
@@ -649,7 +649,7 @@ def test_triton_launches_per_call():
     grad = torch.randn(4, 12)
 
     def plain():
-        return lora_linear(x, weight, bias, one_a, one_b, 2.0)
+        return lora_linear(x, weight, bias, one_a, one_b, 2.0, backend="triton")
 
     def routed():
         return routed_lora_linear(x, weight, bias, lora_a, lora_b, 2.0, route,

@@ -22,6 +22,7 @@ its kernels cost next to nothing, so both sides are host time.
 from __future__ import annotations
 
 import contextlib
+import gc
 import statistics
 import time
 from typing import Any, Callable, Iterator, Mapping
@@ -120,12 +121,18 @@ def host_timings(fns: Mapping[str, Callable[[], Any]], *, rounds: int = 9, warmu
         per_call = (time.perf_counter() - start) / max(1, warmup)
         calls[name] = max(1, min(1000, round(round_seconds / max(per_call, 1e-7))))
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            for _ in range(calls[name]):
-                fn()
-            samples[name].append((time.perf_counter() - start) / calls[name])
+    collecting = gc.isenabled()
+    gc.disable()  # a collection lands in one implementation's round: noise, not its cost
+    try:
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                for _ in range(calls[name]):
+                    fn()
+                samples[name].append((time.perf_counter() - start) / calls[name])
+    finally:
+        if collecting:
+            gc.enable()
     return {name: summarize(samples[name], inner=calls[name]) for name in fns}
 
 

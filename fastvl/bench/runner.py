@@ -144,8 +144,8 @@ class Settings:
     flush_l2: bool = True
     quick: bool = False
     threads: Optional[int] = None
-    host_rounds: int = 15  # host-overhead cases: interleaved rounds ...
-    host_round_s: float = 0.02  # ... of about this long per implementation
+    host_rounds: int = 31  # host-overhead cases: interleaved rounds ...
+    host_round_s: float = 0.01  # ... of about this long per implementation
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Settings":

@@ -31,8 +31,9 @@ def host_readable(t: torch.Tensor) -> bool:
     """Whether t's values can be read now at no cost: a real CPU tensor in eager mode (not
     while torch.compile traces, nor under a dispatch mode such as fake tensors or the host-sync
     detector, nor under a simulated GPU dispatch, where CPU tensors stand for GPU ones)."""
-    return (t.device.type == "cpu" and not torch.compiler.is_compiling() and not is_fake(t)
-            and not torch._C._len_torch_dispatch_stack() and not registry.simulating_gpu())
+    return (not registry.simulating_gpu() and t.device.type == "cpu"
+            and not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack()
+            and not is_fake(t))
 
 
 def value_check_allowed(t: torch.Tensor) -> bool:

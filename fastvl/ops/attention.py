@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from fastvl.ops._checks import check_tensor, host_readable, is_int
+from fastvl.ops._eager import can_launch_directly
 from fastvl.ops.library_attention import register_library_attention
 from fastvl.ops.registry import (
     ALL, KERNEL_DTYPES, TRITON_IMPORT_ERROR, Call, Supports, register_op,
@@ -363,9 +364,9 @@ if TRITON_IMPORT_ERROR is None:
         backward = staticmethod(once_differentiable(_fwd_backward_through(_eager_backward)))
 
     def _triton_forward(op, args):
-        """``op(*args)`` under torch.compile; eager: the launcher, through autograd only where
+        """``op(*args)`` under torch.compile and tracing modes; eager: the launcher, through autograd only where
         a gradient is needed (args: q, k, v, key_bias, ...)."""
-        if torch.compiler.is_compiling():
+        if not can_launch_directly():
             return op(*args)
         q, k, v, key_bias = args[:4]
         if torch.is_grad_enabled() and (

@@ -19,6 +19,7 @@ from typing import Optional, Union
 import torch
 
 from fastvl.ops._checks import check_int, check_tensor
+from fastvl.ops._eager import can_launch_directly
 from fastvl.ops.attention import HEAD_DIM, TRITON_SUPPORTS
 from fastvl.ops.attention import (  # the checks and the memo key shared with attention
     _default_scale,
@@ -103,7 +104,7 @@ if TRITON_IMPORT_ERROR is None:
     torch.library.register_fake(attention_key_mass_triton, _key_mass_fake)
 
     def _triton_impl(q, k, lse, *args):
-        if torch.compiler.is_compiling():  # the registered op (it has no autograd: detach)
+        if not can_launch_directly():  # the registered op (it has no autograd: detach)
             q, k, lse, key_bias = _detached(q, k, lse, args[0])
             return attention_key_mass_triton(q, k, lse, key_bias, *args[1:])
         # eager: the launcher (its output has no grad)

@@ -37,7 +37,7 @@ Backends:
   (bit-reproducible, one (E, r, in) + (E, out, r) float32 buffer per block of 32-64 rows).
   float16 / bfloat16 / float32. No double backward. In eager mode the kernels are launched
   directly and the gradient comes from a ``torch.autograd.Function``
-  (:class:`fastvl.ops.gather.EagerOp`); torch.compile sees the registered ops.
+  (:class:`fastvl.ops._eager.EagerOp`); torch.compile sees the registered ops.
   The checks of a call are memoized by shapes, dtypes, devices and flags.
 """
 
@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvl.ops._checks import check_tensor, check_value_range, is_int
-from fastvl.ops.gather import EagerOp, call_key, memoized
+from fastvl.ops._eager import EagerOp, call_key, memoized
 from fastvl.ops.registry import KERNEL_DTYPES, TRITON_IMPORT_ERROR, Call, Supports, register_op
 from fastvl.reference import lora as reference
 

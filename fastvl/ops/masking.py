@@ -16,7 +16,7 @@ those rows from the unshuffled decoder input with :func:`fastvl.ops.gather_token
 with the mask of the decoded patches (``tests/test_masking.py::test_dual_masking_pipeline``).
 
 Layouts and the exact math are in :mod:`fastvl.reference.masking`. On the triton backend the
-kernels are launched directly in eager mode (:class:`fastvl.ops.gather.EagerOp`; torch.compile
+kernels are launched directly in eager mode (:class:`fastvl.ops._eager.EagerOp`; torch.compile
 sees the registered ops), and the checks that read no values are memoized by the shapes,
 dtypes, devices and flags they read.
 """
@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 
 from fastvl.ops._checks import check_float_tensor, check_int, check_tensor, host_readable, is_int
-from fastvl.ops.gather import EagerOp, call_key, memoized
+from fastvl.ops._eager import EagerOp, call_key, memoized
 from fastvl.ops.registry import KERNEL_DTYPES, TRITON_IMPORT_ERROR, Call, Supports, register_op
 from fastvl.reference import masking as _reference
 

@@ -19,7 +19,7 @@ Backends:
   (the im2col matrix is never stored). Deterministic except for the image gradient when an
   index repeats within a sample (float32 atomics; distinct indices, as from
   ``random_masking``, are exact). float16 / bfloat16 / float32. No double backward. Eager
-  mode launches the kernels directly (:class:`fastvl.ops.gather.EagerOp`); torch.compile
+  mode launches the kernels directly (:class:`fastvl.ops._eager.EagerOp`); torch.compile
   sees the registered ops.
 
 The checks of a call (and the implementation chosen) are memoized by the shapes, dtypes,
@@ -33,7 +33,8 @@ from typing import Optional, Sequence, Union
 import torch
 
 from fastvl.ops._checks import check_tensor, check_token_index, is_int
-from fastvl.ops.gather import EagerOp, call_key, check_index_range, memoized
+from fastvl.ops._eager import EagerOp, call_key, memoized
+from fastvl.ops.gather import check_index_range
 from fastvl.ops.registry import KERNEL_DTYPES, TRITON_IMPORT_ERROR, Supports, register_op
 from fastvl.reference.patch_embed import masked_patch_embed_gather_first
 

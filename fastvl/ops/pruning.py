@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from fastvl.ops._checks import check_float_tensor, check_tensor, is_int, value_check_allowed
-from fastvl.ops.gather import gather_tokens
+from fastvl.ops._eager import call_key, memoized
+from fastvl.ops.gather import GATHER_TOKENS
 from fastvl.ops.registry import check_op_backend
 
 __all__ = ["keep_topk_tokens", "topk_token_index", "topk_candidate_index"]
@@ -78,7 +79,8 @@ def _check_candidate_values(candidates: torch.Tensor, num_tokens: int) -> None:
 
 def _best_first(scores: torch.Tensor) -> torch.Tensor:
     """(B, M) -> (B, M) column order, highest score first, ties in column order."""
-    return torch.argsort(scores.detach(), dim=1, descending=True, stable=True)
+    # (torch.sort's indices: argsort's Python wrapper costs µs more)
+    return torch.sort(scores.detach(), dim=1, descending=True, stable=True)[1]
 
 
 def topk_token_index(
@@ -111,7 +113,7 @@ def _topk_token_index(scores, keep, num_prefix_tokens):
     # than picking the kept tokens and concatenating the prefix's positions).
     if num_prefix_tokens:
         scores = F.pad(scores.detach(), (num_prefix_tokens, 0), value=float("nan"))
-    return _best_first(scores)[:, : num_prefix_tokens + keep].sort(dim=1).values
+    return _best_first(scores)[:, : num_prefix_tokens + keep].sort(dim=1)[0]
 
 
 def topk_candidate_index(
@@ -202,6 +204,23 @@ def keep_topk_tokens(
         Differentiable in x (gather backward: a scatter-add) and, with ``fuse_rest``, in
         scores.
     """
+    gather = memoized(
+        GATHER_TOKENS, call_key((x, scores), keep, num_prefix_tokens, fuse_rest, backend),
+        lambda: _resolve_keep_topk(x, scores, keep, num_prefix_tokens, fuse_rest, backend),
+    )
+    index = _topk_token_index(scores, keep, num_prefix_tokens)
+    # The index is in range by construction: no bounds check (a host sync).
+    x_kept = gather(x, index)
+    if fuse_rest:
+        weights = scores.scatter(1, index[:, num_prefix_tokens:] - num_prefix_tokens, 0.0)
+        fused = torch.bmm(weights.unsqueeze(1).to(x.dtype), x[:, num_prefix_tokens:])
+        x_kept = torch.cat([x_kept, fused], dim=1)
+    return x_kept, index
+
+
+def _resolve_keep_topk(x, scores, keep, num_prefix_tokens, fuse_rest, backend):
+    """The gather_tokens implementation for a :func:`keep_topk_tokens` call, whose arguments
+    are checked."""
     op = "keep_topk_tokens"
     check_tensor(op, "x", x)
     if x.dim() != 3:
@@ -224,12 +243,4 @@ def keep_topk_tokens(
         raise TypeError(f"{op}: fuse_rest must be a bool, got {type(fuse_rest).__name__}")
     if backend != "auto":
         check_op_backend(op, backend, "gather_tokens")
-
-    index = _topk_token_index(scores, keep, num_prefix_tokens)
-    # The index is in range by construction: skip gather's bounds check (a host sync).
-    x_kept = gather_tokens(x, index, backend=backend, check_bounds=False)
-    if fuse_rest:
-        weights = scores.scatter(1, index[:, num_prefix_tokens:] - num_prefix_tokens, 0.0)
-        fused = torch.bmm(weights.unsqueeze(1).to(x.dtype), x[:, num_prefix_tokens:])
-        x_kept = torch.cat([x_kept, fused], dim=1)
-    return x_kept, index
+    return GATHER_TOKENS.select(backend, x.device, x, None)

@@ -32,7 +32,7 @@ Backends:
   unmerge is ``tome_spread_triton`` unweighted, with ``fastvl::tome_segment_sum_triton`` as
   its gradient. Each op's gradient is registered as the other op, so double backward works.
   float16 / bfloat16 / float32. Eager mode launches the kernels directly (no custom-op
-  dispatch, :class:`fastvl.ops.gather.EagerOp`); torch.compile sees the registered ops.
+  dispatch, :class:`fastvl.ops._eager.EagerOp`); torch.compile sees the registered ops.
 
 The checks of a call (and the implementation chosen) are memoized by the shapes, dtypes,
 devices and flags they read, so repeated calls of a model skip them.
@@ -49,7 +49,7 @@ from typing import Optional
 import torch
 
 from fastvl.ops._checks import check_float_tensor, check_int, check_tensor
-from fastvl.ops.gather import EagerOp, call_key, memoized
+from fastvl.ops._eager import EagerOp, call_key, memoized
 from fastvl.ops.registry import KERNEL_DTYPES, TRITON_IMPORT_ERROR, Call, Supports, register_op
 from fastvl.reference import tome as _reference
 from fastvl.reference.tome import TomePlan

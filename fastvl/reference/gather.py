@@ -1,12 +1,13 @@
 """Token gather / scatter-add in plain PyTorch.
 
-Both run on the tokens of the whole batch as one (B * N, C) table of rows (a view of x, no
-copy, when x's batch stride allows it): ``index_select`` / ``index_add_`` with the row
-numbers ``b * N + index[b, k]``. On CPU that is several times faster than ``torch.gather`` /
-``scatter_add`` with an index expanded over the channels, in both directions (the gradient of
-``index_select`` is an ``index_add_``, and the gradient of that an ``index_select`` again).
-An index outside [0, N) raises (IndexError), as ``torch.gather`` does: it is never read from
-another sample's rows.
+On CPU in eager mode both run on the tokens of the whole batch as one (B * N, C) table of
+rows (a view of x, no copy, when x's batch stride allows it): ``index_select`` /
+``index_add_`` with the row numbers ``b * N + index[b, k]``, several times faster there than
+``torch.gather`` / ``scatter_add`` with an index expanded over the channels, in both
+directions (the gradient of ``index_select`` is an ``index_add_``, and the gradient of that
+an ``index_select`` again). Elsewhere (GPU, torch.compile) the gather is ``torch.gather``:
+one launch. An index outside [0, N) raises (IndexError on CPU), as ``torch.gather`` does: it
+is never read from another sample's rows.
 """
 
 import torch
@@ -42,9 +43,14 @@ def _flat_view(x: torch.Tensor) -> bool:
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x: (B, N, C), index: (B, K) int64 -> (B, K, C) with out[b, k] = x[b, index[b, k]]."""
+    """x: (B, N, C), index: (B, K) int64 -> (B, K, C) with out[b, k] = x[b, index[b, k]].
+
+    ``torch.gather`` (one launch, its own bounds assertion) except on CPU in eager mode
+    (:func:`~fastvl.ops._checks.host_readable`), where the flat-table ``index_select`` is
+    faster."""
     batch, num_tokens, channels = x.shape
-    if not _flat_view(x):  # reading the K rows beats copying x to a flat table
+    if not (host_readable(index) and _flat_view(x)):
+        # (a strided x: reading the K rows beats copying x to a flat table)
         return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, channels))
     table = x.reshape(batch * num_tokens, channels)
     return table.index_select(0, _rows(index, num_tokens)).view(batch, index.shape[1], channels)
