@@ -39,10 +39,16 @@ def zero_integer_outputs():
         _zero_integer_depth -= 1
 
 
+_TEMPLATES: dict = {}  # (dtype, device) -> an empty tensor whose new_empty allocates like it
+
+
 def empty_output(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``torch.empty`` unless poisoning is on, then filled with NaN (floats) or -1 (ints)."""
-    # (a tuple: torch.empty parses a torch.Size several µs slower)
-    out = torch.empty(tuple(shape), dtype=dtype, device=device)
+    template = _TEMPLATES.get((dtype, device))
+    if template is None:
+        template = _TEMPLATES[(dtype, device)] = torch.empty(0, dtype=dtype, device=device)
+    # (Tensor.new_empty of a tuple: torch.empty's keyword parsing costs µs more per call)
+    out = template.new_empty(tuple(shape))
     if _poison_depth:
         out.fill_(float("nan") if out.is_floating_point() else -1)
     elif _zero_integer_depth and not out.is_floating_point():
