@@ -71,3 +71,14 @@ def test_cli_json_and_text():
         [sys.executable, "-m", "fastvl", "info"], capture_output=True, text=True, check=True
     ).stdout
     assert text.startswith("fastvl ") and "gather_tokens" in text
+
+
+def test_cli_reader_gone_exits_quietly():
+    """`python -m fastvl info | head`: the reader closes the pipe before fastvl writes; fastvl
+    stops with status 1 and no traceback (before the fix: a BrokenPipeError traceback)."""
+    process = subprocess.Popen([sys.executable, "-m", "fastvl", "info"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # before the interpreter has started importing fastvl
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 1
+    assert b"Traceback" not in stderr and b"BrokenPipeError" not in stderr, stderr.decode()[-2000:]

@@ -186,3 +186,24 @@ def test_no_module_outside_the_registry_lists_backend_names():
     with pytest.raises(ValueError, match="LoRALinear: backend must be 'auto' or one of"):
         LoRALinear(torch.nn.Linear(4, 4), r=2, alpha=4, backend="sdpa")
     assert fastvl.ops.BACKENDS == registry.BACKENDS
+
+
+def test_interpreted_triton_refuses_bfloat16(monkeypatch):
+    """The Triton interpreter's bfloat16 tl.dot gives garbage: on CPU under TRITON_INTERPRET=1
+    the triton backend refuses bfloat16 with that reason, auto takes the next backend, and
+    float16 stays served. On a (simulated) GPU bfloat16 is served."""
+    if registry.TRITON_IMPORT_ERROR:
+        pytest.skip(registry.TRITON_IMPORT_ERROR)
+    monkeypatch.setattr(registry, "TRITON_INTERPRETER", True)
+    gather = registry.OPS["gather_tokens"]
+    cpu = torch.device("cpu")
+    assert "the Triton interpreter" in " ".join(
+        gather.call_reasons("triton", Call(cpu, torch.bfloat16)))
+    assert gather.call_reasons("triton", Call(cpu, torch.float16)) == []
+    x = torch.randn(2, 5, 4, dtype=torch.bfloat16)
+    index = torch.tensor([[0, 4], [1, 1]])
+    with pytest.raises(BackendNotSupportedError, match="bfloat16 dot products"):
+        fastvl.ops.gather_tokens(x, index, backend="triton")
+    assert torch.equal(fastvl.ops.gather_tokens(x, index), x.gather(1, index[..., None].expand(-1, -1, 4)))
+    with registry.simulate_gpu_dispatch():
+        assert gather.call_reasons("triton", Call(cpu, torch.bfloat16)) == []

@@ -198,10 +198,17 @@ class Supports:
             reasons.append(
                 f"{backend} runs on {' / '.join(self.devices)} tensors, got {kind}"
             )
+        interpreted = (backend == "triton" and TRITON_INTERPRETER and call.device.type == "cpu"
+                       and _SIMULATED_CAPABILITY is None)
         for name, dtype in ((self.dtype_of, call.dtype),) + call.more_dtypes:
             if dtype not in self.dtypes:
                 names = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
                 reasons.append(f"{name} has dtype {dtype}; {backend} supports {names}")
+            elif interpreted and dtype == torch.bfloat16:
+                reasons.append(
+                    f"{name} is bfloat16: the Triton interpreter (TRITON_INTERPRET=1) computes "
+                    "bfloat16 dot products wrongly; use float16 or float32 there, or a GPU"
+                )
         for name, value in call.sizes:
             limit = self.max_sizes.get(name)
             if limit is not None and value > limit:
