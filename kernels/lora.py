@@ -16,7 +16,8 @@ CUDA graphs stay whole):
 * **row blocks** (prefill, training): rows are visited in ``order``, ``argsort(route)``
   (stable, on the device: no host sync, CUDA graph safe), so a block of BLOCK_M rows mostly
   shares one adapter. A program loops over the adapters its rows use (from the first to the
-  last, sorted), each masked to the rows of that adapter:
+  last, sorted), each selected (``tl.where``, so that an adapter's values, NaN / inf
+  included, reach its rows only) to the rows of that adapter:
 
   * forward, shrink over (row block, chunk of ``in``): partial ``dropout(x) Aₑᵀ``; expand
     over (row block, chunk of ``out``): s = the sum of the partials (unscaled, float32,
@@ -37,7 +38,8 @@ Dropout keeps ``x[n, k]`` iff ``tl.rand(seed, n · in + k) >= p`` (Philox), rege
 backward, never stored. dA and dB are float32 atomic sums over row blocks, so their last bits
 can differ between runs, unless the backward is asked to be deterministic (then per-block
 slices summed in a fixed order); everything else is deterministic.
-Route values outside [-1, E) must be excluded by the caller (the op layer checks them).
+Rows whose route value lies outside [0, E) get no adapter, like -1. x, A, B, dY and the
+outputs are read through their strides; route and a scale tensor are made contiguous first.
 """
 
 from __future__ import annotations
@@ -88,14 +90,16 @@ def _blocks(device: torch.device, rank: int, dtype: torch.dtype):
 
 
 @triton.jit
-def _block_rows(route_ptr, order_ptr, num_rows, ROUTED: tl.constexpr, BLOCK_M: tl.constexpr):
-    """This program's rows: (row index, in range, adapter per row (-1 none), first and last
-    adapter used in the block)."""
+def _block_rows(route_ptr, order_ptr, num_rows, num_adapters, ROUTED: tl.constexpr,
+                BLOCK_M: tl.constexpr):
+    """This program's rows: (row index, in range, adapter per row (-1 none, also for route
+    values outside [0, E)), first and last adapter used in the block)."""
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     in_rows = m < num_rows
     if ROUTED:
         rows = tl.load(order_ptr + m, mask=in_rows, other=0)
         adapter = tl.load(route_ptr + rows, mask=in_rows, other=-1)
+        adapter = tl.where(adapter < num_adapters, adapter, -1)
     else:
         rows = m.to(tl.int64)
         adapter = tl.where(in_rows, 0, -1).to(tl.int64)
@@ -126,7 +130,7 @@ def _dropout(values, offsets, seed, dropout_p):
 @triton.jit
 def _lora_shrink_kernel(
     x_ptr, a_ptr, route_ptr, order_ptr, partial_ptr,
-    num_rows, in_features, rank, seed, dropout_p,
+    num_rows, num_adapters, in_features, rank, seed, dropout_p,
     stride_xm, stride_xk, stride_ae, stride_ar, stride_ak,
     ROUTED: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr,
@@ -134,8 +138,8 @@ def _lora_shrink_kernel(
     """partial[c, n] = dropout(x[n, chunk c]) Aₑ[:, chunk c]ᵀ (e = route[n]; zeros without an
     adapter) for the row block of program 0 and the CHUNK columns of ``in`` of program 1;
     float32 (chunks, N, BLOCK_R)."""
-    rows, in_rows, adapter, first, last = _block_rows(route_ptr, order_ptr, num_rows, ROUTED,
-                                                      BLOCK_M)
+    rows, in_rows, adapter, first, last = _block_rows(
+        route_ptr, order_ptr, num_rows, num_adapters, ROUTED, BLOCK_M)
     chunk = tl.program_id(1)
     r = tl.arange(0, BLOCK_R)
     s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -150,7 +154,8 @@ def _lora_shrink_kernel(
                 x = _dropout(x, rows[:, None] * in_features + k[None, :], seed, dropout_p)
             a = tl.load(a_ptr + e * stride_ae + r[None, :] * stride_ar + k[:, None] * stride_ak,
                         mask=k_mask[:, None] & (r < rank)[None, :], other=0.0)
-            s = tl.dot(x, a, s, input_precision=PRECISION)  # other rows' x is 0 here
+            # Selected, not multiplied by other rows' zeros: A may hold NaN / inf.
+            s = tl.where(mine[:, None], tl.dot(x, a, s, input_precision=PRECISION), s)
     tl.store(partial_ptr + (chunk * num_rows + rows[:, None]) * BLOCK_R + r[None, :], s,
              mask=in_rows[:, None])
 
@@ -171,7 +176,7 @@ def _block_sum(partial_ptr, rows, in_rows, num_rows, num_chunks, BLOCK_M: tl.con
 @triton.jit
 def _lora_expand_kernel(
     partial_ptr, b_ptr, scale_ptr, scaling, route_ptr, order_ptr, out_ptr, s_ptr,
-    num_rows, out_features, rank, num_chunks,
+    num_rows, num_adapters, out_features, rank, num_chunks,
     stride_be, stride_bo, stride_br, stride_om, stride_on,
     ROUTED: tl.constexpr, PER_ADAPTER_SCALE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr,
@@ -179,8 +184,8 @@ def _lora_expand_kernel(
     """s = the summed shrink of the row block of program 0 (stored by the programs of the
     first chunk); out[n, cols] += scaleₑ · s[n] Bₑ[cols]ᵀ over the CHUNK output columns of
     program 1, read and written once for every row with an adapter."""
-    rows, in_rows, adapter, first, last = _block_rows(route_ptr, order_ptr, num_rows, ROUTED,
-                                                      BLOCK_M)
+    rows, in_rows, adapter, first, last = _block_rows(
+        route_ptr, order_ptr, num_rows, num_adapters, ROUTED, BLOCK_M)
     chunk = tl.program_id(1)
     r = tl.arange(0, BLOCK_R)
     s = _block_sum(partial_ptr, rows, in_rows, num_rows, num_chunks, BLOCK_M, BLOCK_R)
@@ -198,25 +203,26 @@ def _lora_expand_kernel(
         for e in range(first, last + 1):
             b = tl.load(b_ptr + e * stride_be + n[None, :] * stride_bo + r[:, None] * stride_br,
                         mask=(r < rank)[:, None] & n_mask[None, :], other=0.0)
-            mine = tl.where((adapter == e)[:, None], scaled, 0.0).to(scaled.dtype)
-            total = tl.dot(mine, b, total, input_precision=PRECISION)
+            mine = (adapter == e)[:, None]
+            total = tl.where(mine, tl.dot(scaled, b, total, input_precision=PRECISION), total)
         tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=tile_mask)
 
 
 @triton.jit
-def _row_adapter(route_ptr, row, ROUTED: tl.constexpr):
-    """(adapter of ``row`` clamped to >= 0 for addressing, whether it has one)."""
+def _row_adapter(route_ptr, row, num_adapters, ROUTED: tl.constexpr):
+    """(adapter of ``row`` clamped to >= 0 for addressing, whether it has one: a route value
+    in [0, E))."""
     if ROUTED:
         adapter = tl.load(route_ptr + row)
     else:
         adapter = row * 0
-    return tl.maximum(adapter, 0), adapter >= 0
+    return tl.maximum(adapter, 0), (adapter >= 0) & (adapter < num_adapters)
 
 
 @triton.jit
 def _lora_shrink_rows_kernel(
     x_ptr, a_ptr, route_ptr, partial_ptr,
-    num_rows, in_features, rank, seed, dropout_p,
+    num_rows, num_adapters, in_features, rank, seed, dropout_p,
     stride_xm, stride_xk, stride_ae, stride_ar, stride_ak,
     ROUTED: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -225,7 +231,7 @@ def _lora_shrink_rows_kernel(
     without an adapter."""
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
-    adapter, used = _row_adapter(route_ptr, row, ROUTED)
+    adapter, used = _row_adapter(route_ptr, row, num_adapters, ROUTED)
     r = tl.arange(0, BLOCK_R)
     k = chunk * BLOCK_K + tl.arange(0, BLOCK_K)
     k_mask = (k < in_features) & used
@@ -241,7 +247,7 @@ def _lora_shrink_rows_kernel(
 @triton.jit
 def _lora_expand_rows_kernel(
     partial_ptr, b_ptr, scale_ptr, scaling, route_ptr, out_ptr, s_ptr,
-    num_rows, out_features, rank, num_chunks,
+    num_rows, num_adapters, out_features, rank, num_chunks,
     stride_be, stride_bo, stride_br, stride_om, stride_on,
     ROUTED: tl.constexpr, PER_ADAPTER_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -251,7 +257,7 @@ def _lora_expand_rows_kernel(
     the BLOCK_N columns of program 1."""
     row = tl.program_id(0).to(tl.int64)
     column_block = tl.program_id(1)
-    adapter, used = _row_adapter(route_ptr, row, ROUTED)
+    adapter, used = _row_adapter(route_ptr, row, num_adapters, ROUTED)
     r = tl.arange(0, BLOCK_R)
     s = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for chunk in range(0, num_chunks):
@@ -285,7 +291,7 @@ def _add_to_weight_grad(grad_ptr, offsets, values, mask, block_stride,
 @triton.jit
 def _lora_bwd_dy_kernel(
     g_ptr, b_ptr, scale_ptr, scaling, route_ptr, order_ptr, s_ptr, ds_partial_ptr, db_ptr,
-    num_rows, out_features, rank, db_block_stride,
+    num_rows, num_adapters, out_features, rank, db_block_stride,
     stride_gm, stride_gn, stride_be, stride_bo, stride_br,
     ROUTED: tl.constexpr, PER_ADAPTER_SCALE: tl.constexpr, DETERMINISTIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, CHUNK: tl.constexpr,
@@ -294,8 +300,8 @@ def _lora_bwd_dy_kernel(
     """For the row block of program 0 and the CHUNK output columns of program 1, one pass
     over dY: ds_partial[c, n] = scaleₑ · dY[n, chunk c] Bₑ[chunk c] (float32 (chunks, N,
     BLOCK_R)) and db[e] += scaleₑ · dY[rows of e, chunk c]ᵀ s (float32 (E, out, r))."""
-    rows, in_rows, adapter, first, last = _block_rows(route_ptr, order_ptr, num_rows, ROUTED,
-                                                      BLOCK_M)
+    rows, in_rows, adapter, first, last = _block_rows(
+        route_ptr, order_ptr, num_rows, num_adapters, ROUTED, BLOCK_M)
     chunk = tl.program_id(1)
     r = tl.arange(0, BLOCK_R)
     r_mask = r < rank
@@ -317,9 +323,10 @@ def _lora_bwd_dy_kernel(
             s_e = tl.where(mine, s, 0.0).to(s.dtype)
             db = tl.dot(tl.trans(g), s_e, input_precision=PRECISION) * _adapter_scale(
                 scale_ptr, scaling, e, True, PER_ADAPTER_SCALE)
+            in_block = tl.max(mine.to(tl.int32)) > 0  # else its scale may be NaN / inf
             _add_to_weight_grad(db_ptr, (e * out_features + n[:, None]) * rank + r[None, :],
-                                db, n_mask[:, None] & r_mask[None, :], db_block_stride,
-                                DETERMINISTIC)
+                                db, n_mask[:, None] & r_mask[None, :] & in_block,
+                                db_block_stride, DETERMINISTIC)
     tl.store(ds_partial_ptr + (chunk * num_rows + rows[:, None]) * BLOCK_R + r[None, :],
              ds * scale[:, None], mask=in_rows[:, None])
 
@@ -327,7 +334,8 @@ def _lora_bwd_dy_kernel(
 @triton.jit
 def _lora_bwd_x_kernel(
     x_ptr, a_ptr, route_ptr, order_ptr, ds_partial_ptr, dx_ptr, da_ptr,
-    num_rows, in_features, rank, seed, dropout_p, num_ds_chunks, da_block_stride,
+    num_rows, num_adapters, in_features, rank, seed, dropout_p, num_ds_chunks,
+    da_block_stride,
     stride_xm, stride_xk, stride_ae, stride_ar, stride_ak, stride_dm, stride_dk,
     ROUTED: tl.constexpr, DROPOUT: tl.constexpr, COMPUTE_DX: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
@@ -337,8 +345,8 @@ def _lora_bwd_x_kernel(
     """For the row block of program 0 and the CHUNK columns of ``in`` of program 1, one pass
     over x: dx[n] += dropout'(ds[n] Aₑ) in place and da[e] += ds[rows of e]ᵀ dropout(x)
     (float32 (E, r, in)); ds is the sum of the dY pass's partials."""
-    rows, in_rows, adapter, first, last = _block_rows(route_ptr, order_ptr, num_rows, ROUTED,
-                                                      BLOCK_M)
+    rows, in_rows, adapter, first, last = _block_rows(
+        route_ptr, order_ptr, num_rows, num_adapters, ROUTED, BLOCK_M)
     chunk = tl.program_id(1)
     r = tl.arange(0, BLOCK_R)
     r_mask = r < rank
@@ -361,7 +369,8 @@ def _lora_bwd_x_kernel(
             if COMPUTE_DX:
                 a = tl.load(a_ptr + e * stride_ae + r[:, None] * stride_ar + k[None, :] * stride_ak,
                             mask=tile_mask_a, other=0.0)
-                dx_lora = tl.dot(ds_e, a, dx_lora, input_precision=PRECISION)
+                dx_lora = tl.where((adapter == e)[:, None],
+                                   tl.dot(ds_e, a, dx_lora, input_precision=PRECISION), dx_lora)
             da = tl.dot(tl.trans(ds_e), x, input_precision=PRECISION)
             _add_to_weight_grad(da_ptr, e * rank * in_features + tile, da, tile_mask_a,
                                 da_block_stride, DETERMINISTIC)
@@ -381,11 +390,16 @@ def _route_order(route: Optional[torch.Tensor]):
     return route, torch.argsort(route, stable=True)
 
 
+def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """t contiguous (route and a scale tensor are read as dense (N,) / (E,)), or None."""
+    return None if t is None else t.contiguous()
+
+
 def _scale_args(scale, dummy: torch.Tensor) -> tuple:
     """The kernels' (scale_ptr, scaling, PER_ADAPTER_SCALE) for ``scale``, a float32 (E,)
     tensor or one float (then ``dummy`` stands for the pointer the kernel never reads)."""
     if isinstance(scale, torch.Tensor):
-        return scale, 0.0, True
+        return _contiguous(scale), 0.0, True
     return dummy, float(scale), False
 
 
@@ -397,31 +411,31 @@ def lora_forward(x, lora_a, lora_b, scale, route, dropout_p: float, seed: int, o
     N <= :func:`row_path_max_rows`).
     Returns s = dropout(x) Aₑᵀ, float32 (N, BLOCK_R) (columns >= r unused)."""
     num_rows, in_features = x.shape
-    out_features, rank = lora_b.shape[1:]
+    num_adapters, out_features, rank = lora_b.shape
     block_m, block_n, block_k, block_r, chunk, warps = _blocks(x.device, rank, x.dtype)
     if row_path is None:
         row_path = num_rows <= row_path_max_rows(x.device)
-    if num_rows == 0 or out_features == 0:
+    if num_rows == 0 or lora_a.numel() == 0 or lora_b.numel() == 0:  # a zero branch
         return torch.zeros((num_rows, block_r), dtype=torch.float32, device=x.device)
+    route = _contiguous(route)
     if row_path:
         return _row_forward(x, lora_a, lora_b, scale, route, dropout_p, seed, out, block_r,
                             warps)
     route, order = _route_order(route)
     num_blocks, in_chunks = cdiv(num_rows, block_m), cdiv(in_features, chunk)
     partial = _partial_sums(in_chunks, num_rows, block_r, x.device)
-    if in_chunks:
-        launchable(_lora_shrink_kernel, wrap_triton)[(num_blocks, in_chunks)](
-            x, lora_a, route, order, partial, num_rows, in_features, rank, seed, dropout_p,
-            *x.stride(), *lora_a.stride(),
-            ROUTED=route is not None, DROPOUT=dropout_p > 0, BLOCK_M=block_m, BLOCK_K=block_k,
-            BLOCK_R=block_r, CHUNK=chunk, PRECISION=_PRECISION, num_warps=warps,
-        )
+    launchable(_lora_shrink_kernel, wrap_triton)[(num_blocks, in_chunks)](
+        x, lora_a, route, order, partial, num_rows, num_adapters, in_features, rank, seed,
+        dropout_p, *x.stride(), *lora_a.stride(),
+        ROUTED=route is not None, DROPOUT=dropout_p > 0, BLOCK_M=block_m, BLOCK_K=block_k,
+        BLOCK_R=block_r, CHUNK=chunk, PRECISION=_PRECISION, num_warps=warps,
+    )
     s = empty_output((num_rows, block_r), dtype=torch.float32, device=x.device)
     scale_ptr, scaling, per_adapter = _scale_args(scale, lora_b)
     grid = (num_blocks, cdiv(out_features, chunk))
     launchable(_lora_expand_kernel, wrap_triton)[grid](
-        partial, lora_b, scale_ptr, scaling, route, order, out, s, num_rows, out_features, rank,
-        in_chunks, *lora_b.stride(), *out.stride(),
+        partial, lora_b, scale_ptr, scaling, route, order, out, s, num_rows, num_adapters,
+        out_features, rank, in_chunks, *lora_b.stride(), *out.stride(),
         ROUTED=route is not None, PER_ADAPTER_SCALE=per_adapter, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_R=block_r, CHUNK=chunk, PRECISION=_PRECISION, num_warps=warps,
     )
@@ -437,23 +451,22 @@ def _partial_sums(num_chunks: int, num_rows: int, block_r: int, device) -> torch
 def _row_forward(x, lora_a, lora_b, scale, route, dropout_p, seed, out, block_r, warps):
     """The row path of :func:`lora_forward` (two launches, no sort)."""
     num_rows, in_features = x.shape
-    out_features, rank = lora_b.shape[1:]
+    num_adapters, out_features, rank = lora_b.shape
     block_k, block_n = _row_blocks(x.device, block_r)
     num_chunks = cdiv(in_features, block_k)
     partial = _partial_sums(num_chunks, num_rows, block_r, x.device)
     s = empty_output((num_rows, block_r), dtype=torch.float32, device=x.device)
-    if num_chunks:
-        launchable(_lora_shrink_rows_kernel, wrap_triton)[(num_rows, num_chunks)](
-            x, lora_a, route, partial, num_rows, in_features, rank, seed, dropout_p,
-            *x.stride(), *lora_a.stride(),
-            ROUTED=route is not None, DROPOUT=dropout_p > 0, BLOCK_K=block_k,
-            BLOCK_R=block_r, num_warps=warps,
-        )
+    launchable(_lora_shrink_rows_kernel, wrap_triton)[(num_rows, num_chunks)](
+        x, lora_a, route, partial, num_rows, num_adapters, in_features, rank, seed, dropout_p,
+        *x.stride(), *lora_a.stride(),
+        ROUTED=route is not None, DROPOUT=dropout_p > 0, BLOCK_K=block_k, BLOCK_R=block_r,
+        num_warps=warps,
+    )
     scale_ptr, scaling, per_adapter = _scale_args(scale, lora_b)
     grid = (num_rows, cdiv(out_features, block_n))
     launchable(_lora_expand_rows_kernel, wrap_triton)[grid](
-        partial, lora_b, scale_ptr, scaling, route, out, s, num_rows, out_features, rank,
-        num_chunks, *lora_b.stride(), *out.stride(),
+        partial, lora_b, scale_ptr, scaling, route, out, s, num_rows, num_adapters,
+        out_features, rank, num_chunks, *lora_b.stride(), *out.stride(),
         ROUTED=route is not None, PER_ADAPTER_SCALE=per_adapter, BLOCK_N=block_n,
         BLOCK_R=block_r, num_warps=warps,
     )
@@ -479,14 +492,14 @@ def lora_backward(grad_out, x, lora_a, lora_b, scale, route, s, dropout_p: float
     size = size_a + num_adapters * out_features * rank
     grads = torch.zeros((slices, size), dtype=torch.float32, device=x.device)
     da, db = grads[:, :size_a], grads[:, size_a:]
-    if num_rows and out_features and in_features:
-        route, order = _route_order(route)
+    if num_rows and lora_a.numel() and lora_b.numel():
+        route, order = _route_order(_contiguous(route))
         out_chunks, in_chunks = cdiv(out_features, chunk), cdiv(in_features, chunk)
         ds_partial = _partial_sums(out_chunks, num_rows, block_r, x.device)
         scale_ptr, scaling, per_adapter = _scale_args(scale, lora_b)
         launchable(_lora_bwd_dy_kernel, wrap_triton)[(num_blocks, out_chunks)](
             grad_out, lora_b, scale_ptr, scaling, route, order, s, ds_partial, db,
-            num_rows, out_features, rank, size,
+            num_rows, num_adapters, out_features, rank, size,
             *grad_out.stride(), *lora_b.stride(),
             ROUTED=route is not None, PER_ADAPTER_SCALE=per_adapter,
             DETERMINISTIC=deterministic,
@@ -496,7 +509,7 @@ def lora_backward(grad_out, x, lora_a, lora_b, scale, route, s, dropout_p: float
         dx_strides = (0, 0) if dx is None else dx.stride()
         launchable(_lora_bwd_x_kernel, wrap_triton)[(num_blocks, in_chunks)](
             x, lora_a, route, order, ds_partial, dx, da,
-            num_rows, in_features, rank, seed, dropout_p, out_chunks, size,
+            num_rows, num_adapters, in_features, rank, seed, dropout_p, out_chunks, size,
             *x.stride(), *lora_a.stride(), *dx_strides,
             ROUTED=route is not None, DROPOUT=dropout_p > 0, COMPUTE_DX=dx is not None,
             DETERMINISTIC=deterministic,

@@ -1,9 +1,10 @@
 """attention on every backend against a float64 reference; masks, GQA, key bias, lse, grads.
 
-Tolerance rule (flash-attn's): a kernel's max error against ``fastvl.reference.attention`` in
-float64 is at most 2x (forward: out, lse) / 3x (gradients) the error of the same math done by
-PyTorch in the kernel's dtype (:func:`fastvl.reference.attention.attention_math`), plus a
-small absolute floor. Outputs are poisoned (NaN) first, so unwritten elements fail.
+Tolerance rule (flash-attn's): a backend's max error against the independent float64
+reference of ``tests/samples_attention.py`` (not fastvl.reference, the torch backend) is at
+most 2x (forward: out, lse) / 3x (gradients) the error of the same written-out math done by
+PyTorch in the inputs' dtype (``low=True``), plus a small absolute floor. Outputs are poisoned
+(NaN) first, so unwritten elements fail.
 
 On a CPU machine the Triton kernels run in the interpreter with small blocks (32/16), so the
 small shapes here still span several query and key blocks; bf16 (``tl.dot`` on bf16 is wrong
@@ -19,7 +20,6 @@ import torch
 
 from fastvl.ops import BackendNotSupportedError
 from fastvl.ops.attention import attention
-from fastvl.reference.attention import attention_backward, attention_math
 from fastvl.testing import (
     ERROR_FLOOR,
     assert_grads_within_reference_error,
@@ -30,6 +30,9 @@ from fastvl.testing import (
     random_tensor,
 )
 from tests.conftest import DEVICE, require_backend
+from tests.samples_attention import (
+    attention_inputs, noncontiguous_prefix_lens, reference_attention, reference_grads,
+)
 
 ALL_BACKENDS = ("torch", "triton")
 CPU_DTYPES = (torch.float32, torch.float16)
@@ -40,25 +43,12 @@ def _gen(seed):
     return torch.Generator(device=DEVICE).manual_seed(seed)
 
 
-def _make_inputs(batch, heads, kv_heads, nq, nk, head_dim, dtype, seed, bias=None,
-                 bias_dtype=None, device=DEVICE):
-    g = torch.Generator(device=device).manual_seed(seed)
-    q = random_tensor(batch, heads, nq, head_dim, dtype=dtype, device=device, generator=g)
-    k = random_tensor(batch, kv_heads, nk, head_dim, dtype=dtype, device=device, generator=g)
-    v = random_tensor(batch, kv_heads, nk, head_dim, dtype=dtype, device=device, generator=g)
-    key_bias = None
-    if bias is not None:
-        shape = (batch, nk) if bias == "b" else (batch, heads, nk)
-        key_bias = random_tensor(*shape, dtype=bias_dtype or dtype, device=device, generator=g)
-    return q, k, v, key_bias
-
-
 def _check(backend, batch, heads, kv_heads, nq, nk, head_dim, dtype, *, causal=False,
            causal_strength=None, prefix_len=None, bias=None, bias_dtype=None, grads=True,
            seed=0, make_inputs=None):
     """Forward (out, lse) and backward (q, k, v, key_bias; through out and lse) vs float64."""
     if make_inputs is None:
-        q, k, v, key_bias = _make_inputs(batch, heads, kv_heads, nq, nk, head_dim, dtype, seed,
+        q, k, v, key_bias = attention_inputs(batch, heads, kv_heads, nq, nk, head_dim, dtype, seed,
                                          bias, bias_dtype)
     else:
         q, k, v, key_bias = make_inputs()
@@ -76,13 +66,11 @@ def _check(backend, batch, heads, kv_heads, nq, nk, head_dim, dtype, *, causal=F
     assert out.dtype == dtype and out.shape == q.shape
     assert lse.shape == q.shape[:3]
 
-    def reference(ins):
-        return attention_math(*ins[:3], key_bias=ins[3] if len(ins) > 3 else None,
-                              prefix_len=ref_prefix, **masks)
-
-    ins64 = [t.double() for t in inputs]
-    out64, lse64 = reference(ins64)
-    out_low, lse_low = reference(inputs)
+    ref_masks = dict(prefix_len=ref_prefix, **masks)
+    key_bias_in = inputs[3] if len(inputs) > 3 else None
+    out64, lse64 = reference_attention(*inputs[:3], key_bias=key_bias_in, **ref_masks)
+    out_low, lse_low = reference_attention(*inputs[:3], key_bias=key_bias_in, low=True,
+                                           **ref_masks)
     assert not out.isnan().any(), "NaN in out"
     assert_within_reference_error(out, out64, out_low, factor=2, atol=ERROR_FLOOR[dtype], name="out")
     assert_lse_within_reference_error(lse, lse64, lse_low, dtype)
@@ -94,12 +82,8 @@ def _check(backend, batch, heads, kv_heads, nq, nk, head_dim, dtype, *, causal=F
     grad_lse = random_tensor(*lse.shape, dtype=torch.float32, device=DEVICE, generator=g)
     with poison_outputs():
         got = torch.autograd.grad((out, lse), leaves, (grad_out, grad_lse))
-    ref_kwargs = dict(key_bias=ins64[3] if key_bias is not None else None,
-                      prefix_len=ref_prefix, **masks)
-    want64 = attention_backward(grad_out.double(), *ins64[:3], grad_lse=grad_lse.double(),
-                                **ref_kwargs)
-    ref_kwargs["key_bias"] = key_bias
-    want_low = attention_backward(grad_out, *inputs[:3], grad_lse=grad_lse, **ref_kwargs)
+    want64 = reference_grads(grad_out, grad_lse, inputs, **ref_masks)
+    want_low = reference_grads(grad_out, grad_lse, inputs, low=True, **ref_masks)
     assert_grads_within_reference_error(
         ("dq", "dk", "dv", "dkey_bias"), got, want64, want_low, atol=ERROR_FLOOR[dtype] * 10
     )
@@ -156,7 +140,7 @@ def test_sweep(backend, case):
 def test_causal_strength_endpoints(backend, strength):
     """Strength 1 is the hard causal mask, strength 0 no mask at all."""
     require_backend("attention", backend)
-    q, k, v, _ = _make_inputs(1, 2, 1, 40, 40, 32, torch.float32, seed=11)
+    q, k, v, _ = attention_inputs(1, 2, 1, 40, 40, 32, torch.float32, seed=11)
     out = attention(q, k, v, causal=True, causal_strength=strength, backend=backend)
     plain = attention(q, k, v, causal=strength == 1.0, backend="torch")
     torch.testing.assert_close(out, plain, atol=1e-5, rtol=1e-5)
@@ -170,7 +154,7 @@ def test_fully_masked_rows(backend, bias):
     batch, heads, nq, nk, head_dim = 2, 2, 40, 23, 32
 
     def make():
-        q, k, v, key_bias = _make_inputs(batch, heads, 1, nq, nk, head_dim, torch.float32,
+        q, k, v, key_bias = attention_inputs(batch, heads, 1, nq, nk, head_dim, torch.float32,
                                          seed=12, bias=bias)
         key_bias[0] = -math.inf  # sample 0: every key dropped (all heads)
         key_bias[1, ..., 5:] = -math.inf  # sample 1: only the first 5 keys kept
@@ -193,7 +177,7 @@ def test_fully_masked_rows(backend, bias):
 def test_causal_rows_before_first_key(backend):
     """Causal with Nq > Nk (bottom-right): the first Nq - Nk query rows see nothing."""
     require_backend("attention", backend)
-    q, k, v, _ = _make_inputs(1, 2, 2, 20, 6, 32, torch.float32, seed=13)
+    q, k, v, _ = attention_inputs(1, 2, 2, 20, 6, 32, torch.float32, seed=13)
     q.requires_grad_(True)
     out, lse = attention(q, k, v, causal=True, return_lse=True, backend=backend)
     assert torch.count_nonzero(out[:, :, :14]) == 0 and torch.isneginf(lse[:, :, :14]).all()
@@ -209,7 +193,7 @@ def test_prefix_lm_mask_definition(backend):
     """prefix_len: keys < prefix visible to all queries; later keys causal; values clamped."""
     require_backend("attention", backend)
     nq = nk = 12
-    q, k, v, _ = _make_inputs(3, 1, 1, nq, nk, 16, torch.float32, seed=14)
+    q, k, v, _ = attention_inputs(3, 1, 1, nq, nk, 16, torch.float32, seed=14)
     prefix = torch.tensor([4, -3, 50], device=DEVICE)  # clamped to 4, 0 (plain causal), 12 (none)
     out = attention(q, k, v, causal=True, prefix_len=prefix, backend=backend)
     rows = torch.arange(nq).view(-1, 1)
@@ -224,7 +208,7 @@ def test_prefix_lm_mask_definition(backend):
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_gqa_matches_repeated_heads(backend):
     require_backend("attention", backend)
-    q, k, v, key_bias = _make_inputs(2, 6, 2, 19, 23, 32, torch.float32, seed=15, bias="b")
+    q, k, v, key_bias = attention_inputs(2, 6, 2, 19, 23, 32, torch.float32, seed=15, bias="b")
     for t in (q, k, v, key_bias):
         t.requires_grad_(True)
     out = attention(q, k, v, key_bias=key_bias, causal=True, backend=backend)
@@ -261,13 +245,13 @@ def test_strided_inputs(backend):
 def test_expanded_output_gradients(backend):
     """Gradients of out.sum() / lse.sum() arrive as stride-0 expanded tensors."""
     require_backend("attention", backend)
-    q, k, v, key_bias = _make_inputs(2, 2, 1, 21, 19, 32, torch.float32, seed=27, bias="bh")
+    q, k, v, key_bias = attention_inputs(2, 2, 1, 21, 19, 32, torch.float32, seed=27, bias="bh")
     leaves = [t.requires_grad_(True) for t in (q, k, v, key_bias)]
     out, lse = attention(*leaves[:3], key_bias=leaves[3], causal=True, return_lse=True,
                          backend=backend)
     got = torch.autograd.grad(out.sum(dim=2).sum() + lse.sum(), leaves)
     ins64 = [t.detach().double().requires_grad_(True) for t in leaves]
-    out64, lse64 = attention_math(*ins64[:3], key_bias=ins64[3], causal=True)
+    out64, lse64 = reference_attention(*ins64[:3], key_bias=ins64[3], causal=True)
     want = torch.autograd.grad(out64.sum() + lse64.sum(), ins64)
     for name, a, b in zip(("dq", "dk", "dv", "dkey_bias"), got, want):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5, msg=name)
@@ -291,7 +275,7 @@ def test_empty(backend, shape):
 
 def test_default_scale_and_explicit_scale():
     require_backend("attention", "triton")
-    q, k, v, _ = _make_inputs(1, 2, 2, 9, 11, 80, torch.float32, seed=18)
+    q, k, v, _ = attention_inputs(1, 2, 2, 9, 11, 80, torch.float32, seed=18)
     for scale in (None, 0.3):
         out = attention(q, k, v, scale=scale, backend="triton")
         expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
@@ -320,7 +304,7 @@ def test_torch_backend_gradcheck(opts):
     return_lse = opts.pop("return_lse", False)
     if isinstance(opts.get("prefix_len"), tuple):
         opts["prefix_len"] = torch.tensor(opts["prefix_len"], device=DEVICE)
-    q, k, v, key_bias = _make_inputs(2, 4, 2, nq, nk, 8, torch.float64, seed=19, bias=bias)
+    q, k, v, key_bias = attention_inputs(2, 4, 2, nq, nk, 8, torch.float64, seed=19, bias=bias)
     inputs = [t.requires_grad_(True) for t in (q, k, v)]
     if key_bias is not None:
         inputs.append(key_bias.requires_grad_(True))
@@ -338,17 +322,17 @@ def test_torch_backend_gradcheck(opts):
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 def test_torch_backend_sdpa_path_matches_math(dtype):
-    q, k, v, _ = _make_inputs(2, 4, 2, 33, 40, 64, dtype, seed=20)
+    q, k, v, _ = attention_inputs(2, 4, 2, 33, 40, 64, dtype, seed=20)
     for opts in (dict(), dict(causal=True), dict(causal=True, causal_strength=0.4),
                  dict(causal=True, prefix_len=torch.tensor([5, 0], device=DEVICE))):
         out = attention(q, k, v, backend="torch", **opts)
-        out64, _ = attention_math(q.double(), k.double(), v.double(), **opts)
-        low, _ = attention_math(q, k, v, **opts)
+        out64, _ = reference_attention(q, k, v, **opts)
+        low, _ = reference_attention(q, k, v, low=True, **opts)
         assert_within_reference_error(out, out64, low, factor=2, atol=ERROR_FLOOR[dtype], name=str(opts))
 
 
 def test_torch_backend_float64_lse():
-    q, k, v, _ = _make_inputs(1, 2, 2, 4, 5, 8, torch.float64, seed=21)
+    q, k, v, _ = attention_inputs(1, 2, 2, 4, 5, 8, torch.float64, seed=21)
     out, lse = attention(q, k, v, return_lse=True, backend="torch")
     assert out.dtype == torch.float64 and lse.dtype == torch.float64
     torch.testing.assert_close(lse, torch.logsumexp(q @ k.transpose(-1, -2) / math.sqrt(8), -1))
@@ -359,7 +343,7 @@ def test_torch_backend_float64_lse():
 
 def test_opcheck_triton_ops():
     require_backend("attention", "triton")
-    q, k, v, key_bias = _make_inputs(2, 4, 2, 9, 11, 32, torch.float32, seed=22, bias="b")
+    q, k, v, key_bias = attention_inputs(2, 4, 2, 9, 11, 32, torch.float32, seed=22, bias="b")
     prefix = torch.tensor([3, 0], device=DEVICE)
     fwd = torch.ops.fastvl.attention_fwd_triton.default
     bwd = torch.ops.fastvl.attention_bwd_triton.default
@@ -386,7 +370,7 @@ def test_compiles_without_graph_breaks(backend):
         compiler = "inductor"
     else:
         compiler = "aot_eager" if backend == "torch" else "eager"
-    q, k, v, key_bias = _make_inputs(2, 4, 2, 17, 17, 32, torch.float32, seed=24, bias="b")
+    q, k, v, key_bias = attention_inputs(2, 4, 2, 17, 17, 32, torch.float32, seed=24, bias="b")
     prefix = torch.tensor([3, 9], device=DEVICE)
 
     def fn(q, k, v, key_bias, prefix):
@@ -419,7 +403,7 @@ def test_compiles_without_graph_breaks(backend):
 def test_auto_on_cpu_uses_sdpa_then_torch():
     from fastvl.ops.registry import OPS
 
-    q, k, v, _ = _make_inputs(1, 1, 1, 3, 3, 8, torch.float32, seed=25, device="cpu")
+    q, k, v, _ = attention_inputs(1, 1, 1, 3, 3, 8, torch.float32, seed=25, device="cpu")
     args = (q, k, v, None, None, 1.0, False, 1.0, False, None, 0.0)
     assert OPS["attention"].select("auto", q.device, *args).__name__ == "_sdpa_impl"
     with_lse = args[:8] + (True,) + args[9:]  # what SDPA cannot return
@@ -430,7 +414,7 @@ def test_auto_on_cpu_uses_sdpa_then_torch():
 
 
 def _bad_inputs():
-    q, k, v, _ = _make_inputs(2, 4, 2, 5, 6, 8, torch.float32, seed=26, device="cpu")
+    q, k, v, _ = attention_inputs(2, 4, 2, 5, 6, 8, torch.float32, seed=26, device="cpu")
     return q, k, v
 
 
@@ -490,20 +474,82 @@ def test_bad_inputs_raise_clear_errors(make_call, error, match, backend):
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "kwargs, error, match",
     [
-        (dict(return_lse=0), r"return_lse must be a bool"),
-        (dict(dropout_p=False), r"dropout_p must be a Python float"),
-        (dict(dropout_p=1.0), r"dropout_p must lie in \[0, 1\)"),
-        (dict(backend="flash"), r"backend must be 'auto' or one of"),
+        (dict(causal="False"), TypeError, r"attention: causal must be a bool, got str"),
+        (dict(causal=1), TypeError, r"causal must be a bool, got int"),
+        (dict(return_lse="True"), TypeError, r"return_lse must be a bool, got str"),
+        (dict(scale=math.nan), ValueError, r"scale must be a finite number > 0 or None, got nan"),
+        (dict(scale=math.inf), ValueError, r"scale must be a finite number > 0"),
+        (dict(scale=0.0), ValueError, r"scale must be a finite number > 0"),
+        (dict(scale=-0.5), ValueError, r"scale must be a finite number > 0"),
     ],
 )
-def test_memo_keeps_value_equal_bad_arguments_out(kwargs, match):
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+def test_wrong_kind_flags_and_bad_scale_raise(kwargs, error, match, backend):
+    """Non-bool flags are not truth-tested; a NaN / inf / non-positive scale is refused, also
+    after a memoised valid call with the same shapes (the memo key does not hold scale)."""
+    q, k, v = _bad_inputs()
+    attention(q, k, v, scale=0.5, backend=backend)
+    with pytest.raises(error, match=match):
+        attention(q, k, v, backend=backend, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_strided_prefix_len_is_read_by_value(backend):
+    """A non-contiguous or expanded prefix_len means its values, not the memory after them."""
+    require_backend("attention", backend)
+    q, k, v, _ = attention_inputs(3, 2, 1, 9, 11, 16, torch.float32, seed=31)
+    for prefix in noncontiguous_prefix_lens():
+        assert not prefix.is_contiguous()
+        out, lse = attention(q, k, v, causal=True, prefix_len=prefix, return_lse=True,
+                             backend=backend)
+        out64, lse64 = reference_attention(q, k, v, causal=True, prefix_len=prefix.clone())
+        torch.testing.assert_close(out.double(), out64, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse.double(), lse64, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("return_lse", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+def test_nan_query_row_stays_in_its_row(backend, return_lse, causal):
+    """IEEE contract: a query row holding a NaN (or inf) gives NaN out and lse in that row
+    only; a NaN in k of a key the causal mask hides reaches no row it is hidden from."""
+    require_backend("attention", backend)
+    q, k, v, _ = attention_inputs(1, 2, 1, 9, 9, 16, torch.float32, seed=32)
+    q[0, 0, 3, 5] = math.nan
+    q[0, 1, 6, 0] = math.inf
+    k[0, 0, 7, 2] = math.nan
+    result = attention(q, k, v, causal=causal, return_lse=return_lse, backend=backend)
+    out, lse = result if return_lse else (result, None)
+    out64, lse64 = reference_attention(q, k, v, causal=causal)
+    bad_rows = torch.zeros(1, 2, 9, dtype=torch.bool)
+    bad_rows[0, 0, 3] = bad_rows[0, 1, 6] = True
+    if causal:
+        bad_rows[..., 7:] = True  # the rows that see key 7
+    else:
+        bad_rows[:] = True
+    assert torch.equal(out64.isnan().any(-1).cpu(), bad_rows)  # the oracle's contract
+    torch.testing.assert_close(out.double(), out64, rtol=1e-5, atol=1e-5, equal_nan=True)
+    if return_lse:
+        torch.testing.assert_close(lse.double(), lse64, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(return_lse=0), TypeError, r"return_lse must be a bool"),
+        (dict(dropout_p=False), TypeError, r"dropout_p must be a Python float"),
+        (dict(dropout_p=1.0), ValueError, r"dropout_p must lie in \[0, 1\)"),
+        (dict(backend="flash"), ValueError, r"backend must be 'auto' or one of"),
+    ],
+)
+def test_memo_keeps_value_equal_bad_arguments_out(kwargs, error, match):
     """Arguments equal (and hash-equal) to a memoised valid call's still fail their checks."""
     q, k, v = _bad_inputs()
     attention(q, k, v, return_lse=False, dropout_p=0.0)
     attention(q, k, v, return_lse=True, dropout_p=0.0)
-    with pytest.raises((TypeError, ValueError), match=match):
+    with pytest.raises(error, match=match):
         attention(q, k, v, **kwargs)
 
 
@@ -538,7 +584,7 @@ def test_eager_triton_path_skips_custom_op_dispatch():
             self.names.append(f"{func.namespace}::{func.__name__}")
             return func(*args, **(kwargs or {}))
 
-    q, k, v, _ = _make_inputs(1, 2, 1, 5, 7, 8, torch.float32, seed=27)
+    q, k, v, _ = attention_inputs(1, 2, 1, 5, 7, 8, torch.float32, seed=27)
     leaves = [t.requires_grad_(True) for t in (q, k, v)]
     with Ops() as seen:
         out = attention(*leaves, backend="triton")

@@ -1,9 +1,10 @@
 """attention_key_mass on every backend against a float64 reference; ranges, masks, GQA, heads.
 
-Tolerance rule (flash-attn's, forward): a backend's max error against
-:func:`fastvl.reference.attention_key_mass` in float64 (fed the float64 reference lse) is at
-most 2x the error of the same reference run by PyTorch in the kernel's dtype (fed the same
-float32 lse as the backend), plus a small absolute floor. Outputs are poisoned (NaN) first,
+Tolerance rule (flash-attn's, forward): a backend's max error against the dense oracle
+written below (:func:`_dense_key_mass`, not fastvl.reference, the torch backend) in float64
+(fed the lse of the float64 reference of ``tests/samples_attention.py``) is at most 2x the
+error of the same dense math run in the kernel's dtype (fed the same float32 lse as the
+backend), plus a small absolute floor. Outputs are poisoned (NaN) first,
 so unwritten elements fail. The lse fed to a backend comes from ``attention`` on that
 backend (end to end: attention -> lse -> key mass).
 
@@ -20,8 +21,6 @@ import pytest
 import torch
 
 from fastvl.ops import BackendNotSupportedError, attention, attention_key_mass
-from fastvl.reference.attention import attention_math
-from fastvl.reference.attention_key_mass import attention_key_mass as reference_key_mass
 from fastvl.testing import (
     ERROR_FLOOR,
     assert_opcheck,
@@ -30,22 +29,17 @@ from fastvl.testing import (
     random_tensor,
 )
 from tests.conftest import DEVICE, require_backend
+from tests.samples_attention import attention_inputs, noncontiguous_prefix_lens, reference_attention
 
 ALL_BACKENDS = ("torch", "triton")
 
 
 def _make_inputs(batch, heads, kv_heads, nq, nk, head_dim, dtype, seed, bias=None,
                  device=DEVICE):
-    """q, k, v and an optional key_bias ("b": (B, Nk), "bh": (B, H, Nk)) hiding every 5th key
-    of sample 0 with -inf."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    q = random_tensor(batch, heads, nq, head_dim, dtype=dtype, device=device, generator=g)
-    k = random_tensor(batch, kv_heads, nk, head_dim, dtype=dtype, device=device, generator=g)
-    v = random_tensor(batch, kv_heads, nk, head_dim, dtype=dtype, device=device, generator=g)
-    key_bias = None
-    if bias is not None:
-        shape = (batch, nk) if bias == "b" else (batch, heads, nk)
-        key_bias = random_tensor(*shape, dtype=dtype, device=device, generator=g)
+    """The shared attention inputs, the key_bias (if any) hiding every 5th key of sample 0."""
+    q, k, v, key_bias = attention_inputs(batch, heads, kv_heads, nq, nk, head_dim, dtype,
+                                         seed, bias=bias, device=device)
+    if key_bias is not None:
         key_bias[0, ..., ::5] = -math.inf
     return q, k, v, key_bias
 
@@ -70,11 +64,10 @@ def _check(backend, batch, heads, kv_heads, nq, nk, head_dim, dtype, *, rows=(0,
     shape = (batch, heads, nk) if head_reduce is None else (batch, nk)
     assert mass.dtype == torch.float32 and mass.shape == shape
 
-    q64, k64, v64 = q.double(), k.double(), v.double()
-    masks64 = dict(masks, key_bias=None if key_bias is None else key_bias.double())
-    _, lse64 = attention_math(q64, k64, v64, prefix_len=ref_prefix, **masks64)
-    mass64 = reference_key_mass(q64, k64, lse64, prefix_len=ref_prefix, **selection, **masks64)
-    low = reference_key_mass(q, k, lse, prefix_len=ref_prefix, **selection, **masks)
+    _, lse64 = reference_attention(q, k, v, prefix_len=ref_prefix, **masks)
+    dense = dict(masks, prefix_len=ref_prefix, rows=rows, head_reduce=head_reduce)
+    mass64 = _dense_key_mass(q, k, lse64, **dense)
+    low = _dense_key_mass(q, k, lse, low=True, **dense)
     assert_within_reference_error(mass, mass64, low, factor=2, atol=ERROR_FLOOR[dtype], name="mass")
     if num_rows == 0:
         assert torch.count_nonzero(mass) == 0
@@ -189,26 +182,30 @@ def test_torch_backend_float64():
     torch.testing.assert_close(mass, probs.sum(2).mean(1).float())
 
 
-def _dense_key_mass64(q, k, lse, *, causal, causal_strength, prefix_len, key_bias, rows,
-                      head_reduce):
-    """Independent float64 oracle: every logit of the selected rows, the bias written out."""
-    q, k, lse = q.double(), k.double(), lse.double()
+def _dense_key_mass(q, k, lse, *, causal, causal_strength, prefix_len, key_bias, rows,
+                    head_reduce, low=False):
+    """Independent oracle: every logit of the selected rows, the bias written out; float64,
+    or with ``low`` the logits in q's dtype and the rest in float32."""
+    acc = torch.float32 if low else torch.float64
+    if not low:
+        q, k = q.double(), k.double()
+    lse = lse.to(acc)
     batch, heads, nq, head_dim = q.shape
     nk = k.shape[2]
     k = k.repeat_interleave(heads // k.shape[1], dim=1)
-    logits = q @ k.transpose(-1, -2) / math.sqrt(head_dim)  # (B, H, Nq, Nk)
+    logits = (q @ k.transpose(-1, -2)).to(acc) / math.sqrt(head_dim)  # (B, H, Nq, Nk)
     if key_bias is not None:
-        kb = key_bias.double()
+        kb = key_bias.to(acc)
         logits = logits + (kb[:, None, None, :] if kb.dim() == 2 else kb[:, :, None, :])
     if causal:
-        i = torch.arange(nq).view(1, nq, 1)
-        j = torch.arange(nk).view(1, 1, nk)
+        i = torch.arange(nq, device=q.device).view(1, nq, 1)
+        j = torch.arange(nk, device=q.device).view(1, 1, nk)
         future = (j > i + nk - nq).expand(batch, nq, nk)
         if prefix_len is not None:
             future = future & (j >= prefix_len.view(-1, 1, 1))
         strength = 1.0 if causal_strength is None else causal_strength
         value = -math.inf if strength >= 1.0 else math.log(1.0 - strength)
-        bias = torch.zeros(future.shape, dtype=torch.float64).masked_fill(future, value)
+        bias = torch.zeros(future.shape, dtype=acc, device=q.device).masked_fill(future, value)
         logits = logits + bias.unsqueeze(1)
     probs = torch.exp(logits - lse.unsqueeze(-1))
     probs = torch.where(torch.isneginf(lse).unsqueeze(-1), 0.0, probs)
@@ -252,13 +249,12 @@ def test_torch_blocks_against_dense_float64(case, dtype, block_bytes, monkeypatc
     masks = dict(causal=opts.pop("causal", False),
                  causal_strength=opts.pop("causal_strength", None), prefix_len=prefix_len)
     assert not opts
-    _, lse = attention_math(q.double(), k.double(), v.double(), key_bias=key_bias if key_bias is
-                            None else key_bias.double(), **masks)
+    _, lse = reference_attention(q, k, v, key_bias=key_bias, **masks)
     lse = lse if dtype == torch.float64 else lse.float()
     with poison_outputs():
         mass = module.attention_key_mass(q, k, lse, key_bias=key_bias, query_start=rows[0],
                                          query_end=rows[1], head_reduce=head_reduce, **masks)
-    expected = _dense_key_mass64(q, k, lse, key_bias=key_bias, rows=rows,
+    expected = _dense_key_mass(q, k, lse, key_bias=key_bias, rows=rows,
                                  head_reduce=head_reduce, **masks)
     assert mass.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else (
@@ -386,6 +382,37 @@ def test_bad_inputs_raise_clear_errors(make_call, error, match, backend):
     args, kwargs = make_call(*_bad_inputs())
     with pytest.raises(error, match=match):
         attention_key_mass(*args, backend=backend, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(causal="False"), TypeError, r"attention_key_mass: causal must be a bool, got str"),
+        (dict(scale=math.nan), ValueError, r"scale must be a finite number > 0 or None"),
+        (dict(scale=0.0), ValueError, r"scale must be a finite number > 0 or None"),
+    ],
+)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_wrong_kind_flags_and_bad_scale_raise(kwargs, error, match, backend):
+    """Also after a memoised valid call with the same shapes."""
+    q, k, lse = _bad_inputs()
+    attention_key_mass(q, k, lse, scale=0.5, backend=backend)
+    with pytest.raises(error, match=match):
+        attention_key_mass(q, k, lse, backend=backend, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_strided_prefix_len_is_read_by_value(backend):
+    """A non-contiguous or expanded prefix_len means its values."""
+    require_backend("attention_key_mass", backend)
+    q, k, v, _ = _make_inputs(3, 2, 1, 9, 11, 16, torch.float32, seed=12)
+    for prefix in noncontiguous_prefix_lens():
+        masks = dict(causal=True, causal_strength=None, key_bias=None, prefix_len=prefix.clone())
+        _, lse = reference_attention(q, k, v, **masks)
+        mass = attention_key_mass(q, k, lse.float(), causal=True, prefix_len=prefix,
+                                  head_reduce=None, backend=backend)
+        expected = _dense_key_mass(q, k, lse, rows=(0, None), head_reduce=None, **masks)
+        torch.testing.assert_close(mass.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_backend_not_supported_reasons():

@@ -1,10 +1,11 @@
-"""lora_linear / routed_lora_linear on every backend against float64 references.
+"""lora_linear / routed_lora_linear on every backend against an independent float64 reference.
 
-Tolerance rule (flash-attn's): a backend's max error against the op computed in float64 is at
-most 2x (forward) / 3x (gradients of x, weight, bias, lora_a, lora_b) the error of the torch
-backend run in the tested dtype, plus a small absolute floor. The torch backend itself is
-checked against an independent per-token formula (boolean row selection, the implementation
-this op replaces) and by gradcheck in float64.
+The oracle (:mod:`tests.samples_lora`) is the formula written out per token,
+``x Wᵀ + b + scaling · (x Aₑᵀ) Bₑᵀ``, sharing no code with fastvl. Tolerance rule
+(flash-attn's): a backend's max error against the formula in float64 is at most 2x (forward) /
+3x (gradients of x, weight, bias, lora_a, lora_b) the error of the same formula run in the
+tested dtype, plus a small absolute floor. The torch backend is also checked by gradcheck in
+float64.
 
 On a CPU machine the Triton kernels run in the interpreter with 16-wide blocks, so the small
 shapes here span several blocks of rows, of in / out features and (with r = 20) of the rank
@@ -26,51 +27,49 @@ from fastvl.testing import (
     random_tensor,
 )
 from tests.conftest import DEVICE, require_backend
+from tests.samples_lora import (
+    NAMES,
+    LoRASample,
+    generator as _gen,
+    lora_params as _params,
+    lora_reference,
+    plain_samples,
+    route_values as _routes,
+    routed_samples,
+)
 
 ALL_BACKENDS = ("torch", "triton")
 CPU_DTYPES = (torch.float32, torch.float16)
-NAMES = ("x", "weight", "bias", "lora_a", "lora_b")
-
-
-def _gen(seed):
-    return torch.Generator(device=DEVICE).manual_seed(seed)
-
-
-def _params(lead, in_f, out_f, rank, num_adapters, seed):
-    """float64 (x, weight, bias, lora_a, lora_b), scaled so outputs are O(1)."""
-    g = _gen(seed)
-    adapters = () if num_adapters is None else (num_adapters,)
-    return (
-        random_tensor(*lead, in_f, dtype=torch.float64, device=DEVICE, generator=g),
-        random_tensor(out_f, in_f, dtype=torch.float64, device=DEVICE, generator=g) / in_f**0.5,
-        random_tensor(out_f, dtype=torch.float64, device=DEVICE, generator=g),
-        random_tensor(*adapters, rank, in_f, dtype=torch.float64, device=DEVICE, generator=g)
-        / in_f**0.5,
-        random_tensor(*adapters, out_f, rank, dtype=torch.float64, device=DEVICE, generator=g)
-        / rank**0.5,
-    )
+PLAIN = plain_samples()
+ROUTED = routed_samples()
 
 
 def _run(fn, params, dtype, trainable_base=True):
-    """fn(*leaves) and the gradients of every leaf for a fixed random output gradient."""
-    leaves = [t.to(dtype).detach().requires_grad_(trainable_base or i not in (1, 2))
-              for i, t in enumerate(params)]
+    """fn(*leaves) and the gradients of every leaf (zeros where fn does not use it; None for
+    a frozen base) for a fixed random output gradient."""
+    leaves = [None if t is None else t.to(dtype).detach().requires_grad_(
+        trainable_base or i not in (1, 2)) for i, t in enumerate(params)]
     out = fn(*leaves)
     grad = random_tensor(*out.shape, dtype=torch.float64, device=DEVICE, generator=_gen(99))
-    out.backward(grad.to(dtype))
-    return out, [leaf.grad for leaf in leaves]
+    wrt = [t for t in leaves if t is not None and t.requires_grad]
+    grads = iter(torch.autograd.grad(out, wrt, grad.to(dtype), allow_unused=True,
+                                     materialize_grads=True))
+    return out, [next(grads) if t is not None and t.requires_grad else None for t in leaves]
 
 
-def _check_backend(backend, dtype, params, call, trainable_base=True):
-    """The backend in dtype vs the torch backend in float64, by the error rule."""
+def _check_backend(backend, dtype, sample, trainable_base=True, **kwargs):
+    """The backend in dtype vs the float64 formula, by the error rule (the formula in dtype
+    sets the error budget); returns the backend's gradients."""
     with poison_outputs():
-        out, grads = _run(lambda *t: call(*t, backend=backend), params, dtype, trainable_base)
-    ref, ref_grads = _run(lambda *t: call(*t, backend="torch"), params, torch.float64)
-    low, low_grads = _run(lambda *t: call(*t, backend="torch"), params, dtype)
+        out, grads = _run(lambda *t: sample.call(*t, backend=backend, **kwargs), sample.tensors,
+                          dtype, trainable_base)
+    ref, ref_grads = _run(sample.reference, sample.tensors, torch.float64, trainable_base)
+    low, low_grads = _run(sample.reference, sample.tensors, dtype, trainable_base)
     floor = ERROR_FLOOR[dtype]
-    assert out.dtype == dtype
+    assert out.dtype == dtype and out.shape == ref.shape
     assert_within_reference_error(out, ref, low, factor=2, atol=floor)
     present = [i for i, g in enumerate(grads) if g is not None]
+    assert present == [i for i, g in enumerate(ref_grads) if g is not None]
     if not trainable_base:
         assert present == [0, 3, 4]
     assert_grads_within_reference_error(
@@ -80,60 +79,21 @@ def _check_backend(backend, dtype, params, call, trainable_base=True):
     return grads
 
 
-def _per_token_branch(x, lora_a, lora_b, scaling, route):
-    """PLoRA's formulation of the LoRA branch: each adapter's rows selected by boolean
-    indexing."""
-    scales = scaling if isinstance(scaling, torch.Tensor) else [scaling] * lora_a.shape[0]
-    out = x.new_zeros(*x.shape[:-1], lora_b.shape[1])
-    for e in range(lora_a.shape[0]):
-        rows = route == e
-        out[rows] += scales[e] * (x[rows] @ lora_a[e].t()) @ lora_b[e].t()
-    return out
+# ---- torch backend: gradcheck, its two routed forms ----------------------------------------
 
 
-def _routes(kind, lead, num_adapters, seed):
-    g = _gen(seed)
-    if kind == "mixed":  # -1 rows and an adapter (the last) with no rows
-        return torch.randint(-1, num_adapters - 1, lead, generator=g, device=DEVICE)
-    if kind == "one_adapter":
-        return torch.full(lead, 1, dtype=torch.int64, device=DEVICE)
-    return torch.full(lead, -1, dtype=torch.int64, device=DEVICE)  # "none"
-
-
-# ---- torch backend against independent references, gradcheck -----------------------------
-
-
-def test_torch_backend_matches_formula():
-    x, weight, bias, lora_a, lora_b = _params((2, 9), 12, 10, 4, None, seed=1)
-    out = lora_linear(x, weight, bias, lora_a, lora_b, 0.5, backend="torch")
-    expected = x @ weight.t() + bias + 0.5 * (x @ lora_a.t()) @ lora_b.t()
-    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
-
-    x, weight, bias, lora_a, lora_b = _params((3, 7), 12, 10, 4, 3, seed=2)
-    scaling = torch.tensor([0.5, -2.0, 3.0], dtype=torch.float64, device=DEVICE)
-    for kind in ("mixed", "one_adapter", "none"):
-        route = _routes(kind, (3, 7), 3, seed=3)
-        for scale in (scaling, 1.5):
-            out = routed_lora_linear(x, weight, bias, lora_a, lora_b, scale, route,
-                                     backend="torch")
-            expected = x @ weight.t() + bias + _per_token_branch(x, lora_a, lora_b, scale, route)
-            torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("routed", [False, True])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.4])
-def test_torch_backend_gradcheck(routed, dropout_p):
-    x, weight, bias, lora_a, lora_b = _params((2, 5), 6, 5, 3, 3 if routed else None, seed=4)
-    route = _routes("mixed", (2, 5), 3, seed=5)
+@pytest.mark.parametrize("sample", PLAIN + ROUTED, ids=lambda s: s.name)
+def test_torch_backend_gradcheck(sample, dropout_p):
+    leaves = [None if t is None else t.detach().requires_grad_(True) for t in sample.tensors]
+    given = [t for t in leaves if t is not None]
 
     def fn(*tensors):
-        if routed:
-            return routed_lora_linear(*tensors, 0.7, route, dropout_p=dropout_p, seed=6,
-                                      backend="torch")
-        return lora_linear(*tensors, 0.7, dropout_p=dropout_p, seed=6, backend="torch")
+        tensors = iter(tensors)
+        return sample.call(*[None if t is None else next(tensors) for t in leaves],
+                           dropout_p=dropout_p, seed=6, backend="torch")
 
-    leaves = [t.detach().requires_grad_(True) for t in (x, weight, bias, lora_a, lora_b)]
-    assert torch.autograd.gradcheck(fn, leaves)
+    assert torch.autograd.gradcheck(fn, given, fast_mode=True)
 
 
 @pytest.mark.parametrize("path", ["segments", "dense"])
@@ -158,7 +118,7 @@ def test_torch_routed_paths_match_formula_and_gradcheck(path, monkeypatch):
     for scale in (scaling, 1.5):
         out = routed_lora_linear(x, weight, bias, lora_a, lora_b, scale, route,
                                  backend="torch", check_route=False)
-        expected = x @ weight.t() + bias + _per_token_branch(x, lora_a, lora_b, scale, valid)
+        expected = lora_reference(x, weight, bias, lora_a, lora_b, scale, valid)
         torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     assert len(calls) == (2 if path == "segments" else 0)
 
@@ -178,48 +138,76 @@ def test_torch_routed_paths_match_formula_and_gradcheck(path, monkeypatch):
     torch.testing.assert_close(segments, dense, rtol=1e-12, atol=1e-12)
 
 
-# ---- backends vs float64 -----------------------------------------------------------------
-
-PLAIN_CASES = [  # (lead dims, in, out, rank)
-    ((2, 19), 40, 33, 8),
-    ((37,), 24, 50, 20),
-    ((1,), 16, 16, 1),
-]
+# ---- backends vs the float64 formula ------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-@pytest.mark.parametrize("case", PLAIN_CASES)
-def test_plain(backend, dtype, case):
+@pytest.mark.parametrize("sample", PLAIN, ids=lambda s: s.name)
+def test_plain(backend, dtype, sample):
+    """Every sample, degenerate sizes included (in = 0: the bias; N, out or r = 0)."""
     require_backend("lora_linear", backend)
-    lead, in_f, out_f, rank = case
-    params = _params(lead, in_f, out_f, rank, None, seed=7)
-    _check_backend(backend, dtype, params,
-                   lambda *t, backend: lora_linear(*t, 0.8, backend=backend))
+    _check_backend(backend, dtype, sample)
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-@pytest.mark.parametrize("kind", ["mixed", "one_adapter", "none"])
-def test_routed(backend, dtype, kind):
+@pytest.mark.parametrize("sample", ROUTED, ids=lambda s: s.name)
+def test_routed(backend, dtype, sample):
+    """Every sample, degenerate sizes included (E = 0: the base layer; in = 0, r = 0);
+    adapters without tokens get zero gradients (not None)."""
     require_backend("routed_lora_linear", backend)
-    lead, in_f, out_f, rank, num_adapters = (3, 13), 40, 33, 8, 3
-    params = _params(lead, in_f, out_f, rank, num_adapters, seed=8)
-    route = _routes(kind, lead, num_adapters, seed=9)
-    scaling = torch.tensor([0.5, 2.0, 1.0], device=DEVICE)
-
-    def call(*t, backend):
-        return routed_lora_linear(*t, scaling, route, backend=backend)
-
-    grads = _check_backend(backend, dtype, params, call)
-    used = set(route.unique().tolist()) - {-1}
-    for e in range(num_adapters):  # adapters without tokens: zero gradients, not None
+    grads = _check_backend(backend, dtype, sample)
+    used = set(sample.route.unique().tolist())
+    for e in range(sample.tensors[3].shape[0]):
         if e not in used:
             assert torch.count_nonzero(grads[3][e]) == 0 and torch.count_nonzero(grads[4][e]) == 0
-    if kind == "none":  # the base layer alone
-        out = call(*[t.to(dtype) for t in params], backend=backend)
-        x, weight, bias = (t.to(dtype) for t in params[:3])
-        torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, bias))
+
+
+@pytest.mark.parametrize("form", ["triton", "torch_segments", "torch_dense"])
+def test_unused_adapter_values_do_not_reach_results(form, monkeypatch):
+    """NaN / inf in the A, B and scale of adapters no token is routed to (between used ones
+    and last) change neither the output nor any gradient: the float64 formula (which never
+    reads them) within 1e-5 in float32, zero gradients for those adapters."""
+    import fastvl.reference.lora as reference_lora
+
+    backend = "triton" if form == "triton" else "torch"
+    require_backend("routed_lora_linear", backend)
+    if form != "triton" and DEVICE.type != "cpu":
+        pytest.skip("the segment form is a CPU path")
+    monkeypatch.setattr(reference_lora, "SEGMENT_MIN_ADAPTERS",
+                        99 if form == "torch_dense" else 2)
+    x, weight, bias, lora_a, lora_b = _params((2, 19), 24, 18, 4, 4, seed=50)
+    for unused, value in ((1, float("nan")), (3, float("inf"))):
+        lora_a[unused, 0, 2] = value
+        lora_b[unused, 5, 1] = -value
+    scaling = torch.tensor([0.5, float("nan"), 2.0, float("inf")], device=DEVICE)
+    route = _routes("mixed", (2, 19), 3, seed=51) * 2  # -2 (unchecked: none), 0 and 2
+    sample = LoRASample("poisoned", (x, weight, bias, lora_a, lora_b), scaling, route)
+    out, grads = _run(lambda *t: sample.call(*t, backend=backend, check_route=False),
+                      sample.tensors, torch.float32)
+    ref, ref_grads = _run(sample.reference, sample.tensors, torch.float64)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    for name, got, want in zip(NAMES, grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, msg=name)
+    assert torch.count_nonzero(grads[3][1::2]) == 0 and torch.count_nonzero(grads[4][1::2]) == 0
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_unchecked_route_outside_range_gets_no_adapter(backend):
+    """With check_route=False (as under torch.compile) route values outside [-1, E) get no
+    adapter on every backend (no out-of-bounds read), E = 0 included."""
+    require_backend("routed_lora_linear", backend)
+    for num_adapters in (3, 0):
+        x, weight, bias, lora_a, lora_b = (t.float() for t in _params(
+            (9,), 20, 18, 4, num_adapters, seed=52))
+        route = torch.tensor([0, 3, -1, 7, -5, 2, 1, 3, 0], device=DEVICE)
+        valid = torch.where((route >= 0) & (route < num_adapters), route, -1)
+        out = routed_lora_linear(x, weight, bias, lora_a, lora_b, 1.5, route, backend=backend,
+                                 check_route=False)
+        expected = lora_reference(*(t.double() for t in (x, weight, bias, lora_a, lora_b)),
+                                  1.5, valid)
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 # ---- multi-adapter decode: the row path, routes per sequence ------------------------------
@@ -276,37 +264,53 @@ def test_multi_adapter_decode_step(backend, dtype):
     params = _params((6, 1), 40, 33, 8, DECODE_ADAPTERS, seed=44)
     route = torch.tensor([[3], [11], [-1], [0], [3], [7]], device=DEVICE)
     scaling = torch.linspace(0.5, 2.0, DECODE_ADAPTERS, device=DEVICE)
-    _check_backend(backend, dtype, params, lambda *t, backend: routed_lora_linear(
-        *t, scaling, route, backend=backend))
+    _check_backend(backend, dtype, LoRASample("decode", params, scaling, route))
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_route_per_sequence_broadcasts(backend):
-    """route (B, 1) for x (B, N, in) = the per-token route with each sequence's adapter."""
+def test_strided_and_expanded_route_and_scales(backend):
+    """A non-contiguous route (N,) and per-adapter scales (E,), strided or expanded (stride
+    0), give the float64 formula's result (float32, 1e-5)."""
     require_backend("routed_lora_linear", backend)
-    x, weight, bias, lora_a, lora_b = (t.float() for t in _params((3, 10), 24, 18, 4, 5,
-                                                                    seed=45))
-    per_sequence = torch.tensor([[4], [-1], [1]], device=DEVICE)
-    out = routed_lora_linear(x, weight, bias, lora_a, lora_b, 1.5, per_sequence,
-                             backend=backend)
-    expected = routed_lora_linear(x, weight, bias, lora_a, lora_b, 1.5,
-                                  per_sequence.expand(3, 10).contiguous(), backend=backend)
-    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    params = _params((7,), 24, 18, 4, 3, seed=48)
+    strided = (_routes("mixed", (14,), 3, seed=49)[::2],
+               torch.tensor([0.5, 9.0, 1.5, 9.0, 2.0, 9.0], device=DEVICE)[::2])
+    expanded = (torch.tensor(1, device=DEVICE).expand(7),
+                torch.tensor(2.0, device=DEVICE).expand(3))
+    for route, scales in (strided, expanded):
+        assert not route.is_contiguous() and not scales.is_contiguous()
+        out = routed_lora_linear(*(t.float() for t in params), scales, route, backend=backend)
+        expected = lora_reference(*params, scales, route)
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_strided_route_and_scales(backend):
-    """A non-contiguous route (N,) and per-adapter scales (E,) give what their contiguous
-    copies give."""
-    require_backend("routed_lora_linear", backend)
-    x, weight, bias, lora_a, lora_b = (t.float() for t in _params((7,), 24, 18, 4, 3, seed=48))
-    route = _routes("mixed", (14,), 3, seed=49)[::2]
-    scales = torch.tensor([0.5, 9.0, 1.5, 9.0, 2.0, 9.0], device=DEVICE)[::2]
-    assert not route.is_contiguous() and not scales.is_contiguous()
-    out = routed_lora_linear(x, weight, bias, lora_a, lora_b, scales, route, backend=backend)
-    expected = routed_lora_linear(x, weight, bias, lora_a, lora_b, scales.contiguous(),
-                                  route.contiguous(), backend=backend)
-    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+@pytest.mark.parametrize("row_path", [True, False])
+def test_triton_kernels_read_strided_route_and_scale(row_path):
+    """The kernels' launchers (behind the registered ops that torch.compile calls) make a
+    strided route and scale tensor contiguous: forward and backward give what contiguous
+    copies give, the forward the float64 formula's result."""
+    require_backend("routed_lora_linear", "triton")
+    from fastvl.kernels.lora import lora_backward, lora_forward
+
+    num_rows = 5 if row_path else 40
+    params = _params((num_rows,), 24, 18, 4, 3, seed=53)
+    x, _, _, lora_a, lora_b = (t.float() for t in params)
+    route = _routes("mixed", (2 * num_rows,), 3, seed=54)[::2]
+    scale = torch.tensor([0.5, 9.0, 1.5, 9.0, 2.0, 9.0], device=DEVICE)[::2]
+    grad_out = random_tensor(num_rows, 18, device=DEVICE, generator=_gen(55))
+
+    def run(route, scale):
+        out = torch.zeros(num_rows, 18, device=DEVICE)
+        s = lora_forward(x, lora_a, lora_b, scale, route, 0.0, 0, out, row_path=row_path)
+        dx = torch.zeros_like(x)
+        return out, dx, lora_backward(grad_out, x, lora_a, lora_b, scale, route, s, 0.0, 0, dx)
+
+    strided, dense = run(route, scale), run(route.contiguous(), scale.contiguous())
+    zero_base = (torch.zeros_like(params[1]), None)
+    expected = lora_reference(params[0], *zero_base, *params[3:], scale, route)
+    torch.testing.assert_close(strided[0].double(), expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(strided, dense):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.fixture
@@ -333,13 +337,9 @@ def test_deterministic_backward_without_atomics(routed, deterministic_algorithms
     params = _params(lead, in_f, out_f, rank, 3 if routed else None, seed=46)
     route = _routes("mixed", lead, 3, seed=47)
 
-    def call(*t, backend):
-        if routed:
-            return routed_lora_linear(*t, 1.5, route, backend=backend)
-        return lora_linear(*t, 1.5, backend=backend)
-
-    first = _check_backend("triton", torch.float32, params, call)
-    again = _run(lambda *t: call(*t, backend="triton"), params, torch.float32)[1]
+    sample = LoRASample("deterministic", params, 1.5, route if routed else None)
+    first = _check_backend("triton", torch.float32, sample)
+    again = _run(lambda *t: sample.call(*t, backend="triton"), params, torch.float32)[1]
     assert calls == [True, True]
     for got, want in zip(first[3:], again[3:]):
         assert torch.equal(got, want)
@@ -349,8 +349,7 @@ def test_deterministic_backward_without_atomics(routed, deterministic_algorithms
 def test_frozen_base_gets_no_gradient(backend):
     require_backend("lora_linear", backend)
     params = _params((2, 11), 20, 18, 4, None, seed=10)
-    _check_backend(backend, torch.float32, params,
-                   lambda *t, backend: lora_linear(*t, 2.0, backend=backend),
+    _check_backend(backend, torch.float32, LoRASample("frozen_base", params, 2.0),
                    trainable_base=False)
 
 
@@ -403,11 +402,9 @@ def test_dropout_forward_backward(backend, routed):
             return routed_lora_linear(*t, 1.5, route, dropout_p=p, seed=seed, backend=backend)
         return lora_linear(*t, 1.5, dropout_p=p, seed=seed, backend=backend)
 
-    def masked_reference(x, weight, bias, lora_a, lora_b):
-        xd = x * keep / (1 - p)
-        if routed:
-            return x @ weight.t() + bias + _per_token_branch(xd, lora_a, lora_b, 1.5, route)
-        return x @ weight.t() + bias + 1.5 * (xd @ lora_a.t()) @ lora_b.t()
+    def masked_reference(x, *tensors):
+        return lora_reference(x, *tensors, 1.5, route if routed else None,
+                              lora_input=x * keep / (1 - p))
 
     with poison_outputs():
         out, grads = _run(call, params, torch.float32)
@@ -430,68 +427,76 @@ def test_dropout_without_seed_follows_torch_generator():
 # ---- registration, compile, dispatch -----------------------------------------------------
 
 
-def test_opcheck_triton_ops():
+def _triton_op_args(sample):
+    """The sample as the registered triton ops take it, float32: (x (N, in), weight, bias,
+    lora_a (E, r, in), lora_b (E, out, r), scale (E,) or None, scaling, route (N,) or None)."""
+    x, weight, bias, lora_a, lora_b = (None if t is None else t.float() for t in sample.tensors)
+    tokens = x.shape[:-1]
+    x = x.reshape(tokens.numel(), x.shape[-1])
+    if not sample.routed:
+        return x, weight, bias, lora_a[None], lora_b[None], None, sample.scaling, None
+    scale, scaling = ((sample.scaling.float(), 0.0) if isinstance(sample.scaling, torch.Tensor)
+                      else (None, sample.scaling))
+    return (x, weight, bias, lora_a, lora_b, scale, scaling,
+            sample.route.expand(tokens).reshape(-1))
+
+
+@pytest.mark.parametrize("sample", PLAIN + ROUTED, ids=lambda s: s.name)
+def test_opcheck_triton_ops(sample):
+    """opcheck of the forward (with dropout) and backward ops on every sample (both forward
+    paths, per-adapter and float scales, degenerate sizes; dX / dW asked for or not, atomic
+    or deterministic dA / dB)."""
     require_backend("lora_linear", "triton")
     from fastvl.kernels.lora import shrink_columns
 
-    x, weight, bias, lora_a, lora_b = (t.float() for t in _params((9,), 20, 18, 4, 2, seed=19))
-    scale = torch.tensor([0.5, 2.0], device=DEVICE)
-    route = torch.tensor([1, -1, 0, 0, 1, 1, -1, 0, 1], device=DEVICE)
+    x, weight, bias, lora_a, lora_b, scale, scaling, route = _triton_op_args(sample)
     fwd = torch.ops.fastvl.lora_linear_fwd_triton.default
     bwd = torch.ops.fastvl.lora_linear_bwd_triton.default
-    leaves = [t.clone().requires_grad_(True) for t in (x, weight, bias, lora_a, lora_b)]
-    # (scale tensor, scaling float): per-adapter scales, or None and one float for all.
-    assert_opcheck(fwd, (*leaves, scale, 0.0, route, 0.2, 5))
-    assert_opcheck(fwd, (x, weight, None, lora_a[:1], lora_b[:1], None, 0.5, None, 0.0, 0))
-    decode_rows = [leaves[0][:5].detach().requires_grad_(True), *leaves[1:]]  # the row path
-    assert_opcheck(fwd, (*decode_rows, scale, 0.0, route[:5], 0.2, 5))
-    assert_opcheck(fwd, (*decode_rows, None, 1.5, route[:5], 0.2, 5))
-    out, s = fwd(x, weight, bias, lora_a, lora_b, scale, 0.0, route, 0.2, 5)
-    assert s.shape == (9, shrink_columns(4))
+    leaves = [None if t is None else t.clone().requires_grad_(True)
+              for t in (x, weight, bias, lora_a, lora_b)]
+    assert_opcheck(fwd, (*leaves, scale, scaling, route, 0.2, 5))
+    out, s = fwd(x, weight, bias, lora_a, lora_b, scale, scaling, route, 0.2, 5)
+    assert s.shape == (x.shape[0], shrink_columns(lora_a.shape[1]))
     grad_out = random_tensor(*out.shape, device=DEVICE, generator=_gen(20))
-    assert_opcheck(bwd, (grad_out, x, weight, lora_a, lora_b, scale, 0.0, route, s, 0.2, 5,
-                         True, True, False))
-    assert_opcheck(bwd, (grad_out, x, weight, lora_a, lora_b, None, 1.5, route, s, 0.2, 5,
-                         False, False, True))
+    flags = (True, True, False) if sample.routed else (False, False, True)
+    assert_opcheck(bwd, (grad_out, x, weight, lora_a, lora_b, scale, scaling, route, s, 0.2, 5,
+                         *flags))
 
 
+@pytest.mark.parametrize("sample", [PLAIN[0], PLAIN[3], *ROUTED], ids=lambda s: s.name)
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_compiles_without_graph_breaks(backend):
+def test_compiles_without_graph_breaks(backend, sample):
+    """torch.compile(fullgraph=True) of the op: the float64 formula's output and gradients
+    (float32, 1e-5)."""
     require_backend("routed_lora_linear", backend)
     torch._dynamo.reset()
     if DEVICE.type == "cuda":
         compiler = "inductor"
     else:
         compiler = "aot_eager" if backend == "torch" else "eager"
-    params = [t.float() for t in _params((2, 7), 20, 18, 4, 2, seed=21)]
-    route = _routes("mixed", (2, 7), 2, seed=22)
+    compiled = torch.compile(lambda *t: sample.call(*t, backend=backend), fullgraph=True,
+                             backend=compiler)
+    out, grads = _run(compiled, sample.tensors, torch.float32)
+    ref, ref_grads = _run(sample.reference, sample.tensors, torch.float64)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    for name, got, want in zip(NAMES, grads, ref_grads):
+        if want is not None:
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, msg=name)
 
-    def fn(x, weight, bias, lora_a, lora_b):
-        plain = lora_linear(x, weight, bias, lora_a[0], lora_b[0], 0.5, backend=backend)
-        routed = routed_lora_linear(x, weight, bias, lora_a, lora_b, 2.0, route,
-                                    backend=backend)
-        return plain + routed
 
-    compiled = torch.compile(fn, fullgraph=True, backend=compiler)
-    leaves = [t.clone().requires_grad_(True) for t in params]
-    expected_leaves = [t.clone().requires_grad_(True) for t in params]
-    out, expected = compiled(*leaves), fn(*expected_leaves)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    out.sum().backward()
-    expected.sum().backward()
-    for got, want in zip(leaves, expected_leaves):
-        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5)
-    if backend == "triton":  # seeded dropout traces too (the mask is a function of the seed)
-        x, weight, bias, lora_a, lora_b = params
-        dropped = torch.compile(
-            lambda x: lora_linear(x, weight, bias, lora_a[0], lora_b[0], 0.5, dropout_p=0.3,
-                                  seed=7, backend=backend),
-            fullgraph=True, backend=compiler,
-        )
-        torch.testing.assert_close(
-            dropped(x), lora_linear(x, weight, bias, lora_a[0], lora_b[0], 0.5, dropout_p=0.3,
-                                    seed=7, backend=backend), rtol=1e-5, atol=1e-5,
-        )
+def test_compiled_seeded_dropout_on_triton():
+    """Seeded dropout traces on the triton backend (the mask is a function of the seed)."""
+    require_backend("lora_linear", "triton")
+    torch._dynamo.reset()
+    compiler = "inductor" if DEVICE.type == "cuda" else "eager"
+    x, weight, bias, lora_a, lora_b = (t.float() for t in PLAIN[0].tensors)
+
+    def call(x):
+        return lora_linear(x, weight, bias, lora_a, lora_b, 0.5, dropout_p=0.3, seed=7,
+                           backend="triton")
+
+    dropped = torch.compile(call, fullgraph=True, backend=compiler)
+    torch.testing.assert_close(dropped(x), call(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -672,19 +677,14 @@ def test_triton_launches_per_call():
 def test_gpu_large_shapes(dtype, kind):
     lead, in_f, out_f, rank = (4, 577), 1024, 1000, 64
     if kind == "decode":  # 32 sequences over 16 adapters, one token each: the row path
-        params = _params((32, 1), 4096, 4000, 16, 16, seed=30)
         route = torch.randint(-1, 16, (32, 1), generator=_gen(31), device=DEVICE)
-        call = lambda *t, backend: routed_lora_linear(*t, 2.0, route,  # noqa: E731
-                                                      backend=backend)
+        sample = LoRASample(kind, _params((32, 1), 4096, 4000, 16, 16, seed=30), 2.0, route)
     elif kind == "plain":
-        params = _params(lead, in_f, out_f, rank, None, seed=27)
-        call = lambda *t, backend: lora_linear(*t, 2.0, backend=backend)  # noqa: E731
+        sample = LoRASample(kind, _params(lead, in_f, out_f, rank, None, seed=27), 2.0)
     else:
-        params = _params(lead, in_f, out_f, rank, 4, seed=28)
-        route = _routes(kind, lead, 4, seed=29)
-        call = lambda *t, backend: routed_lora_linear(*t, 2.0, route,  # noqa: E731
-                                                      backend=backend)
-    _check_backend("triton", dtype, params, call)
+        sample = LoRASample(kind, _params(lead, in_f, out_f, rank, 4, seed=28), 2.0,
+                            _routes(kind, lead, 4, seed=29))
+    _check_backend("triton", dtype, sample)
 
 
 @pytest.mark.gpu

@@ -1,10 +1,12 @@
 """MAE ops: random_masking, unshuffle_with_mask_token, masked_pixel_loss.
 
-Each op is compared with plain PyTorch written the way MAE / VideoMAE write it, on the same
-noise: index ops exactly, the Triton kernels (run by the interpreter on CPU, so shapes are
-small) against a float64 reference with the flash-attn error rule (2x forward / 3x
-gradients of PyTorch's own error in the kernel's dtype). bf16 and large shapes are `gpu`
-tests.
+Each op is compared with plain PyTorch written here the way MAE / VideoMAE write it (never
+fastvl.reference, which is the torch backend), on the same noise: index ops exactly; every
+backend, torch included, in float64 against those oracles, the kernels (run by the
+interpreter on CPU, so shapes are small) by the flash-attn error rule (2x forward / 3x
+gradients of the error of fastvl.reference in the kernel's dtype, the plain-PyTorch budget),
+and that plain-PyTorch result itself within ``_RTOL[dtype]`` of the oracle. bf16 and large
+shapes are `gpu` tests.
 """
 
 from __future__ import annotations
@@ -31,8 +33,18 @@ ALL_BACKENDS = ("torch", "triton")
 DTYPES = (torch.float32, torch.float16) + ((torch.bfloat16,) if DEVICE.type == "cuda" else ())
 
 
+# The torch backend against the float64 oracles: a few roundings of the dtype.
+_RTOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
 def _gen(seed):
     return torch.Generator(device=DEVICE).manual_seed(seed)
+
+
+def _assert_near_oracle(low, expected64, name, dtype):
+    """``low``: plain PyTorch run on ``dtype`` inputs (its result may be wider)."""
+    torch.testing.assert_close(low.double(), expected64, rtol=_RTOL[dtype],
+                               atol=ERROR_FLOOR[dtype], msg=name)
 
 
 # ---- random_masking ----------------------------------------------------------------------
@@ -133,13 +145,15 @@ def test_random_masking_bad_inputs(kwargs, error, match):
 # ---- unshuffle_with_mask_token -----------------------------------------------------------
 
 
-def _mae_decoder_input(x, ids_restore, mask_token, pos_embed):
-    """MAE's forward_decoder up to the positions, line for line (one class token)."""
-    mask_tokens = mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1)
-    x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
+def _mae_decoder_input(x, ids_restore, mask_token, pos_embed, num_prefix=1):
+    """MAE's forward_decoder up to the positions, line for line (its one class token
+    generalised to ``num_prefix`` leading tokens; pos_embed may be None)."""
+    mask_token = mask_token.reshape(1, 1, -1)
+    mask_tokens = mask_token.repeat(x.shape[0], ids_restore.shape[1] + num_prefix - x.shape[1], 1)
+    x_ = torch.cat([x[:, num_prefix:, :], mask_tokens], dim=1)
     x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))
-    x = torch.cat([x[:, :1, :], x_], dim=1)
-    return x + pos_embed
+    x = torch.cat([x[:, :num_prefix, :], x_], dim=1)
+    return x if pos_embed is None else x + pos_embed.reshape(1, -1, x.shape[2])
 
 
 def _unshuffle_inputs(batch, num_patches, mask_ratio, num_prefix, dim, dtype, seed,
@@ -186,13 +200,17 @@ def _check_unshuffle(backend, batch, num_patches, mask_ratio, num_prefix, dim, d
     def ref(xx, ids, token, p):
         return reference.unshuffle_with_mask_token(xx, ids, token, num_prefix, p)
 
+    def oracle(xx, ids, token, p):
+        return _mae_decoder_input(xx, ids, token, p, num_prefix)
+
     with poison_outputs():
         out = run(op, leaves)
     assert out.dtype == dtype and out.shape == (batch, num_prefix + num_patches, dim)
     ref64 = [t.detach().double().requires_grad_(True) for t in leaves]
     low = [t.detach().clone().requires_grad_(True) for t in leaves]
-    expected, expected_low = run(ref, ref64), run(ref, low)
+    expected, expected_low = run(oracle, ref64), run(ref, low)
     assert_within_reference_error(out, expected, expected_low, atol=ERROR_FLOOR[dtype])
+    _assert_near_oracle(expected_low, expected, "out", dtype)
 
     grad_out = random_tensor(*out.shape, dtype=dtype, device=DEVICE, generator=_gen(seed + 1))
     with poison_outputs():
@@ -202,6 +220,8 @@ def _check_unshuffle(backend, batch, num_patches, mask_ratio, num_prefix, dim, d
     names = ("dx", "dmask_token", "dpos_embed")[: len(leaves)]
     assert_grads_within_reference_error(names, grads, grads64, grads_low,
                                         atol=ERROR_FLOOR[dtype])
+    for name, low_grad, grad64 in zip(names, grads_low, grads64):
+        _assert_near_oracle(low_grad, grad64, name, dtype)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -377,6 +397,34 @@ def _videomae_loss(videos, outputs, bool_masked_pos, tubelet, p):
     return torch.nn.functional.mse_loss(outputs, labels)
 
 
+def _loss_oracle(pred, imgs, mask, patch_size, norm_pix=True, eps=1e-6, eps_style="mae"):
+    """MAE's / VideoMAE's loss generalised (their patchify and normalisations, the mask as
+    row weights), counting only the rows of nonzero weight; pred (B, L, N) or (B, M, N)
+    holding the masked patches of each sample in ascending order. Images are videos of one
+    frame and tubelet depth 1."""
+    if imgs.dim() == 4:
+        imgs, patch_size = imgs.unsqueeze(2), (1, *patch_size)
+    b, c, t, h, w = imgs.shape
+    pt, ph, pw = patch_size
+    x = imgs.reshape(b, c, t // pt, pt, h // ph, ph, w // pw, pw)
+    x = x.permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(b, -1, pt * ph * pw, c)  # (B, L, pixels, C)
+    if norm_pix and eps_style == "mae":
+        flat = x.reshape(b, x.shape[1], -1)
+        mean, var = flat.mean(-1, keepdim=True), flat.var(-1, unbiased=True, keepdim=True)
+        x = ((flat - mean) / (var + eps) ** 0.5).reshape(x.shape)
+    elif norm_pix:
+        mean, std = x.mean(-2, keepdim=True), x.var(-2, unbiased=True, keepdim=True).sqrt()
+        x = (x - mean) / (std + eps)
+    target = x.reshape(b, x.shape[1], -1)
+    weight = mask.double()
+    if pred.shape[1] != target.shape[1]:
+        target = torch.stack([target[i][mask[i] != 0] for i in range(b)])
+        weight = torch.stack([weight[i][mask[i] != 0] for i in range(b)])
+    counted = weight != 0
+    error = ((pred[counted] - target[counted]) ** 2).mean(-1)
+    return (error * weight[counted]).sum() / weight.sum().clamp_min(1e-300)
+
+
 def _loss_inputs(batch, img_shape, patch_size, mask_ratio, rows, dtype, seed, frames=1):
     """imgs (B, *img_shape), a random_masking mask and pred for all / only the masked rows."""
     g = _gen(seed)
@@ -423,13 +471,16 @@ def _check_loss(backend, pred, imgs, mask, patch_size, **options):
 
     ref64 = pred.detach().double().requires_grad_(True)
     low = pred.detach().clone().requires_grad_(True)
-    expected, expected_low = reference_loss(ref64, imgs.double()), reference_loss(low, imgs)
+    expected = _loss_oracle(ref64, imgs.double(), mask, patch_size, **options)
+    expected_low = reference_loss(low, imgs)
     assert_within_reference_error(loss, expected, expected_low, atol=ERROR_FLOOR[dtype],
                                   name="loss")
+    _assert_near_oracle(expected_low, expected, "loss", dtype)
     (grad64,) = torch.autograd.grad(expected, ref64)
     (grad_low,) = torch.autograd.grad(expected_low, low)
     assert_grads_within_reference_error(("dpred",), (grad,), (grad64,), (grad_low,),
                                         atol=ERROR_FLOOR[dtype])
+    _assert_near_oracle(grad_low, grad64, "dpred", dtype)
     return loss
 
 
@@ -466,17 +517,51 @@ def test_loss_video_tubes(backend, eps_style):
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_loss_strided_inputs_bool_mask_and_fp16_pred(backend):
-    """channels_last imgs in fp32 with an fp16 pred (autocast) and a bool mask."""
+    """channels_last imgs in fp32 with an fp16 pred (autocast), a strided bool mask, and a
+    strided float mask with all rows."""
     require_backend("masked_pixel_loss", backend)
     pred, imgs, mask = _loss_inputs(2, (3, 16, 24), (8, 8), 0.75, "masked", torch.float32,
                                     seed=25)
     imgs = imgs.to(memory_format=torch.channels_last)
     pred = pred.half().requires_grad_(True)
-    loss = masked_pixel_loss(pred, imgs, mask.bool(), 8, backend=backend)
-    expected = reference.masked_pixel_loss(pred.double(), imgs.double(), mask, (8, 8))
+    strided_mask = mask.bool().t().contiguous().t()
+    assert not strided_mask.is_contiguous()
+    loss = masked_pixel_loss(pred, imgs, strided_mask, 8, backend=backend)
+    expected = _loss_oracle(pred.double(), imgs.double(), mask, (8, 8))
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)
     (grad,) = torch.autograd.grad(loss, pred)
     assert grad.dtype == torch.float16
+    full = random_tensor(2, 6, 192, device=DEVICE, generator=_gen(32))
+    weights = torch.rand(6, 2, device=DEVICE, generator=_gen(33)).t()
+    assert not weights.is_contiguous()
+    torch.testing.assert_close(masked_pixel_loss(full, imgs, weights, 8, backend=backend).double(),
+                               _loss_oracle(full.double(), imgs.double(), weights, (8, 8)),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("rows", ["all", "masked"])
+def test_loss_ignores_values_that_do_not_count(backend, rows):
+    """NaN in a kept patch of imgs and in a pred row of weight 0 (rows="all"): the same loss
+    and gradient as without them, the gradient of those rows 0, on every backend."""
+    require_backend("masked_pixel_loss", backend)
+    pred, imgs, mask = _loss_inputs(2, (3, 8, 12), (4, 4), 0.5, rows, torch.float32, seed=34)
+    kept = int((mask[0] == 0).nonzero()[0])
+    poisoned_imgs, poisoned_pred = imgs.clone(), pred.detach().clone()
+    row, col = divmod(kept, 3)
+    poisoned_imgs[0, 1, 4 * row + 2, 4 * col + 1] = float("nan")
+    if rows == "all":
+        poisoned_pred[0, kept] = float("nan")
+    leaf = poisoned_pred.requires_grad_(True)
+    loss = masked_pixel_loss(leaf, poisoned_imgs, mask, 4, backend=backend)
+    (grad,) = torch.autograd.grad(loss, leaf)
+    ref64 = pred.detach().double().requires_grad_(True)
+    expected = _loss_oracle(ref64, imgs.double(), mask, (4, 4))
+    (grad64,) = torch.autograd.grad(expected, ref64)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), grad64, rtol=1e-5, atol=1e-7)
+    if rows == "all":
+        assert (grad[0, kept] == 0).all()
 
 
 @pytest.mark.parametrize("rows", ["all", "masked"])
@@ -521,10 +606,12 @@ def test_loss_compiles_without_graph_breaks(backend):
         return masked_pixel_loss(p, im, m, 4, backend=backend)
 
     loss = fn(pred, imgs, mask)
-    expected = reference.masked_pixel_loss(pred, imgs, mask, (4, 4))
-    torch.testing.assert_close(loss, expected)
+    pred64 = pred.detach().double().requires_grad_(True)
+    expected = _loss_oracle(pred64, imgs.double(), mask, (4, 4))
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
     (grad,) = torch.autograd.grad(loss, pred)
-    torch.testing.assert_close(grad, torch.autograd.grad(expected, pred)[0])
+    torch.testing.assert_close(grad.double(), torch.autograd.grad(expected, pred64)[0],
+                               rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -595,7 +682,9 @@ def _loss_args():
         (dict(imgs=torch.zeros(2, 3, 8, 12, requires_grad=True)), ValueError,
          r"imgs requires grad.*imgs.detach\(\)"),
         (dict(eps_style="bert"), ValueError, r"eps_style must be 'mae' or 'videomae'"),
-        (dict(eps=-1.0), ValueError, r"eps must be a number >= 0"),
+        (dict(eps=-1.0), ValueError, r"eps must be a finite number >= 0, got -1.0"),
+        (dict(eps=float("nan")), ValueError, r"eps must be a finite number >= 0, got nan"),
+        (dict(eps=float("inf")), ValueError, r"eps must be a finite number >= 0, got inf"),
         (dict(norm_pix=1), TypeError, r"norm_pix must be a bool"),
         (dict(imgs=torch.zeros(2, 1, 8, 12), pred=torch.zeros(2, 96, 1), patch_size=1,
               mask=torch.zeros(2, 96)), ValueError, r"needs at least 2 values per statistic"),

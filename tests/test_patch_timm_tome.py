@@ -1,10 +1,11 @@
 """fastvl.patch.timm.apply_tome / apply_evit on tiny random-init timm ViTs (never pretrained).
 
 Correctness is checked against plain-PyTorch implementations of ToMe and EViT on timm written
-here (explicit softmax attention, per-sample Python loops for the matching and the pruning),
-run on the unpatched model in float64; the patched model runs in float64 on the torch backend,
-so both agree to roundoff (1e-10; EViT 1e-6, its scores are float32) unless a merge / keep
-decision differs, which changes the logits by far more. r = 0 is bit-exact against unpatched
+here (explicit softmax attention; ToMe batched as facebookresearch/ToMe computes it, in its
+token order; EViT with per-sample Python loops), run on the unpatched model in float64; the
+patched model runs in float64 on the torch backend, so both agree to roundoff (1e-10; EViT
+1e-6, its scores are float32) unless a merge / keep decision or the token order differs,
+which changes the logits by far more (percents). r = 0 is bit-exact against unpatched
 timm on CPU (the same SDPA call in the same block order, no sizes until a first merge); on
 CUDA "auto" means the triton kernels, hence the roundoff tolerance there.
 """
@@ -24,6 +25,7 @@ from torch import nn
 
 import fastvl.patch.timm as fastvl_timm
 from fastvl.nn import Attention
+from fastvl.ops import tome_match
 from fastvl.testing import random_tensor
 from tests.conftest import DEVICE
 
@@ -40,10 +42,10 @@ TIGHT64 = dict(rtol=1e-9, atol=1e-10)
 EVIT64 = dict(rtol=1e-6, atol=1e-7)
 
 
-def _vit(seed=0, dtype=torch.float64, **kwargs):
+def _vit(seed=0, dtype=torch.float64, depth=DEPTH, **kwargs):
     torch.manual_seed(seed)
     model = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=IMG, patch_size=PATCH, depth=DEPTH,
+        "vit_tiny_patch16_224", pretrained=False, img_size=IMG, patch_size=PATCH, depth=depth,
         embed_dim=64, num_heads=2, num_classes=5, **kwargs,
     )
     return model.to(DEVICE, dtype).eval()
@@ -84,12 +86,18 @@ def _reference_blocks(model, x, reduce):
 
 
 class _ReferenceTome:
-    """ToMe, one sample at a time: A = even, B = odd non-prefix positions, cosine similarity
-    of the head-averaged keys, the r best A tokens merge into their best B partner
-    (size-weighted), survivors keep their order."""
+    """ToMe as facebookresearch/ToMe computes it, batched, in the test's own words: the P
+    prefix tokens are protected; A = even, B = odd non-prefix positions; cosine similarity of
+    the head-averaged keys; each A token's best B partner; the r A tokens with the best
+    scores (r clamped to (N - P) // 2) are summed into their partners, size-weighted; the
+    output is [prefix, unmerged A, B], the unmerged A tokens sorted by position only when
+    there is a prefix (ToMe sorts them when there is a class token). ``token_order="spatial"``
+    reorders that output by the position of the token each output token kept.
+    Sources are ToMe's (B, N, N_orig) 0/1 matrices, merged by max."""
 
-    def __init__(self, schedule, num_prefix_tokens, prop_attn=True):
+    def __init__(self, schedule, num_prefix_tokens, prop_attn=True, token_order="tome"):
         self.schedule, self.prefix, self.prop_attn = schedule, num_prefix_tokens, prop_attn
+        self.token_order = token_order
         self.size = self.source = None
 
     def key_bias(self):
@@ -97,46 +105,60 @@ class _ReferenceTome:
 
     def __call__(self, i, x, k, probs):
         batch, num_tokens, _ = x.shape
-        r = min(self.schedule[i], (num_tokens - self.prefix) // 2)
+        prefix = self.prefix
         if self.size is None:
             self.size = torch.ones(batch, num_tokens, dtype=x.dtype, device=x.device)
-            self.source = torch.arange(num_tokens, device=x.device).repeat(batch, 1)
-        if r == 0:
+            self.source = torch.eye(num_tokens, dtype=x.dtype, device=x.device).repeat(batch, 1, 1)
+        r = min(self.schedule[i], (num_tokens - prefix) // 2)
+        if r <= 0:
             return x
-        metric = F.normalize(k.mean(1), dim=-1)
-        merged_x, merged_size, sources = [], [], []
-        for b in range(batch):
-            a_pos = [p for p in range(self.prefix, num_tokens) if p % 2 == 0]
-            b_pos = [p for p in range(self.prefix, num_tokens) if p % 2 == 1]
-            sim = metric[b, a_pos] @ metric[b, b_pos].T
-            score, partner = sim.max(dim=-1)
-            order = sorted(range(len(a_pos)), key=lambda j: -score[j].item())
-            into = {a_pos[j]: b_pos[partner[j]] for j in order[:r]}
-            survivors = [p for p in range(num_tokens) if p not in into]
-            dest = {p: survivors.index(into.get(p, p)) for p in range(num_tokens)}
-            groups = [[p for p in range(num_tokens) if dest[p] == j] for j in range(len(survivors))]
-            size = self.size[b]
-            merged_x.append(torch.stack([
-                (size[g, None] * x[b, g]).sum(0) / size[g].sum() for g in groups
-            ]))
-            merged_size.append(torch.stack([size[g].sum() for g in groups]))
-            sources.append(torch.tensor([dest[p] for p in range(num_tokens)], device=x.device))
-        self.source = torch.stack(sources).gather(1, self.source)
-        self.size = torch.stack(merged_size)
-        return torch.stack(merged_x)
+        a_pos = torch.arange(prefix + prefix % 2, num_tokens, 2, device=x.device)
+        b_pos = torch.arange(prefix + 1 - prefix % 2, num_tokens, 2, device=x.device)
+        metric = k.mean(1)
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        best, partner = (metric[:, a_pos] @ metric[:, b_pos].transpose(1, 2)).max(dim=-1)
+        edges = best.argsort(dim=-1, descending=True)
+        unmerged, merged_away = edges[:, r:], edges[:, :r]
+        if prefix:
+            unmerged = unmerged.sort(dim=-1).values
+        into = partner.gather(1, merged_away)
+
+        def merge(t, reduce):  # (B, N, c) -> (B, N - r, c) in ToMe's order
+            c = t.shape[-1]
+            a, b = t[:, a_pos], t[:, b_pos]
+            moved = a.gather(1, merged_away[..., None].expand(-1, -1, c))
+            b = b.scatter_reduce(1, into[..., None].expand(-1, -1, c), moved, reduce=reduce)
+            kept = a.gather(1, unmerged[..., None].expand(-1, -1, c))
+            return torch.cat([t[:, :prefix], kept, b], dim=1)
+
+        x = merge(x * self.size[..., None], "sum")
+        self.size = merge(self.size[..., None], "sum")[..., 0]
+        x = x / self.size[..., None]
+        self.source = merge(self.source, "amax")
+        if self.token_order == "spatial":
+            kept_pos = torch.cat([
+                torch.arange(prefix, device=x.device).expand(batch, prefix), a_pos[unmerged],
+                b_pos.expand(batch, -1)], dim=1)
+            order = kept_pos.argsort(dim=1)
+            x = x.gather(1, order[..., None].expand_as(x))
+            self.size = self.size.gather(1, order)
+            self.source = self.source.gather(1, order[..., None].expand_as(self.source))
+        return x
 
 
-def _reference_tome_logits(model, images, schedule, prop_attn=True):
-    """(logits, sizes, source) of ToMe on the unpatched model, pooling size-weighted."""
+def _reference_tome_logits(model, images, schedule, prop_attn=True, token_order="tome"):
+    """(logits, sizes, source (B, N_orig) token index) of ToMe on the unpatched model; the
+    pooling over tokens ("avg") is size-weighted, as fastvl's."""
     prefix = model.num_prefix_tokens
-    reduce = _ReferenceTome(schedule, prefix, prop_attn)
+    reduce = _ReferenceTome(schedule, prefix, prop_attn, token_order)
     x = model.norm_pre(model._pos_embed(model.patch_embed(images)))
     x = model.norm(_reference_blocks(model, x, reduce))
+    source = reduce.source.argmax(dim=1)
     if model.global_pool == "avg":
         size = reduce.size[:, prefix:, None]
         pooled = (x[:, prefix:] * size).sum(1) / size.sum(1)
-        return model.head(model.fc_norm(pooled)), reduce.size, reduce.source
-    return model.forward_head(x), reduce.size, reduce.source
+        return model.head(model.fc_norm(pooled)), reduce.size, source
+    return model.forward_head(x), reduce.size, source
 
 
 class _ReferenceEvit:
@@ -187,12 +209,13 @@ def test_r0_identical_to_unpatched(variant):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize("token_order", ["tome", "spatial"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_tome_matches_reference(variant):
+def test_tome_matches_reference(variant, token_order):
     model = _vit(**VARIANTS[variant])
     images = _images()
     reference = copy.deepcopy(model)
-    fastvl_timm.apply_tome(model, 2, backend="torch")
+    fastvl_timm.apply_tome(model, 2, token_order=token_order, backend="torch")
     prefix = model.num_prefix_tokens
     num_tokens = prefix + (IMG // PATCH) ** 2
     features = model.forward_features(images)
@@ -200,7 +223,8 @@ def test_tome_matches_reference(variant):
         assert features.shape[1] == num_tokens
     else:
         assert features.shape[1] == num_tokens - 2 * DEPTH
-    expected, size, source = _reference_tome_logits(reference, images, [2] * DEPTH)
+    expected, size, source = _reference_tome_logits(reference, images, [2] * DEPTH,
+                                                    token_order=token_order)
     torch.testing.assert_close(model(images), expected, **TIGHT64)
     tokens = model.blocks.forward_tokens(model._pos_embed(model.patch_embed(images)))
     torch.testing.assert_close(tokens.size, size)
@@ -216,9 +240,45 @@ def test_tome_without_proportional_attention():
     torch.testing.assert_close(model(images), expected, **TIGHT64)
 
 
+@pytest.mark.parametrize("variant", ["plain", "avg_pool_no_class_token"])
+def test_default_reproduces_tome(variant):
+    """Depth 4: from the second merging block on, the token order decides which tokens the
+    alternating split pairs; the default is ToMe's, the logits agree to float64 roundoff,
+    and the spatial order gives other logits (so this test sees the order)."""
+    model = _vit(depth=4, **VARIANTS[variant])
+    images = _images()
+    reference = copy.deepcopy(model)
+    expected, size, source = _reference_tome_logits(reference, images, [2] * 4)
+    handle = fastvl_timm.apply_tome(model, 2, trace_source=True, backend="torch")
+    tokens = model.blocks.forward_tokens(model._pos_embed(model.patch_embed(images)))
+    assert tokens.x.shape[1] == model.num_prefix_tokens + 16 - 8
+    torch.testing.assert_close(tokens.size, size, rtol=0, atol=0)
+    assert torch.equal(tokens.source, source)
+    torch.testing.assert_close(model(images), expected, rtol=1e-12, atol=1e-12)
+    handle.remove()
+    fastvl_timm.apply_tome(model, 2, token_order="spatial", backend="torch")
+    assert (model(images) - expected).abs().max() > 1e-3 * expected.abs().max()
+
+
+def test_r_clamped_per_block_as_tome():
+    """A block's r above (N - P) // 2 is clamped (17 tokens: 8, then 4, 2), as ToMe does,
+    at apply time and when model.r changes; the op itself still refuses it."""
+    model = _vit()
+    images = _images()
+    expected = _reference_tome_logits(copy.deepcopy(model), images, [20] * DEPTH)[0]
+    fastvl_timm.apply_tome(model, 20, backend="torch")
+    assert model.forward_features(images).shape[1] == 17 - 8 - 4 - 2
+    torch.testing.assert_close(model(images), expected, **TIGHT64)
+    model.r = (30, 0.5)
+    assert model.forward_features(images).shape[1] == 17 - 8 - 4 - 2
+    with pytest.raises(ValueError, match=r"r must lie in \[0, \(N - num_prefix_tokens\) // 2\]"):
+        tome_match(torch.ones(1, 17, 4), 9)
+
+
 def test_schedules():
     assert fastvl_timm.tome_schedule(4, 3, 17, 1) == [4, 4, 4]
     assert fastvl_timm.tome_schedule(8, 3, 17, 1) == [8, 4, 2]  # later blocks capped
+    assert fastvl_timm.tome_schedule(9, 3, 17, 1) == [8, 4, 2]  # the first one too
     assert fastvl_timm.tome_schedule((4, 0.5), 3, 17, 1) == [2, 4, 5]
     assert fastvl_timm.tome_schedule([1, 0, 5], 3, 41, 1) == [1, 0, 5]
     assert fastvl_timm.tome_schedule((4, 0.5), 3, 41, 1) == [2, 4, 6]  # increasing
@@ -290,11 +350,14 @@ def test_compiles_fullgraph():
     torch.testing.assert_close(compiled(images), model(images), rtol=1e-4, atol=1e-5)
 
 
-def test_trace_source_and_render_png(tmp_path):
+@pytest.mark.parametrize("token_order", ["tome", "spatial"])
+def test_trace_source_and_render_png(tmp_path, token_order):
     model = _vit(**VARIANTS["plain"])
     images = _images()
-    source = _reference_tome_logits(copy.deepcopy(model), images, [3] * DEPTH)[2]
-    fastvl_timm.apply_tome(model, 3, trace_source=True, backend="torch")
+    source = _reference_tome_logits(copy.deepcopy(model), images, [3] * DEPTH,
+                                    token_order=token_order)[2]
+    fastvl_timm.apply_tome(model, 3, trace_source=True, token_order=token_order,
+                           backend="torch")
     assert model.blocks.source is None
     model(images)
     assert torch.equal(model.blocks.source, source)
@@ -354,7 +417,6 @@ def test_evit_keep_all_and_compile():
 
 @pytest.mark.parametrize("r, error, match", [
     (-1, ValueError, ">= 0"),
-    (9, ValueError, r"at most \(N - num_prefix_tokens\) // 2 = 8"),
     ([1, 2], ValueError, "one int per block"),
     ((2, 1.5), ValueError, "inflection"),
     (2.0, TypeError, "must be an int"),
@@ -366,9 +428,16 @@ def test_tome_bad_r(r, error, match):
         fastvl_timm.apply_tome(model, r)
     assert type(model.blocks) is nn.Sequential  # nothing changed
     fastvl_timm.apply_tome(model, 1)
-    model.r = 20  # checked again at forward time
-    with pytest.raises(ValueError, match="model.r"):
+    model.r = r  # checked again at forward time
+    with pytest.raises(error, match="model.r"):
         model(_images())
+
+
+def test_tome_bad_token_order():
+    model = _vit()
+    with pytest.raises(ValueError, match=r"apply_tome: token_order must be 'tome' .*'original'"):
+        fastvl_timm.apply_tome(model, 2, token_order="original")
+    assert type(model.blocks) is nn.Sequential  # nothing changed
 
 
 @pytest.mark.parametrize("keep_rate, layers, error, match", [

@@ -36,12 +36,34 @@ def _gen(seed):
     return torch.Generator(device=DEVICE).manual_seed(seed)
 
 
-def _naive_tome(metric, x, size, r, num_prefix_tokens):
-    """-> (dest (B, N) int64, merged (B, M, C) float64, size_merged (B, M) float64)."""
+def _merge_matrix(dest, size, num_merged):
+    """The merge as a dense float64 map: (B, M, N) with row j holding ``s_i / sum s`` at the
+    tokens i with dest i = j, and the sums (B, M). merged = W @ x; unmerge = one-hot(dest)."""
+    batch, num_tokens = dest.shape
+    size = torch.ones(batch, num_tokens) if size is None else size.double().cpu()
+    counts = torch.zeros(batch, num_merged, num_tokens, dtype=torch.float64)
+    for b in range(batch):
+        for i in range(num_tokens):
+            counts[b, int(dest[b, i]), i] = size[b, i]
+    totals = counts.sum(-1)
+    return (counts / totals.unsqueeze(-1)).to(DEVICE), totals.to(DEVICE)
+
+
+def _one_hot(dest, num_merged):
+    """(B, M, N) float64: 1 where token i goes to merged token j."""
+    return (dest.unsqueeze(1) == torch.arange(num_merged, device=dest.device)[:, None]).double()
+
+
+def _naive_tome(metric, x, size, r, num_prefix_tokens, token_order="tome"):
+    """-> (dest (B, N) int64, merged (B, M, C) float64, size_merged (B, M) float64).
+
+    Merged token order: "tome", ToMe's [prefix, unmerged A (by position, or by descending
+    score without prefix tokens, as ToMe), B]; "spatial" (and r = 0): the survivors in
+    position order.
+    """
     batch, num_tokens, channels = x.shape
-    metric, x = metric.double().cpu(), x.double().cpu()
-    size = torch.ones(batch, num_tokens) if size is None else size.cpu()
-    dests, merged, sizes = [], [], []
+    metric = metric.double().cpu()
+    dests = []
     for b in range(batch):
         unit = metric[b] / metric[b].norm(dim=1, keepdim=True)
         set_a = [i for i in range(num_prefix_tokens, num_tokens) if i % 2 == 0]
@@ -51,24 +73,26 @@ def _naive_tome(metric, x, size, r, num_prefix_tokens):
             sims = [float(unit[i] @ unit[j]) for j in set_b]
             best = max(range(len(set_b)), key=lambda k: (sims[k], -k))  # lowest B on ties
             partner[i], score[i] = set_b[best], sims[best]
-        merged_away = sorted(set_a, key=lambda i: (-score[i], i))[:r]  # lowest A on ties
-        kept = [i for i in range(num_tokens) if i not in merged_away]
+        ranked = sorted(set_a, key=lambda i: (-score[i], i))  # lowest A on ties
+        merged_away = ranked[:r]
+        if token_order == "spatial" or r == 0:  # ToMe does nothing for r = 0
+            kept = [i for i in range(num_tokens) if i not in merged_away]
+        else:
+            unmerged_a = ranked[r:] if num_prefix_tokens == 0 else sorted(ranked[r:])
+            kept = list(range(num_prefix_tokens)) + unmerged_a + set_b
         position = {token: j for j, token in enumerate(kept)}
-        dest = [position[partner[i] if i in merged_away else i] for i in range(num_tokens)]
-        rows, totals = [], []
-        for j in range(len(kept)):
-            group = [i for i in range(num_tokens) if dest[i] == j]
-            total = sum(float(size[b, i]) for i in group)
-            rows.append(sum(float(size[b, i]) * x[b, i] for i in group) / total)
-            totals.append(total)
-        dests.append(dest)
-        merged.append(torch.stack(rows) if rows else x.new_zeros(0, channels))
-        sizes.append(totals)
-    return (
-        torch.tensor(dests, dtype=torch.int64).view(batch, num_tokens).to(DEVICE),
-        torch.stack(merged).to(DEVICE) if batch else None,
-        torch.tensor(sizes, dtype=torch.float64).view(batch, -1).to(DEVICE),
-    )
+        dests.append([position[partner[i] if i in merged_away else i] for i in range(num_tokens)])
+    dest = torch.tensor(dests, dtype=torch.int64).view(batch, num_tokens)
+    weights, totals = _merge_matrix(dest, size, num_tokens - r)
+    return dest.to(DEVICE), weights @ x.double(), totals
+
+
+def _assert_near(actual, expected64, name, ulps=16):
+    """The torch backend against the float64 oracle: within ``ulps`` units of actual's dtype,
+    relative to the largest expected magnitude (a sum of a few terms, rounded a few times)."""
+    scale = expected64.abs().max().item() if expected64.numel() else 0.0
+    tol = ulps * torch.finfo(actual.dtype).eps * max(scale, 1.0)
+    torch.testing.assert_close(actual.double(), expected64, rtol=0, atol=tol, msg=name)
 
 
 def _check_plan_structure(plan: TomePlan, num_prefix_tokens: int) -> None:
@@ -116,17 +140,19 @@ def _case_id(case):
     return f"{str(dtype)[6:]}-b{batch}n{n}c{c}m{cm}-p{prefix}r{r}{'-sized' if sized else ''}"
 
 
+@pytest.mark.parametrize("token_order", ["tome", "spatial"])
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_match_merge_unmerge_against_naive(backend, case):
+def test_match_merge_unmerge_against_naive(backend, case, token_order):
     require_backend("tome_match", backend)
     batch, num_tokens, channels, metric_channels, prefix, r, dtype, sized = case
     metric, x, size = _inputs(batch, num_tokens, channels, metric_channels, dtype, 0, sized)
     with poison_outputs():
-        plan = tome_match(metric, r, num_prefix_tokens=prefix, backend=backend)
+        plan = tome_match(metric, r, num_prefix_tokens=prefix, token_order=token_order,
+                          backend=backend)
         merged, size_merged = tome_merge(plan, x, size, backend=backend)
         restored = tome_unmerge(plan, merged, backend=backend)
-    dest64, merged64, size64 = _naive_tome(metric, x, size, r, prefix)
+    dest64, merged64, size64 = _naive_tome(metric, x, size, r, prefix, token_order)
     assert isinstance(plan, TomePlan) and plan.num_merged_tokens == num_tokens - r
     torch.testing.assert_close(plan.dest, dest64, rtol=0, atol=0)
     _check_plan_structure(plan, prefix)
@@ -137,6 +163,7 @@ def test_match_merge_unmerge_against_naive(backend, case):
     low, _ = reference.tome_merge(plan, x, size)
     assert_within_reference_error(merged, merged64, low, factor=2, atol=ERROR_FLOOR[dtype],
                                   name="merged")
+    _assert_near(merged, merged64, "merged")
     # A token merged with nothing is copied exactly (so r = 0 returns x).
     alone = (plan.offsets.diff(dim=1) == 1)
     own = plan.sources.gather(1, plan.offsets[:, :-1])
@@ -220,12 +247,15 @@ def test_gradients_against_float64(backend, dtype):
 
     with poison_outputs():
         got = grads(backend, x)
-    want64 = grads("torch", x.double())
+    weights, _ = _merge_matrix(plan.dest, size, 28)
+    want64 = (weights.transpose(1, 2) @ grad_merged.double(),  # merge: W; its adjoint: W^T
+              _one_hot(plan.dest, 28) @ grad_restored.double())  # unmerge's adjoint: a sum
     low = grads("torch", x)
     for name, actual, expected, lp in zip(("grad x", "grad merged"), got, want64, low):
         assert actual.dtype == dtype
         assert_within_reference_error(actual, expected, lp, factor=3, atol=ERROR_FLOOR[dtype] * 10,
                                       name=name)
+        _assert_near(actual, expected, name)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -306,12 +336,10 @@ def test_strided_inputs_and_expanded_gradients(backend):
     leaf = x.detach().requires_grad_(True)
     merged, size_merged = tome_merge(plan, leaf, size, backend=backend)
     merged.sum().backward()  # an expanded (stride 0) gradient
-    ref_leaf = x.detach().double().requires_grad_(True)
-    ref_merged, ref_size = reference.tome_merge(plan, ref_leaf, size.double())
-    ref_merged.sum().backward()
-    torch.testing.assert_close(merged.double(), ref_merged, rtol=1e-5, atol=1e-6)
+    weights, ref_size = _merge_matrix(plan.dest, size, 21)
+    _assert_near(merged, weights @ x.double(), "merged")
     torch.testing.assert_close(size_merged.double(), ref_size, rtol=0, atol=0)
-    torch.testing.assert_close(leaf.grad.double(), ref_leaf.grad, rtol=1e-6, atol=1e-7)
+    _assert_near(leaf.grad, weights.sum(1).unsqueeze(-1).expand(-1, -1, 24), "grad x")
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -417,6 +445,8 @@ def _bad():
         (lambda m, p, x: tome_match(m[0], 1), ValueError, r"metric must be \(B, N, C\)"),
         (lambda m, p, x: tome_match(m.long(), 1), TypeError, r"metric must be a floating-point"),
         (lambda m, p, x: tome_match(m.tolist(), 1), TypeError, r"metric must be a torch.Tensor"),
+        (lambda m, p, x: tome_match(m, 1, token_order="original"), ValueError,
+         r"token_order must be 'tome' .* or 'spatial' .*got 'original'"),
         (lambda m, p, x: tome_merge(p, x[:, :10]), ValueError,
          r"x must have \(B, N\) = \(2, 11\) leading dims to match the plan, got shape"),
         (lambda m, p, x: tome_merge(p, x[:1]), ValueError, r"x must have \(B, N\) = \(2, 11\)"),
@@ -449,6 +479,68 @@ def _bad():
 def test_bad_inputs_raise_clear_errors(call, error, match):
     with pytest.raises(error, match=match):
         call(*_bad())
+
+
+def _corrupt(plan, field, change):
+    t = getattr(plan, field).clone()
+    change(t)
+    return plan._replace(**{field: t})
+
+
+BAD_PLANS = {  # a plan of N = 11 -> M = 8 tokens, made inconsistent
+    "dest out of range": ("dest", lambda t: t[1, 4].fill_(40), r"plan.dest values must lie in "
+                          r"\[0, M\) = \[0, 8\), found values from 0 to 40"),
+    "dest negative": ("dest", lambda t: t[0, 0].fill_(-1), r"plan.dest values .*from -1"),
+    "merged token without source": ("dest", lambda t: t[0].clamp_(max=6),
+                                    r"every merged token in \[0, M\) must receive a token"),
+    "offsets past N": ("offsets", lambda t: t[0, -1].fill_(1000), r"plan.offsets must be"),
+    "offsets decreasing": ("offsets", lambda t: t[1, 3].fill_(0), r"plan.offsets must be"),
+    "sources out of range": ("sources", lambda t: t[0, 2].fill_(-7), r"plan.sources must list"),
+    "sources repeated": ("sources", lambda t: t[1, 5].copy_(t[1, 6]), r"plan.sources must list"),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_PLANS))
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_inconsistent_plans_are_refused(backend, bad):
+    """A plan that is not tome_match's is checked before any kernel reads it (the triton
+    kernels would read out of bounds); tome_match's own plans are not re-checked."""
+    require_backend("tome_merge", backend)
+    metric, plan, x = _bad()
+    field, change, match = BAD_PLANS[bad]
+    corrupt = _corrupt(plan, field, change)
+    with pytest.raises(ValueError, match="tome_merge: .*" + match):
+        tome_merge(corrupt, x, backend=backend)
+    with pytest.raises(ValueError, match="tome_unmerge: .*" + match):
+        tome_unmerge(corrupt, x[:, :8], backend=backend)
+    getattr(plan, field).copy_(getattr(corrupt, field))  # in place: no longer trusted
+    with pytest.raises(ValueError, match="tome_merge: .*" + match):
+        tome_merge(plan, x, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_rebuilt_and_strided_plans(backend):
+    """A consistent plan built elsewhere (a copy, non-contiguous tensors) is accepted and
+    gives tome_match's results; check_plan=False skips the value check."""
+    require_backend("tome_merge", backend)
+    metric, plan, x = _bad()
+    strided = TomePlan(*(t.t().contiguous().t() for t in plan))
+    assert not strided.dest.is_contiguous()
+    weights, totals = _merge_matrix(plan.dest, None, 8)
+    merged, size = tome_merge(strided, x, backend=backend)
+    _assert_near(merged, weights @ x.double(), "merged")
+    torch.testing.assert_close(size.double(), totals, rtol=0, atol=0)
+    y = random_tensor(2, 8, 6, device=DEVICE, generator=_gen(15))
+    expected = _one_hot(plan.dest, 8).transpose(1, 2) @ y.double()
+    torch.testing.assert_close(tome_unmerge(strided, y, backend=backend).double(), expected,
+                               rtol=0, atol=0)
+    unchecked = _corrupt(plan, "sources", lambda t: t.fill_(0))  # not read by torch
+    if backend == "torch":
+        tome_merge(unchecked, x, backend=backend, check_plan=False)
+    with torch.inference_mode():  # inference tensors have no version counter
+        inference_plan = tome_match(metric, 3, backend=backend)
+        merged = tome_merge(inference_plan, x, backend=backend)[0]
+    _assert_near(merged, weights @ x.double(), "merged in inference mode")
 
 
 def test_checks_are_repeated_for_other_argument_types():

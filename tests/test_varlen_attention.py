@@ -1,9 +1,10 @@
 """varlen_attention on every backend against a per-sequence float64 reference.
 
-The oracle (:func:`_per_sequence`) runs :func:`fastvl.reference.attention.attention_math` on
-each packed sequence alone, which is the contract. Tolerance rule as in test_attention.py
-(flash-attn's): max error vs the float64 oracle <= 2x (forward) / 3x (gradients) the error of
-the same oracle run by PyTorch in the kernel's dtype, plus a small floor. Outputs are
+The oracle (:func:`_per_sequence`) runs the independent reference of
+``tests/samples_attention.py`` (not fastvl.reference, the torch backend) on each packed
+sequence alone, which is the contract. Tolerance rule as in test_attention.py (flash-attn's):
+max error vs the float64 oracle <= 2x (forward) / 3x (gradients) the error of the same
+written-out math run in the inputs' dtype, plus a small floor. Outputs are
 poisoned (NaN) first, so an element no program writes fails.
 
 The interpreter's blocks are 32 / 16 (queries / keys, forward and dQ) and 16 / 32 (dK/dV), so
@@ -19,7 +20,6 @@ import pytest
 import torch
 
 from fastvl.ops import BackendNotSupportedError, attention, varlen_attention
-from fastvl.reference.attention import attention_math
 from fastvl.testing import (
     ERROR_FLOOR,
     assert_grads_within_reference_error,
@@ -30,6 +30,7 @@ from fastvl.testing import (
     random_tensor,
 )
 from tests.conftest import DEVICE, require_backend
+from tests.samples_attention import reference_attention
 
 ALL_BACKENDS = ("torch", "triton")
 
@@ -56,8 +57,9 @@ def _make_packed(lengths_q, lengths_k, heads, kv_heads, head_dim, dtype, seed, b
     return q, k, v, key_bias, _cu_seqlens(lengths_q, device), _cu_seqlens(lengths_k, device)
 
 
-def _per_sequence(q, k, v, key_bias, cu_q, cu_k, prefix_len=None, **masks):
-    """(out (total_q, H, D), lse (total_q, H)): attention_math on each sequence alone."""
+def _per_sequence(q, k, v, key_bias, cu_q, cu_k, prefix_len=None, low=False, **masks):
+    """(out (total_q, H, D), lse (total_q, H)): the reference on each sequence alone, in
+    float64 (or ``low``: in the inputs' dtype)."""
     outs, lses = [], []
     bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
     for b in range(len(bounds_q) - 1):
@@ -66,10 +68,10 @@ def _per_sequence(q, k, v, key_bias, cu_q, cu_k, prefix_len=None, **masks):
         bias = None
         if key_bias is not None:
             bias = key_bias[keys].unsqueeze(0) if key_bias.dim() == 1 else key_bias[keys].T[None]
-        out, lse = attention_math(
+        out, lse = reference_attention(
             q[rows].transpose(0, 1)[None], k[keys].transpose(0, 1)[None],
             v[keys].transpose(0, 1)[None], key_bias=bias,
-            prefix_len=None if prefix_len is None else prefix_len[b:b + 1], **masks,
+            prefix_len=None if prefix_len is None else prefix_len[b:b + 1], low=low, **masks,
         )
         outs.append(out[0].transpose(0, 1))
         lses.append(lse[0].T)
@@ -100,14 +102,14 @@ def _check(backend, lengths_q, lengths_k, heads, kv_heads, head_dim, dtype, *, b
     if isinstance(masks.get("prefix_len"), int):
         ref_masks["prefix_len"] = torch.full((len(lengths_q),), masks["prefix_len"])
 
-    def reference(ins):
-        return _per_sequence(*ins[:3], ins[3] if len(ins) > 3 else None, cu_q, cu_k,
+    def reference(ins, low):
+        return _per_sequence(*ins[:3], ins[3] if len(ins) > 3 else None, cu_q, cu_k, low=low,
                              **ref_masks)
 
     ins64 = [t.detach().double().requires_grad_(grads) for t in inputs]
     ins_low = [t.detach().clone().requires_grad_(grads) for t in inputs]
-    out64, lse64 = reference(ins64)
-    out_low, lse_low = reference(ins_low)
+    out64, lse64 = reference(ins64, low=False)
+    out_low, lse_low = reference(ins_low, low=True)
     assert_within_reference_error(out, out64, out_low, factor=2, atol=ERROR_FLOOR[dtype], name="out")
     assert_lse_within_reference_error(lse, lse64, lse_low, dtype)
     if not grads:
@@ -438,6 +440,46 @@ def test_bad_inputs_raise_clear_errors(make_call, error, match):
     args, kwargs = make_call(_bad_inputs())
     with pytest.raises(error, match=match):
         varlen_attention(*args, backend="torch", **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(causal="False"), TypeError, r"varlen_attention: causal must be a bool, got str"),
+        (dict(return_lse=1), TypeError, r"return_lse must be a bool, got int"),
+        (dict(scale=math.nan), ValueError, r"scale must be a finite number > 0 or None"),
+        (dict(scale=-math.inf), ValueError, r"scale must be a finite number > 0 or None"),
+    ],
+)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_wrong_kind_flags_and_bad_scale_raise(kwargs, error, match, backend):
+    """Also after a memoised valid call with the same shapes."""
+    args = _bad_inputs()
+    varlen_attention(*args, scale=0.5, backend=backend)
+    with pytest.raises(error, match=match):
+        varlen_attention(*args, backend=backend, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_strided_index_tensors_are_read_by_value(backend):
+    """Non-contiguous cu_seqlens_q / cu_seqlens_k and an expanded prefix_len mean their
+    values (first call and memoised calls alike)."""
+    require_backend("varlen_attention", backend)
+    lengths_q, lengths_k = (5, 0, 17), (9, 4, 11)
+    q, k, v, _, cu_q, cu_k = _make_packed(lengths_q, lengths_k, 2, 1, 16, torch.float32, 13)
+
+    def strided(cu):  # the values of cu at even positions, garbage between them
+        return torch.stack([cu, torch.full_like(cu, 999)], dim=1).flatten()[::2]
+
+    prefix = torch.tensor(3, device=DEVICE).expand(3)
+    for masks in (dict(), dict(causal=True, prefix_len=prefix)):
+        ref_masks = dict(masks, prefix_len=prefix.clone()) if masks else {}
+        expected, expected_lse = _per_sequence(q, k, v, None, cu_q, cu_k, **ref_masks)
+        for _ in range(2):  # the second call takes the memo fast path where it applies
+            out, lse = varlen_attention(q, k, v, strided(cu_q), strided(cu_k), 17, 11,
+                                        return_lse=True, backend=backend, **masks)
+            torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(lse.double(), expected_lse, rtol=1e-5, atol=1e-5)
 
 
 def test_triton_not_supported_reasons():

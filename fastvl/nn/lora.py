@@ -8,8 +8,7 @@ adapter of a peft ``lora.Linear``, so its state dict *is* peft's for that layer:
     lora_A.<adapter_name>.weight   (r, in)      lora_B.<adapter_name>.weight   (out, r)
 
 ``adapter_name`` defaults to peft's ``"default"``; pick the peft adapter's name to load its
-checkpoint (``load_state_dict`` works both ways with ``strict=True``, and a peft model whose
-layers :func:`fastvl.patch.peft.accelerate` replaced keeps its state-dict keys).
+checkpoint (``load_state_dict`` works both ways with ``strict=True``).
 
 :class:`RoutedLoRALinear` holds E adapters stacked, ``lora_A`` (E, r, in) and ``lora_B``
 (E, out, r); each token uses the adapter its ``route`` entry names (-1: none). The route is
@@ -22,8 +21,8 @@ state dict of a peft layer holding the E adapters under E names.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
+import threading
 from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
@@ -52,10 +51,9 @@ class RouteBlock:
         self.route, self.checked = route, set(checked)
 
 
-# The block around the RoutedLoRALinear modules called inside `lora_route`.
-_ACTIVE_ROUTE: contextvars.ContextVar[Optional[RouteBlock]] = contextvars.ContextVar(
-    "fastvl_lora_route", default=None
-)
+# The block around the RoutedLoRALinear modules called inside `lora_route`, per thread: an
+# attribute of a threading.local, which torch.compile traces (a ContextVar it cannot set).
+_ACTIVE_ROUTE = threading.local()
 
 
 @contextlib.contextmanager
@@ -69,7 +67,9 @@ def lora_route(route: torch.Tensor, *, num_adapters: Optional[int] = None
     The modules range-check it once per block and number of adapters (the first call: one
     host sync), not at every layer; ``num_adapters=E`` says its values are known to lie in
     [-1, E) (e.g. built from a mask), so modules with E adapters skip even that.
-    Blocks nest; the innermost wins and the outer route is back on exit.
+    Blocks nest; the innermost wins and the outer route is back on exit. The block is per
+    thread (not per asyncio task), and may be entered outside or inside a function compiled
+    with ``torch.compile`` (``fullgraph=True`` included).
     """
     if not isinstance(route, torch.Tensor):
         raise TypeError(f"lora_route: route must be a torch.Tensor, got {type(route).__name__}")
@@ -80,16 +80,17 @@ def lora_route(route: torch.Tensor, *, num_adapters: Optional[int] = None
 @contextlib.contextmanager
 def entered_route_block(block: RouteBlock) -> Iterator[RouteBlock]:
     """Make ``block`` (e.g. one saved by :func:`active_route_block`) the active one."""
-    token = _ACTIVE_ROUTE.set(block)
+    outer = active_route_block()
+    _ACTIVE_ROUTE.block = block
     try:
         yield block
     finally:
-        _ACTIVE_ROUTE.reset(token)
+        _ACTIVE_ROUTE.block = outer
 
 
 def active_route_block() -> Optional[RouteBlock]:
-    """The innermost :func:`lora_route` block around this call, or None."""
-    return _ACTIVE_ROUTE.get()
+    """The innermost :func:`lora_route` block around this call in this thread, or None."""
+    return getattr(_ACTIVE_ROUTE, "block", None)
 
 
 def _check_args(cls: str, base, r, alpha, dropout, backend, alpha_name="alpha") -> None:

@@ -474,11 +474,21 @@ def _validate_key_bias(op: str, key_bias, q, shapes: dict) -> None:
         raise ValueError(f"{op}: q is on {q.device} but key_bias is on {key_bias.device}")
 
 
+def _scale_ok(scale) -> bool:
+    """A finite scale > 0 (NaN fails both comparisons); symbolic values pass."""
+    return not isinstance(scale, (int, float)) or 0.0 < scale < math.inf
+
+
 def _validate_options(op: str, q, batch: int, causal, scale, causal_strength, prefix_len,
                       return_lse) -> None:
-    """scale, causal_strength, prefix_len ((B,) or int) and return_lse."""
+    """causal, scale, causal_strength, prefix_len ((B,) or int) and return_lse."""
+    for name, flag in (("causal", causal), ("return_lse", return_lse)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{op}: {name} must be a bool, got {type(flag).__name__}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, _NUMBER)):
         raise TypeError(f"{op}: scale must be a Python number or None, got {type(scale).__name__}")
+    if scale is not None and not _scale_ok(scale):
+        raise ValueError(f"{op}: scale must be a finite number > 0 or None, got {scale}")
 
     if causal_strength is not None:
         if isinstance(causal_strength, bool) or not isinstance(causal_strength, _NUMBER):
@@ -523,8 +533,6 @@ def _validate_options(op: str, q, batch: int, causal, scale, causal_strength, pr
                 f"{op}: prefix_len must be an int or a (B,) integer tensor, got "
                 f"{type(prefix_len).__name__}"
             )
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"{op}: return_lse must be a bool, got {type(return_lse).__name__}")
 
 
 def _validate(q, k, v, causal, key_bias, scale, causal_strength, prefix_len, return_lse):
@@ -650,13 +658,17 @@ def _default_scale(q) -> float:
 
 
 def _normalize(q, batch: int, scale, causal_strength, prefix_len):
-    """(scale, causal_strength, prefix_len) with the defaults filled in, prefix_len a tensor."""
+    """(scale, causal_strength, prefix_len) with the defaults filled in, prefix_len a
+    contiguous tensor (the kernels read it as one)."""
     if scale is None:
         scale = _default_scale(q)
     if causal_strength is None:
         causal_strength = 1.0
-    if prefix_len is not None and not isinstance(prefix_len, torch.Tensor):
-        prefix_len = torch.full((batch,), prefix_len, dtype=torch.int64, device=q.device)
+    if prefix_len is not None:
+        if isinstance(prefix_len, torch.Tensor):
+            prefix_len = prefix_len.contiguous()
+        else:
+            prefix_len = torch.full((batch,), prefix_len, dtype=torch.int64, device=q.device)
     return scale, causal_strength, prefix_len
 
 
@@ -675,13 +687,15 @@ _TENSOR = torch.Tensor
 def _memo_key(q, k, v, key_bias, causal, scale, causal_strength, prefix_len, return_lse,
               dropout_p, backend, *extra):
     """The memo key of a call with plain arguments (see above; ``extra``: more of what the
-    call's checks read), or None for a call that takes the full path."""
+    call's checks read), or None for a call that takes the full path (also one whose scale
+    value fails its check, which the key does not hold)."""
     if not (
         type(q) is _TENSOR and type(k) is _TENSOR and type(v) is _TENSOR
         and (key_bias is None or type(key_bias) is _TENSOR)
         and prefix_len is None and causal_strength is None
         and type(causal) is bool and type(return_lse) is bool and type(dropout_p) is float
-        and (scale is None or type(scale) is float) and type(backend) is str
+        and (scale is None or (type(scale) is float and 0.0 < scale < math.inf))
+        and type(backend) is str
         and not torch.compiler.is_compiling()
     ):
         return None
@@ -738,12 +752,12 @@ def attention(
         q: (B, H, Nq, D). k, v: (B, Hkv, Nk, D), ``H % Hkv == 0`` (MQA/GQA: query head h
             reads kv head ``h // (H // Hkv)``). One float dtype for all three. Any strides;
             the triton kernels copy an input whose last dim is not contiguous.
-        causal: mask keys in the future of each query: key j is hidden from query i when
-            ``j > i + Nk - Nq`` (aligned bottom-right when Nq != Nk, as flash-attn).
+        causal: a bool; mask keys in the future of each query: key j is hidden from query i
+            when ``j > i + Nk - Nq`` (aligned bottom-right when Nq != Nk, as flash-attn).
         key_bias: additive per-key logit bias, (B, Nk) or (B, H, Nk), float (ToMe proportional
             attention: ``log(size)``; ``-inf`` hides a key). Differentiable: its gradient is
             ``sum_i dS[i, j]`` (summed over heads for a (B, Nk) bias).
-        scale: logit scale, default ``1 / sqrt(D)``.
+        scale: logit scale, a finite number > 0; default ``1 / sqrt(D)``.
         causal_strength: with ``causal=True``, soften the mask (iLLaMA): future keys get
             ``log(1 - causal_strength)`` added, so 1.0 (the default) is the hard mask and 0.0
             no mask. A Python float in [0, 1].
@@ -751,7 +765,7 @@ def attention(
             keys ``j < prefix_len[b]`` are visible to every query of sample b (e.g. image
             tokens attend bidirectionally), the rest follow the causal rule above. Values are
             clamped to [0, Nk]. With a soft mask the prefix keys are exempt from the softening.
-        return_lse: also return ``lse`` (B, H, Nq), the natural-log softmax denominator
+        return_lse: a bool; also return ``lse`` (B, H, Nq), the natural-log softmax denominator
             ``logsumexp_j`` of the scaled, biased, masked logits; float32 (float64 for
             float64 inputs). Differentiable.
         attn_mask: a dense mask as SDPA takes it, broadcastable to (B, H, Nq, Nk): bool
@@ -768,6 +782,12 @@ def attention(
         ``(out, lse)``. A query row with no visible key (all keys masked or biased to
         ``-inf``, or a causal row before the first key when Nq > Nk) gets output 0, lse
         ``-inf`` and zero gradients, never NaN.
+
+    Non-finite inputs (IEEE): a query row holding a NaN or inf gets NaN out and lse on the
+    ``torch`` and ``triton`` backends, other rows unchanged (unless the hard causal mask
+    hides every key from it: then 0). A NaN or inf in k of a key the hard causal mask hides
+    from a row does not reach that row; one in v may (``0 * nan`` in ``p @ v``). The ``sdpa``
+    backend is SDPA's own behaviour: on CPU a NaN query row gives 0 instead of NaN.
     """
     key = None if attn_mask is not None else _memo_key(
         q, k, v, key_bias, causal, scale, causal_strength, prefix_len, return_lse, dropout_p,
@@ -829,7 +849,7 @@ def varlen_attention(
         prefix_len: with ``causal=True``, an int or an integer (B,) tensor: keys
             ``j < prefix_len[b]`` of sequence b are visible to all its queries (clamped to
             [0, Nk_b]).
-        return_lse: also return ``lse`` of shape (total_q, H), token-major (lse[t, h] is the
+        return_lse: a bool; also return ``lse`` of shape (total_q, H), token-major (lse[t, h] is the
             row of query token t, head h); float32 (float64 for float64 inputs).
             Differentiable.
         dropout_p: attention dropout, as :func:`attention`'s.
@@ -861,6 +881,7 @@ def varlen_attention(
         if hit is not None:
             fn, default_scale = hit
             op = "varlen_attention"
+            cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
             _check_cu_seqlens_values(op, "cu_seqlens_q", cu_seqlens_q, "max_seqlen_q",
                                      max_seqlen_q, q.shape[0], "q")
             _check_cu_seqlens_values(op, "cu_seqlens_k", cu_seqlens_k, "max_seqlen_k",
@@ -870,6 +891,7 @@ def varlen_attention(
                       dropout_p)
     _validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
                      key_bias, scale, causal_strength, prefix_len, return_lse)
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     scale_value, causal_strength, prefix_len = _normalize(
         q, cu_seqlens_q.shape[0] - 1, scale, causal_strength, prefix_len
     )

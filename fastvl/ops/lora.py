@@ -43,6 +43,7 @@ Backends:
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -186,12 +187,11 @@ if TRITON_IMPORT_ERROR is None:
                            dropout_p, _triton_seed(dropout_p, seed))[0]
 
     def _routed_triton(x, weight, bias, lora_a, lora_b, scaling, route, dropout_p, seed):
-        # The kernels read route and a tensor scale as contiguous (N,) / (E,) tensors.
         scale = None
         if isinstance(scaling, torch.Tensor):
-            scale, scaling = scaling.to(torch.float32).contiguous(), 0.0
-        return _forward_op(x, weight, bias, lora_a, lora_b, scale, scaling, route.contiguous(),
-                           dropout_p, _triton_seed(dropout_p, seed))[0]
+            scale, scaling = scaling.to(torch.float32), 0.0
+        return _forward_op(x, weight, bias, lora_a, lora_b, scale, scaling, route, dropout_p,
+                           _triton_seed(dropout_p, seed))[0]
 
     _TRITON_SUPPORTS = Supports(
         dtypes=KERNEL_DTYPES, dtype_of="x", max_sizes={"rank": _kernels.MAX_RANK}
@@ -310,9 +310,14 @@ def lora_linear(
         x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, backend))
     if x.dim() == 2:  # (views cost microseconds too)
         return fn(x, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p), seed)
-    out = fn(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, float(scaling),
-             float(dropout_p), seed)
+    out = fn(_rows(x), weight, bias, lora_a, lora_b, float(scaling), float(dropout_p), seed)
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x (..., in) as (N, in), N the product of the leading dims (a -1 is ambiguous when x
+    holds no element)."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
 def _resolve_plain(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, backend):
@@ -361,8 +366,8 @@ def routed_lora_linear(
             batches of many adapters: the same route for prefill and every decode step).
         dropout_p, seed, backend: as :func:`lora_linear`.
         check_route: verify the route range first (one host sync; skipped under
-            torch.compile and CUDA-graph capture). Unchecked out-of-range values get no
-            adapter on the torch backend and are undefined on the triton backend.
+            torch.compile and CUDA-graph capture). Unchecked values outside [0, E) get no
+            adapter, like -1 (every backend).
 
     Returns:
         (..., out) in x's dtype. lora_a / lora_b gradients are zeros for adapters with no
@@ -379,8 +384,8 @@ def routed_lora_linear(
     tokens = x.shape[:-1]
     if x.dim() == 2 and route.shape == tokens:  # (views cost microseconds too)
         return fn(x, weight, bias, lora_a, lora_b, scaling, route, float(dropout_p), seed)
-    out = fn(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scaling,
-             route.expand(tokens).reshape(-1), float(dropout_p), seed)
+    out = fn(_rows(x), weight, bias, lora_a, lora_b, scaling, route.expand(tokens).reshape(-1),
+             float(dropout_p), seed)
     return out.view(*tokens, out.shape[-1])
 
 

@@ -510,8 +510,8 @@ def _validate_loss(pred, imgs, mask, patch_size, norm_pix, eps, eps_style) -> tu
         _check_same_device(op, name, t, pred, "pred")
     if not isinstance(norm_pix, bool):
         raise TypeError(f"{op}: norm_pix must be a bool, got {type(norm_pix).__name__}")
-    if isinstance(eps, bool) or not isinstance(eps, _NUMBER) or eps < 0:
-        raise ValueError(f"{op}: eps must be a number >= 0, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, _NUMBER) or not 0 <= eps < math.inf:
+        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
     if eps_style not in EPS_STYLES:
         raise ValueError(f"{op}: eps_style must be 'mae' or 'videomae', got {eps_style!r}")
     if norm_pix:
@@ -554,15 +554,17 @@ def masked_pixel_loss(
             :func:`random_masking`. Not differentiable.
         patch_size: int p (images: (p, p)), (ph, pw), or (pt, ph, pw) for video.
         norm_pix: normalise each target patch by its own mean and unbiased variance.
-        eps, eps_style: ``"mae"``: statistics over the whole patch, ``(x - mean) /
-            sqrt(var + eps)`` (MAE); ``"videomae"``: statistics per channel over the patch's
-            pixels, ``(x - mean) / (sqrt(var) + eps)`` (VideoMAE).
+        eps, eps_style: eps a finite number >= 0; ``"mae"``: statistics over the whole
+            patch, ``(x - mean) / sqrt(var + eps)`` (MAE); ``"videomae"``: statistics per
+            channel over the patch's pixels, ``(x - mean) / (sqrt(var) + eps)`` (VideoMAE).
         backend: "auto", "triton" or "torch".
 
     Returns:
         A 0-dim float32 tensor (float64 for float64 pred), 0 when no patch is masked.
-        Differentiable in pred only. The triton kernels reduce in float32, skip the rows
-        that do not count and write pred's gradient in pred's dtype.
+        Differentiable in pred only. Rows of weight 0 do not take part on any backend:
+        their pred and image values (NaN included) change neither the loss nor the
+        gradient. The triton kernels reduce in float32, skip the rows that do not count and
+        write pred's gradient in pred's dtype.
     """
     key = call_key((pred, imgs, mask), patch_size, norm_pix, eps, eps_style, backend)
     patch_size, fn = memoized(

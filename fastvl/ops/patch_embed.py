@@ -32,9 +32,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from fastvl.ops._checks import check_tensor, check_token_index, is_int
+from fastvl.ops._checks import check_tensor, check_token_index, check_value_range, is_int
 from fastvl.ops._eager import EagerOp, call_key, memoized
-from fastvl.ops.gather import check_index_range
 from fastvl.ops.registry import KERNEL_DTYPES, TRITON_IMPORT_ERROR, Supports, register_op
 from fastvl.reference.patch_embed import masked_patch_embed_gather_first
 
@@ -295,7 +294,8 @@ def masked_patch_embed(
         lambda: _resolve(imgs, weight, bias, pos_embed, ids_keep, patch_size, cls_token, backend),
     )
     if check_bounds:
-        check_index_range(ids_keep, num_patches, OP)
+        check_value_range(OP, "ids_keep", ids_keep, 0, num_patches,
+                          f"the L = {num_patches} patches of imgs")
     return fn(imgs, weight, bias, pos_embed, ids_keep, patch, cls_token)
 
 

@@ -12,7 +12,9 @@ The definitions (which tokens may merge, cosine similarity, tie-breaking, the me
 order, size weighting) are in :mod:`fastvl.reference.tome`. In short: the ``P`` prefix tokens
 are protected, the rest alternate between sets A (even positions) and B (odd positions);
 each A token's most similar B token is its partner; the r best A tokens merge into their
-partners; the merged sequence keeps the surviving tokens in original order (``M = N - r``).
+partners; ``M = N - r`` tokens come out in ToMe's order ``[prefix, unmerged A, B]``
+(``token_order="tome"``, so chained steps merge as ToMe does) or in original order
+(``token_order="spatial"``).
 
 The plan, :class:`TomePlan`, is a NamedTuple of int64 tensors (``dest`` (B, N), ``offsets``
 (B, M + 1), ``sources`` (B, N)) whose shapes carry N and M: a pytree that torch.compile
@@ -40,6 +42,8 @@ devices and flags they read, so repeated calls of a model skip them.
 Sizes (how many original patches each token holds) are (B, N) floats and are treated as
 constants, as in ToMe: no gradient flows to them. Bad input raises ``ValueError`` /
 ``TypeError`` naming the argument; ``r`` outside ``[0, (N - P) // 2]`` raises ``ValueError``.
+``tome_merge`` / ``tome_unmerge`` trust the plans ``tome_match`` returned (unmodified); any
+other plan has its values checked first (one host sync; ``check_plan=False`` skips it).
 """
 
 from __future__ import annotations
@@ -47,12 +51,13 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
-from fastvl.ops._checks import check_float_tensor, check_int, check_tensor
+from fastvl.ops._checks import check_float_tensor, check_int, check_tensor, value_check_allowed
 from fastvl.ops._eager import EagerOp, call_key, memoized
 from fastvl.ops.registry import KERNEL_DTYPES, TRITON_IMPORT_ERROR, Call, Supports, register_op
 from fastvl.reference import tome as _reference
-from fastvl.reference.tome import TomePlan
+from fastvl.reference.tome import TOKEN_ORDERS, TomePlan
 
 __all__ = [
     "tome_match",
@@ -73,7 +78,7 @@ def _describe_merge(plan, x, size) -> Call:
 
 
 TOME_MATCH = register_op(
-    "tome_match", describe=lambda metric, r, prefix: Call(metric.device, metric.dtype)
+    "tome_match", describe=lambda metric, *flags: Call(metric.device, metric.dtype)
 )
 TOME_MERGE = register_op("tome_merge", describe=_describe_merge)
 TOME_UNMERGE = register_op("tome_unmerge", describe=lambda plan, x: Call(x.device, x.dtype))
@@ -81,7 +86,7 @@ TOME_UNMERGE = register_op("tome_unmerge", describe=lambda plan, x: Call(x.devic
 
 # ---- implementations ---------------------------------------------------------------------
 # Called with validated arguments (size detached):
-#   match(metric, r, num_prefix_tokens) -> TomePlan
+#   match(metric, r, num_prefix_tokens, token_order) -> TomePlan
 #   merge(plan, x, size or None) -> (merged, size_merged)
 #   unmerge(plan, x) -> (B, N, C)
 
@@ -212,8 +217,9 @@ if TRITON_IMPORT_ERROR is None:
     _segment_sum = EagerOp(tome_segment_sum_triton, _segment_sum_kernels, _segment_sum_setup,
                            _segment_sum_backward, (0,), double_backward=True)
 
-    def _match_triton(metric, r, num_prefix_tokens):
-        return _reference.tome_match(metric, r, num_prefix_tokens, find_partners=_best_partners)
+    def _match_triton(metric, r, num_prefix_tokens, token_order):
+        return _reference.tome_match(metric, r, num_prefix_tokens, token_order,
+                                     find_partners=_best_partners)
 
     def _merge_triton(plan, x, size):
         return _merge(x, size, *plan)
@@ -229,6 +235,15 @@ if TRITON_IMPORT_ERROR is None:
 
 
 # ---- validation --------------------------------------------------------------------------
+
+
+def check_token_order(op: str, token_order) -> None:
+    """ValueError unless ``token_order`` is one of ``TOKEN_ORDERS``."""
+    if not isinstance(token_order, str) or token_order not in TOKEN_ORDERS:
+        raise ValueError(
+            f"{op}: token_order must be 'tome' (ToMe's [prefix, unmerged A, B]) or 'spatial' "
+            f"(original order), got {token_order!r}"
+        )
 
 
 def _check_tokens(op: str, name: str, t, shape_name: str = "(B, N, C)") -> None:
@@ -279,6 +294,7 @@ def tome_match(
     r: int,
     *,
     num_prefix_tokens: int = 1,
+    token_order: str = "tome",
     backend: str = "auto",
 ) -> TomePlan:
     """Plan one ToMe step: merge the r most similar (A, B) token pairs of each sample.
@@ -290,21 +306,74 @@ def tome_match(
             identity plan.
         num_prefix_tokens: leading tokens (class, registers, distillation) that are never
             merged away nor merged into.
+        token_order: the order of the merged tokens: "tome" (ToMe's ``[prefix, unmerged
+            A, B]``) or "spatial" (original order); see :mod:`fastvl.reference.tome`.
         backend: "auto", "triton" or "torch" (see ``python -m fastvl info``).
 
     Returns:
         A :class:`TomePlan` for ``N`` -> ``N - r`` tokens (int64 tensors on metric's device).
     """
-    fn = memoized(TOME_MATCH, call_key((metric,), r, num_prefix_tokens, backend),
-                  lambda: _resolve_match(metric, r, num_prefix_tokens, backend))
-    return fn(metric, r, num_prefix_tokens)
+    fn = memoized(TOME_MATCH, call_key((metric,), r, num_prefix_tokens, token_order, backend),
+                  lambda: _resolve_match(metric, r, num_prefix_tokens, token_order, backend))
+    plan = fn(metric, r, num_prefix_tokens, token_order)
+    if not torch.compiler.is_compiling():
+        setattr(plan.dest, _MATCHED, (plan.offsets, plan.sources, _versions(plan)))
+    return plan
 
 
-def _resolve_match(metric, r, num_prefix_tokens, backend):
+# A plan made by tome_match is consistent by construction: its dest carries this attribute,
+# (offsets, sources, the three versions), so the merge ops skip the value check while the
+# plan is unchanged (inference tensors have no version: their in-place changes go unseen).
+_MATCHED = "_fastvl_tome_match"
+
+
+def _versions(plan: TomePlan) -> Optional[tuple[int, int, int]]:
+    if plan.dest.is_inference():
+        return None
+    return plan.dest._version, plan.offsets._version, plan.sources._version
+
+
+def _check_plan_values(op: str, plan: TomePlan, check_plan: bool) -> None:
+    """ValueError unless the plan is what tome_match would build for its ``dest``: dest in
+    [0, M), every merged token with a source, offsets and sources the CSR inverse of dest.
+
+    Skipped for unmodified plans from :func:`tome_match`, with ``check_plan=False``, under
+    torch.compile and CUDA-graph capture; else one host sync."""
+    if not check_plan or not value_check_allowed(plan.dest):
+        return
+    matched = getattr(plan.dest, _MATCHED, None)
+    if matched is not None and matched[0] is plan.offsets and matched[1] is plan.sources \
+            and matched[2] == _versions(plan):
+        return
+    dest = plan.dest
+    num_merged = plan.num_merged_tokens
+    low, high = torch.stack(torch.aminmax(dest)).tolist()
+    if low < 0 or high >= num_merged:
+        raise ValueError(
+            f"{op}: plan.dest values must lie in [0, M) = [0, {num_merged}), found values "
+            f"from {low} to {high}; pass the plan returned by tome_match"
+        )
+    counts = torch.zeros_like(plan.offsets[:, 1:]).scatter_add_(1, dest, torch.ones_like(dest))
+    offsets = F.pad(counts.cumsum(1), (1, 0))
+    sources = torch.sort(dest, dim=1, stable=True).indices
+    consistent = torch.stack([(counts > 0).all(), (plan.offsets == offsets).all(),
+                              (plan.sources == sources).all()]).tolist()
+    problems = [what for ok, what in zip(consistent, (
+        "every merged token in [0, M) must receive a token (dest covers [0, M))",
+        "plan.offsets must be the CSR row starts of dest (0, cumulative counts, N)",
+        "plan.sources must list the tokens by destination, ascending within one",
+    )) if not ok]
+    if problems:
+        raise ValueError(f"{op}: inconsistent plan: " + "; ".join(problems)
+                         + "; pass the plan returned by tome_match")
+
+
+def _resolve_match(metric, r, num_prefix_tokens, token_order, backend):
     op = "tome_match"
     _check_tokens(op, "metric", metric)
     check_int(op, "num_prefix_tokens", num_prefix_tokens)
     check_int(op, "r", r)
+    check_token_order(op, token_order)
     num_tokens = metric.shape[1]
     if not 0 <= num_prefix_tokens <= num_tokens:
         raise ValueError(
@@ -317,7 +386,7 @@ def _resolve_match(metric, r, num_prefix_tokens, backend):
             f"{op}: r must lie in [0, (N - num_prefix_tokens) // 2] = [0, {max_r}] "
             f"(N = {num_tokens}, num_prefix_tokens = {num_prefix_tokens}), got {r}"
         )
-    return TOME_MATCH.select(backend, metric.device, metric, r, num_prefix_tokens)
+    return TOME_MATCH.select(backend, metric.device, metric, r, num_prefix_tokens, token_order)
 
 
 def tome_merge(
@@ -326,6 +395,7 @@ def tome_merge(
     size: Optional[torch.Tensor] = None,
     *,
     backend: str = "auto",
+    check_plan: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge tokens by the plan: the size-weighted average of each group.
 
@@ -335,6 +405,9 @@ def tome_merge(
         size: (B, N) float, how many original patches each token holds; None = all ones.
             A constant: it is detached, no gradient flows to it.
         backend: "auto", "triton" or "torch".
+        check_plan: check the values of a plan that is not an unmodified one from
+            :func:`tome_match` (one host sync; skipped under torch.compile and CUDA-graph
+            capture): an inconsistent plan would read out of bounds on the triton backend.
 
     Returns:
         ``(merged, size_merged)``: merged (B, M, C) in x's dtype (contiguous on the triton
@@ -344,6 +417,7 @@ def tome_merge(
     """
     fn = memoized(TOME_MERGE, _plan_key(plan, (x, size), backend),
                   lambda: _resolve_merge(plan, x, size, backend))
+    _check_plan_values("tome_merge", plan, check_plan)
     return fn(plan, x, None if size is None else size.detach())
 
 
@@ -371,17 +445,20 @@ def _resolve_merge(plan, x, size, backend):
     return TOME_MERGE.select(backend, x.device, plan, x, size)
 
 
-def tome_unmerge(plan: TomePlan, x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+def tome_unmerge(
+    plan: TomePlan, x: torch.Tensor, *, backend: str = "auto", check_plan: bool = True
+) -> torch.Tensor:
     """Undo one merge step for dense outputs: x (B, M, C) -> (B, N, C).
 
     Every token of the step gets the value of the merged token it went to,
     ``out[:, i] = x[:, plan.dest[:, i]]``. Differentiable (the gradient sums each merged
     token's copies, deterministically on the triton backend). Chain it in reverse over the
     steps, or map straight to the original patches with :func:`tome_merge_source` and
-    :func:`fastvl.ops.gather_tokens`.
+    :func:`fastvl.ops.gather_tokens`. ``check_plan``: as in :func:`tome_merge`.
     """
     fn = memoized(TOME_UNMERGE, _plan_key(plan, (x,), backend),
                   lambda: _resolve_unmerge(plan, x, backend))
+    _check_plan_values("tome_unmerge", plan, check_plan)
     return fn(plan, x)
 
 

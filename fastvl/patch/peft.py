@@ -1,15 +1,18 @@
-"""Run peft LoRA layers on fastvl's kernels: ``accelerate(model)`` swaps them in place.
+"""Run peft LoRA layers on fastvl's kernels: ``accelerate(model)`` swaps their compute.
 
-Every ``peft.tuners.lora.layer.Linear`` whose forward is plain LoRA on an ``nn.Linear`` (one
-active adapter on the layer, no DoRA or other LoRA variant, not merged, adapters enabled, no
-``lora_bias``, adapter weights in the base weight's dtype) becomes a
-:class:`fastvl.nn.LoRALinear` that *shares* its modules: the same ``base_layer``, the same
-``lora_A[name]`` / ``lora_B[name]`` (so the same Parameter objects, seen by optimizers), the
-same scaling (``use_rslora`` included) and dropout probability. State-dict keys do not change,
-so ``load_state_dict`` works on the accelerated model; peft functions that find adapters by
-module type (``save_pretrained``, ``get_peft_model_state_dict``) need the peft layers, which
-``with peft_layers(model):`` puts back for the block. Other peft LoRA layers are left as they
-are and listed in the report with the reason.
+Every ``peft.tuners.lora.layer.Linear`` of ``model`` on a plain ``nn.Linear`` keeps its place,
+its adapters and its state dict; only its ``forward`` is replaced on the instance. Each call
+reads the layer's state: with one active adapter that is plain LoRA (no DoRA or other LoRA
+variant, no ``lora_bias``, dropout off or ``nn.Dropout``, adapter weights and input in the base
+weight's dtype), not merged, adapters enabled, no hooks on the base layer, no extra arguments
+(``adapter_names=``) and no autocast, it runs :func:`fastvl.ops.lora_linear` on the layer's own
+parameters; in every other state it runs peft's forward. So peft's API works as without fastvl
+(``set_adapter``, ``disable_adapter()``, ``merge_adapter`` / ``merge_and_unload``,
+``add_adapter`` / ``delete_adapter``, ``save_pretrained``, ``requires_grad``); layers peft
+creates later (``add_adapter`` on new target modules) run peft's forward until ``restore`` and
+``accelerate`` again. The outputs and gradients equal peft's; dropout draws its own mask (same
+distribution, not the same random numbers). :func:`restore` (or ``report.remove()``) puts
+peft's forward back.
 
 ``serve_adapters(model, ["a", "b", ...])`` is for multi-adapter inference (peft's
 mixed-batch ``adapter_names=``): every peft LoRA linear layer holding any of those adapters
@@ -21,16 +24,15 @@ there), and each sequence picks its adapter through the route::
     with fastvl.nn.lora_route(patch.route(["code", "__base__", "math"])):   # (B, 1)
         out = model.generate(input_ids, max_new_tokens=32)
 
-The outputs and gradients equal peft's; dropout draws its own mask (same distribution, not the
-same random numbers). peft's per-layer machinery does not reach the fastvl modules: call
-:func:`restore` (or ``report.remove()``) before ``merge_and_unload``, ``set_adapter``,
-``disable_adapter()``, adding adapters or passing ``adapter_names`` to the forward, and
-:func:`accelerate` again after.
+peft's per-layer machinery does not reach the routed modules: call :func:`restore` before
+changing adapters, and ``with peft_layers(model):`` for peft functions that find adapters by
+module type (``save_pretrained``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, NamedTuple, Optional
@@ -41,7 +43,8 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
-from fastvl.nn.lora import LoRALinear, RoutedLoRALinear, check_lora_backend
+from fastvl.nn.lora import RoutedLoRALinear, check_lora_backend
+from fastvl.ops.lora import lora_linear
 from fastvl.patch._modules import marked_slots, patched_names, swap_back, swap_children
 
 __all__ = [
@@ -52,13 +55,14 @@ __all__ = [
 # peft's adapter name for "no adapter" in mixed-batch inference; a route of -1 here.
 BASE_ADAPTER = "__base__"
 
-# Set (outside the module registry, so not in state_dict) on each module accelerate() or
-# serve_adapters() made.
+# Set (outside the module registry, so not in state_dict) on each module serve_adapters() made.
 _ORIGINAL = "_fastvl_peft_original"
+# Set on each peft layer accelerate() patched: the backend of its fastvl forward.
+_BACKEND = "_fastvl_peft_backend"
 
 
 class Skipped(NamedTuple):
-    """A peft LoRA layer :func:`accelerate` left alone: where, its class, and why."""
+    """A peft LoRA layer not run by fastvl: where, its class, and why."""
 
     name: str
     cls: str
@@ -67,18 +71,20 @@ class Skipped(NamedTuple):
 
 @dataclass
 class PeftPatch:
-    """What :func:`accelerate` did to ``model``: ``replaced`` names, ``skipped`` layers."""
+    """What :func:`accelerate` did to ``model``: ``replaced`` names the layers fastvl runs and
+    ``skipped`` those peft runs, with the reason, in their state at the call (an accelerated
+    layer switches between the two as its state changes)."""
 
     model: nn.Module = field(repr=False)
     backend: str
     replaced: list[str]
     skipped: list[Skipped]
-    _created: tuple[LoRALinear, ...] = field(repr=False, default=())
+    _modules: tuple[nn.Module, ...] = field(repr=False, default=())
 
     def remove(self) -> list[str]:
-        """Put back the peft layers this call replaced (names restored; [] once done)."""
-        created = {id(module) for module in self._created}
-        return [slot[2] for slot in _restore(self.model, lambda module: id(module) in created)]
+        """Undo this call on the layers it changed (their names; [] once done)."""
+        mine = {id(module) for module in self._modules}
+        return _restore(self.model, lambda module: id(module) in mine)
 
     def __str__(self) -> str:
         lines = [f"fastvl.patch.peft: {len(self.replaced)} LoRA layers on backend "
@@ -86,6 +92,10 @@ class PeftPatch:
         lines += [f"  replaced {name}" for name in self.replaced]
         lines += [f"  skipped {s.name} ({s.cls}): {s.reason}" for s in self.skipped]
         return "\n".join(lines)
+
+
+def _skipped(name: str, layer: nn.Module, reason: str) -> Skipped:
+    return Skipped(name, f"{type(layer).__module__}.{type(layer).__qualname__}", reason)
 
 
 def _dropout_p(module: nn.Module) -> Optional[float]:
@@ -104,6 +114,12 @@ def _layer_reason(layer: LoraLayer) -> Optional[str]:
     base = layer.base_layer
     if not isinstance(base, nn.Linear) or type(base).forward is not nn.Linear.forward:
         return f"base layer is {type(base).__name__}, not a torch.nn.Linear"
+    if "forward" in layer.__dict__:
+        return "its forward is already replaced on the instance (by another patch)"
+    return None
+
+
+def _merged_reason(layer: LoraLayer) -> Optional[str]:
     if layer.merged:
         return f"adapters {layer.merged_adapters} are merged into the base weight"
     return None
@@ -128,35 +144,51 @@ def _adapter_reason(layer: PeftLoraLinear, name: str) -> Optional[str]:
     return None
 
 
-def _skip_reason(layer: LoraLayer) -> Optional[str]:
-    """Why ``layer`` is not replaced by a LoRALinear, or None if one computes the same."""
-    reason = _layer_reason(layer)
-    if reason is not None:
-        return reason
+def _plain_adapter(layer: PeftLoraLinear) -> tuple[Optional[str], Optional[str]]:
+    """(the adapter fastvl computes ``layer`` with in its current state, None), or
+    (None, why peft's forward runs)."""
     if layer.disable_adapters:
-        return "adapters are disabled on this layer"
+        return None, "adapters are disabled on this layer"
+    reason = _merged_reason(layer)
+    if reason is not None:
+        return None, reason
+    base = layer.base_layer
+    if base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__:
+        return None, ("the base layer has forward hooks or its own forward (peft's forward "
+                      "calls it)")
     active = [name for name in layer.active_adapters if name in layer.lora_A]
     if len(active) != 1:
-        return f"{len(active)} active adapters on this layer ({active}); fastvl serves exactly one"
+        return None, (f"{len(active)} active adapters on this layer ({active}); fastvl serves "
+                      "exactly one")
     (name,) = active
     reason = _adapter_reason(layer, name)
     if reason is None and _dropout_p(layer.lora_dropout[name]) is None:
         reason = f"adapter {name!r} has dropout module {type(layer.lora_dropout[name]).__name__}"
-    return reason
+    return (name, None) if reason is None else (None, reason)
 
 
-def _fastvl_layer(layer: PeftLoraLinear, backend: str) -> LoRALinear:
-    (name,) = [n for n in layer.active_adapters if n in layer.lora_A]
-    return LoRALinear.sharing(
-        layer.base_layer, layer.lora_A[name], layer.lora_B[name], layer.scaling[name],
-        dropout=_dropout_p(layer.lora_dropout[name]), adapter_name=name, backend=backend,
+def _forward(layer: PeftLoraLinear, backend: str, x: torch.Tensor, *args, **kwargs):
+    """An accelerated layer's forward: fastvl's op where the layer's state allows, else peft's."""
+    base = layer.base_layer
+    name = None
+    if not (args or kwargs or x.dtype != base.weight.dtype
+            or torch.is_autocast_enabled(x.device.type)):
+        name, _ = _plain_adapter(layer)
+    if name is None:
+        return PeftLoraLinear.forward(layer, x, *args, **kwargs)
+    dropout = layer.lora_dropout[name]
+    return lora_linear(
+        x, base.weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
+        layer.scaling[name], dropout_p=_dropout_p(dropout) if dropout.training else 0.0,
+        backend=backend,
     )
 
 
 def accelerate(model: nn.Module, *, backend: str = "auto") -> PeftPatch:
-    """Swap :class:`fastvl.nn.LoRALinear` in for ``model``'s plain peft LoRA linear layers.
+    """Run ``model``'s peft LoRA linear layers on :func:`fastvl.ops.lora_linear` where they can.
 
-    ``model``: a ``PeftModel`` or any module holding peft LoRA layers; changed in place.
+    ``model``: a ``PeftModel`` or any module holding peft LoRA layers; each peft ``lora.Linear``
+    on a plain ``nn.Linear`` gets fastvl's forward on the instance (see the module docstring).
     Returns the :class:`PeftPatch` report (``replaced`` names, ``skipped`` with reasons).
 
     Raises:
@@ -165,17 +197,21 @@ def accelerate(model: nn.Module, *, backend: str = "auto") -> PeftPatch:
             :meth:`fastvl.nn.LoRALinear.sharing`); ``model`` is already accelerated.
     """
     _check_model("accelerate", model, backend)
-
-    def replacement_for(child):
-        if not isinstance(child, LoraLayer):
-            return None
-        reason = _skip_reason(child)
-        if reason is not None:
-            return reason
-        return lambda: _fastvl_layer(child, backend).train(child.training)
-
-    replaced, skipped, modules = _swap(model, replacement_for)
-    return PeftPatch(model, backend, replaced, skipped, modules)
+    replaced, skipped, layers = [], [], []
+    for name, layer in model.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        reason = _layer_reason(layer)
+        if reason is None:
+            layer.forward = functools.partial(_forward, layer, backend)
+            setattr(layer, _BACKEND, backend)
+            layers.append(layer)
+            _, reason = _plain_adapter(layer)
+        if reason is None:
+            replaced.append(name)
+        else:
+            skipped.append(_skipped(name, layer, reason))
+    return PeftPatch(model, backend, replaced, skipped, tuple(layers))
 
 
 def _check_model(op: str, model, backend: str) -> None:
@@ -187,22 +223,12 @@ def _check_model(op: str, model, backend: str) -> None:
             f"{op}: model is itself a peft LoRA layer and cannot be replaced in place; use "
             "fastvl.nn.LoRALinear.sharing(...) or RoutedLoRALinear.stacked(...) instead"
         )
-    patched = patched_names(model, _ORIGINAL)
+    patched = patched_names(model, _BACKEND) + patched_names(model, _ORIGINAL)
     if patched:
         raise ValueError(
             f"{op}: model is already accelerated or serving ({len(patched)} layers, e.g. "
             f"{patched[0]!r}); call fastvl.patch.peft.restore(model) first"
         )
-
-
-def _swap(model: nn.Module, replacement_for):
-    """:func:`swap_children` under this module's marker; skipped layers as :class:`Skipped`."""
-    replaced, skipped, modules = swap_children(model, _ORIGINAL, replacement_for)
-    skipped = [
-        Skipped(name, f"{type(child).__module__}.{type(child).__qualname__}", reason)
-        for name, child, reason in skipped
-    ]
-    return replaced, skipped, modules
 
 
 @dataclass
@@ -223,7 +249,7 @@ class ServingPatch(PeftPatch):
         if unknown:
             raise ValueError(f"ServingPatch.route: unknown adapters {unknown}; served: "
                              f"{list(self.adapter_names)} (or {BASE_ADAPTER!r} for none)")
-        device = self._created[0].lora_A.device if self._created else None
+        device = self._modules[0].lora_A.device if self._modules else None
         values = [index.get(n, -1) if n is not None else -1 for n in names]
         return torch.tensor(values, dtype=torch.int64, device=device)[:, None]
 
@@ -285,7 +311,7 @@ def serve_adapters(model: nn.Module, adapter_names: Sequence[str], *,
     def replacement_for(child):
         if not isinstance(child, LoraLayer):
             return None
-        reason = _layer_reason(child)
+        reason = _layer_reason(child) or _merged_reason(child)
         present = [name for name in names if name in child.lora_A] if reason is None else []
         if reason is None and not present:
             reason = (f"holds none of {list(names)} (peft's forward, with its own active "
@@ -297,51 +323,56 @@ def serve_adapters(model: nn.Module, adapter_names: Sequence[str], *,
             return reason
         return lambda: _stacked_layer(child, names, backend)
 
-    replaced, skipped, modules = _swap(model, replacement_for)
+    replaced, skipped, modules = swap_children(model, _ORIGINAL, replacement_for)
+    skipped = [_skipped(name, child, reason) for name, child, reason in skipped]
     return ServingPatch(model, backend, replaced, skipped, modules, adapter_names=names)
 
 
-def _restore(model: nn.Module, selected: Callable[[nn.Module], bool]) -> list[tuple]:
-    """Swap the selected accelerated layers of ``model`` back; the swaps done, as
-    (parent, attribute, name, fastvl module, peft layer)."""
-    slots = marked_slots(
-        model, _ORIGINAL,
-        lambda m: isinstance(m, (LoRALinear, RoutedLoRALinear)) and selected(m),
-    )
-    merged = [name for *_, name, child, _ in slots if getattr(child, "merged", False)]
-    if merged:
-        raise ValueError(
-            f"restore: fastvl layers {merged} are merged; call unmerge() on them first (the "
-            "peft layers would not know their adapter is in the base weight)"
-        )
+def _swap_back_served(model: nn.Module, selected: Callable[[nn.Module], bool]) -> list:
+    """Put the peft layers back in place of the selected modules serve_adapters made; the
+    swaps done, as :func:`fastvl.patch._modules.marked_slots`."""
+    slots = marked_slots(model, _ORIGINAL, selected)
     for _, _, _, fast, original in slots:
         original.train(fast.training)
     swap_back(slots, _ORIGINAL)
     return slots
 
 
+def _restore(model: nn.Module, selected: Callable[[nn.Module], bool]) -> list[str]:
+    """Undo accelerate / serve_adapters on the selected modules of ``model``; their names."""
+    accelerated = [(name, module) for name, module in model.named_modules()
+                   if _BACKEND in module.__dict__ and selected(module)]
+    for _, layer in accelerated:
+        del layer.forward
+        delattr(layer, _BACKEND)
+    served = _swap_back_served(model, selected)
+    return [name for name, _ in accelerated] + [slot[2] for slot in served]
+
+
 def restore(model: nn.Module) -> list[str]:
-    """Put back every peft layer :func:`accelerate` or :func:`serve_adapters` replaced in
-    ``model``; the names restored ([] for a model that is neither). accelerate shares the
-    parameters, so training done while accelerated is kept."""
+    """Give back peft's forward to every layer :func:`accelerate` patched and put back every
+    peft layer :func:`serve_adapters` replaced in ``model``; the names ([] for a model that
+    is neither)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"restore: model must be a torch.nn.Module, got {type(model).__name__}")
-    return [slot[2] for slot in _restore(model, lambda module: True)]
+    return _restore(model, lambda module: True)
 
 
 @contextlib.contextmanager
 def peft_layers(model: nn.Module) -> Iterator[list[str]]:
-    """Put the peft layers back for the block, then the same fastvl modules again.
+    """Put the peft layers :func:`serve_adapters` replaced back for the block, then the same
+    fastvl modules again (accelerated layers are peft's own and stay as they are).
 
     For peft functions that find adapters by module type, e.g.
     ``with peft_layers(model): model.save_pretrained(path)``. Changes of adapter state in the
-    block (merging, adding or switching adapters) are not carried over. Yields the names.
+    block (merging, adding or switching adapters) are not carried over to served modules.
+    Yields the names of the layers fastvl patched.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"peft_layers: model must be a torch.nn.Module, got {type(model).__name__}")
-    slots = _restore(model, lambda module: True)
+    slots = _swap_back_served(model, lambda module: True)
     try:
-        yield [slot[2] for slot in slots]
+        yield patched_names(model, _BACKEND) + [slot[2] for slot in slots]
     finally:
         for parent, attribute, _, fast, original in slots:
             object.__setattr__(fast, _ORIGINAL, original)

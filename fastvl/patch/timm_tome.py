@@ -46,7 +46,7 @@ from fastvl.ops._checks import is_int
 from fastvl.ops.attention_key_mass import attention_key_mass
 from fastvl.ops.gather import gather_tokens
 from fastvl.ops.pruning import keep_topk_tokens
-from fastvl.ops.tome import tome_match, tome_merge, tome_merge_source
+from fastvl.ops.tome import check_token_order, tome_match, tome_merge, tome_merge_source
 
 if TYPE_CHECKING:
     from fastvl.patch.timm import TimmPatch
@@ -153,15 +153,17 @@ class TomeBlocks(TokenReducingBlocks):
 
     method = "tome"
 
-    def __init__(self, blocks, model, backend, prop_attn: bool, trace_source: bool) -> None:
+    def __init__(self, blocks, model, backend, prop_attn: bool, trace_source: bool,
+                 token_order: str) -> None:
         super().__init__(blocks, model, backend)
         self.prop_attn = prop_attn
         self.trace_source = trace_source
+        self.token_order = token_order
         self.source: Optional[torch.Tensor] = None
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, prop_attn={self.prop_attn}, "
-                f"trace_source={self.trace_source}")
+                f"trace_source={self.trace_source}, token_order={self.token_order!r}")
 
     def _pools_over_tokens(self) -> bool:
         return getattr(self._model, "global_pool", "") in SIZE_WEIGHTED_POOLS
@@ -180,7 +182,7 @@ class TomeBlocks(TokenReducingBlocks):
             if r > 0:
                 plan = tome_match(
                     internals.k.mean(1), r, num_prefix_tokens=self.num_prefix_tokens,
-                    backend=self.backend,
+                    token_order=self.token_order, backend=self.backend,
                 )
                 x, size = tome_merge(plan, x, size, backend=self.backend)
                 if track_source:
@@ -284,21 +286,13 @@ def tome_schedule(
     ``r``: an int (every block), a list of ints (one per block), or ``(r, inflection)``: a
     linear schedule from ``int(r * (1 - inflection))`` in block 0 to ``2 r - that`` in the last
     block (about ``r`` per block on average; inflection in [-1, 1], 0 = constant, > 0
-    increasing), as in ToMe. A block merges at most ``(N - P) // 2`` of its N tokens: ValueError
-    if block 0 asks for more; later blocks are capped silently (as in ToMe), so the large
-    default r of a short sequence stops merging once few tokens are left.
+    increasing), as in ToMe. Every block merges at most ``(N - P) // 2`` of its N tokens: a
+    larger r is clamped to that, silently, as in ToMe (so a schedule made for a deeper or
+    larger model stops merging once few tokens are left).
     """
-    requested = _parse_r(r, num_blocks, name)
     schedule = []
-    for i, wanted in enumerate(requested):
-        cap = (num_tokens - num_prefix_tokens) // 2
-        if i == 0 and wanted > cap:
-            raise ValueError(
-                f"{name}: the first block can merge at most (N - num_prefix_tokens) // 2 = "
-                f"{cap} of its N = {num_tokens} tokens (num_prefix_tokens = "
-                f"{num_prefix_tokens}), got r = {wanted}"
-            )
-        schedule.append(min(wanted, cap))
+    for wanted in _parse_r(r, num_blocks, name):
+        schedule.append(min(wanted, (num_tokens - num_prefix_tokens) // 2))
         num_tokens -= schedule[-1]
     return schedule
 
@@ -411,14 +405,18 @@ def apply_tome(
     *,
     prop_attn: bool = True,
     trace_source: bool = False,
+    token_order: str = "tome",
     backend: str = "auto",
 ) -> TokenReductionPatch:
     """Token Merging (ToMe) in a timm VisionTransformer, in place; returns the handle.
 
     In every block, after attention, the ``r`` most similar token pairs merge (bipartite
     matching on the attention keys averaged over heads, :func:`fastvl.ops.tome_match`;
-    size-weighted averages, :func:`fastvl.ops.tome_merge`); merged tokens keep their original
-    order, the prefix tokens stay first and unmerged.
+    size-weighted averages, :func:`fastvl.ops.tome_merge`); the prefix tokens stay first and
+    unmerged. With the default ``token_order="tome"`` this is facebookresearch/ToMe's
+    algorithm (its ``[prefix, unmerged A, B]`` token order, on which the next block's split
+    runs): on models without LayerScale and qk-norm the same logits to float64 roundoff;
+    LayerScale and qk-norm are kept (ToMe's patch drops them).
 
     Args:
         model: a timm ``VisionTransformer`` of ``Block`` / ``ResPostBlock`` blocks.
@@ -432,6 +430,9 @@ def apply_tome(
             token, :func:`fastvl.ops.tome_merge_source`) and store the last one in
             ``model.blocks.source``: the only state a forward writes, and only when tracing.
             ``model.blocks.forward_tokens(x)`` returns it without storing anything.
+        token_order: "tome" (ToMe's order, the default) or "spatial" (merged tokens keep
+            their original order, so the next block's split stays spatially interleaved:
+            a different algorithm from the second merging block on).
         backend: the backend of every fastvl op ("auto" or an implementation name listed by
             ``python -m fastvl info``), fixed now.
 
@@ -443,8 +444,8 @@ def apply_tome(
 
     Raises:
         TypeError / ValueError: not a timm VisionTransformer; unsupported blocks; already
-            reduced; r of a bad type, negative, or above ``(N - P) // 2`` for the first block
-            at the model's default image size; unknown backend.
+            reduced; r of a bad type or negative (a block's r above what it can merge,
+            ``(N - P) // 2``, is clamped, as in ToMe); unknown token_order or backend.
     """
     op = "apply_tome"
     _check_model(op, model)
@@ -452,10 +453,11 @@ def apply_tome(
     for name, flag in (("prop_attn", prop_attn), ("trace_source", trace_source)):
         if not isinstance(flag, bool):
             raise TypeError(f"{op}: {name} must be a bool, got {type(flag).__name__}")
-    num_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
-    tome_schedule(r, len(model.blocks), num_tokens, model.num_prefix_tokens, name=f"{op}: r")
+    check_token_order(op, token_order)
+    _parse_r(r, len(model.blocks), f"{op}: r")
     handle = _install(
-        model, lambda blocks: TomeBlocks(blocks, model, backend, prop_attn, trace_source),
+        model,
+        lambda blocks: TomeBlocks(blocks, model, backend, prop_attn, trace_source, token_order),
         backend,
     )
     model.r = r

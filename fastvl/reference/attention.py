@@ -14,7 +14,9 @@ Logits, for batch b, query head h, query i and key j (``offset = Nk - Nq``)::
 ``log(1 - causal_strength)``: ``-inf`` for the hard mask (strength 1), nothing for strength 0.
 
 ``out = softmax(s) @ v`` and ``lse = logsumexp_j(s)``. A row without any visible key
-(``lse = -inf``) has output 0, and its gradients are 0 rather than NaN.
+(``lse = -inf``) has output 0, and its gradients are 0 rather than NaN. The hard mask sets
+logits to ``-inf`` (not adds), so a NaN in k of a hidden key stays out of the row; a query
+row holding a NaN or inf gives NaN (IEEE), on the SDPA route too.
 
 :func:`varlen_attention` is the same per sequence of a packed batch (q (total_q, H, D) with
 int32 ``cu_seqlens``): each sequence b is one sample with its own ``Nq_b``, ``Nk_b``.
@@ -111,8 +113,9 @@ def attention_math(
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     k, v = _expand_kv(k, heads), _expand_kv(v, heads)
     scores = (q @ k.transpose(-1, -2)).to(acc_dtype) * scale
+    hard = causal and (causal_strength is None or causal_strength >= 1.0)
     bias = attention_bias(
-        q, k, causal=causal, key_bias=key_bias, causal_strength=causal_strength,
+        q, k, causal=causal and not hard, key_bias=key_bias, causal_strength=causal_strength,
         prefix_len=prefix_len, dtype=acc_dtype,
     )
     if attn_mask is not None:
@@ -120,12 +123,15 @@ def attention_math(
         bias = extra if bias is None else bias + extra
     if bias is not None:
         scores = scores + bias
+    if hard:  # set, not added: a NaN / inf logit of a hidden key stays out of the row
+        future = _future_mask(q.shape[2], k.shape[2], prefix_len, q.device)
+        scores = scores.masked_fill(future, -math.inf)
     # Row max without gradient (softmax is shift invariant); a fully masked row has max -inf,
     # shifted by 0 instead so that every exp is exp(-inf) = 0 and nothing is NaN.
     row_max = scores.detach().amax(dim=-1, keepdim=True) if scores.shape[-1] else (
         scores.new_full((*scores.shape[:-1], 1), -math.inf)
     )
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
     exp_scores = torch.exp(scores - row_max)
     denom = exp_scores.sum(dim=-1, keepdim=True)
     empty = denom == 0
@@ -231,11 +237,14 @@ def attention(
             dropout_p=dropout_p,
         )
         return (out, lse) if return_lse else out
-    return sdpa_attention(
+    out = sdpa_attention(
         q, k, v, causal=causal, key_bias=key_bias, scale=scale,
         causal_strength=causal_strength, prefix_len=prefix_len, attn_mask=attn_mask,
         dropout_p=dropout_p,
     )
+    # SDPA's CPU kernels give 0 for a row whose logits are all NaN; IEEE (and the math path,
+    # and the kernels): a query row holding a NaN or inf gives NaN. Every row here sees a key.
+    return out.masked_fill(~torch.isfinite(q).all(dim=-1, keepdim=True), math.nan)
 
 
 def _padded_slots(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> torch.Tensor:
@@ -316,32 +325,3 @@ def varlen_attention(
         return out
     lse = lse_pad.transpose(1, 2).reshape(flat_rows, q.shape[1]).index_select(0, q_slots)
     return out, lse
-
-
-def attention_backward(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool = False,
-    key_bias: Optional[torch.Tensor] = None,
-    scale: Optional[float] = None,
-    causal_strength: Optional[float] = None,
-    prefix_len: Optional[torch.Tensor] = None,
-    grad_lse: Optional[torch.Tensor] = None,
-):
-    """(dq, dk, dv, dkey_bias or None) of :func:`attention_math` by autograd (test helper)."""
-    inputs = [t.detach().requires_grad_(True) for t in (q, k, v)]
-    kb = None if key_bias is None else key_bias.detach().requires_grad_(True)
-    out, lse = attention_math(
-        *inputs, causal=causal, key_bias=kb, scale=scale,
-        causal_strength=causal_strength, prefix_len=prefix_len,
-    )
-    outputs, grads = [out], [grad_out]
-    if grad_lse is not None:
-        outputs.append(lse)
-        grads.append(grad_lse)
-    wrt = inputs + ([kb] if kb is not None else [])
-    result = torch.autograd.grad(outputs, wrt, grads)
-    return (*result[:3], result[3] if kb is not None else None)

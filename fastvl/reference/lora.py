@@ -116,19 +116,27 @@ def routed_lora_linear(
     adapters of PLoRA-style routing (E small), not for many. On CPU in eager mode (where
     reading the counts syncs nothing) with E >= :data:`SEGMENT_MIN_ADAPTERS` each adapter runs
     on its own rows instead (:func:`_routed_by_segments`); the two compute the same sum.
-    Unused adapters get zero gradients.
+    Unused adapters get zero gradients, and their values (A, B, scale: NaN / inf included)
+    never reach the output or the gradients (selected out by ``torch.where``, not multiplied
+    by 0). A non-finite value in an adapter that some row uses can reach the other rows.
     """
     num_adapters, rank, in_features = lora_a.shape
+    num_rows, out_features = x.shape[0], lora_b.shape[1]
     out = F.linear(x, weight, bias)
     dropped = lora_dropout(x, dropout_p, seed)
     if _use_segments(x, num_adapters):
         result = _routed_by_segments(out, dropped, lora_a, lora_b, scaling, route)
         if result is not None:
             return result
-    shrunk = dropped @ lora_a.reshape(num_adapters * rank, in_features).t()
     adapters = torch.arange(num_adapters, device=route.device)
-    gate = (route[:, None] == adapters).to(x.dtype)  # (N, E); a -1 row is all zeros
-    gate = gate * (scaling.to(x.dtype) if isinstance(scaling, torch.Tensor) else scaling)
-    shrunk = (shrunk.view(-1, num_adapters, rank) * gate[:, :, None]).view(-1, num_adapters * rank)
-    stacked_b = lora_b.permute(1, 0, 2).reshape(lora_b.shape[1], num_adapters * rank)
-    return out.addmm_(shrunk, stacked_b.t())
+    hit = route[:, None] == adapters  # (N, E); a -1 row is all False
+    used = hit.any(0)[:, None, None]  # (E, 1, 1)
+    lora_a = torch.where(used, lora_a, 0.0)
+    stacked_b = torch.where(used, lora_b, 0.0).permute(1, 0, 2).reshape(
+        out_features, num_adapters * rank)
+    shrunk = (dropped @ lora_a.reshape(num_adapters * rank, in_features).t()).view(
+        num_rows, num_adapters, rank)
+    if isinstance(scaling, torch.Tensor):  # each row its own adapter's scale
+        scaling = torch.where(hit, scaling.to(x.dtype), 0.0)[:, :, None]
+    shrunk = torch.where(hit[:, :, None], shrunk * scaling, 0.0)
+    return out.addmm_(shrunk.view(num_rows, num_adapters * rank), stacked_b.t())

@@ -159,11 +159,14 @@ def masked_pixel_loss(
     """MAE's loss: sum over rows of ``mask * mean((pred - target) ** 2, -1)`` / sum of mask.
 
     pred: (B, L, N), or (B, M, N) (M != L) holding only the masked patches in ascending
-    order. The target is a constant (imgs gets no gradient). Returns a 0-dim tensor in the
-    promotion of pred's dtype and float32; 0 when no patch is masked.
+    order. The target is a constant (imgs gets no gradient). Rows of weight 0 do not take
+    part: their values (NaN included) change neither the loss nor the gradient (as the
+    kernels, which skip them). Returns a 0-dim tensor in the promotion of pred's dtype and
+    float32; 0 when no patch is masked.
     """
     target = pixel_targets(imgs.detach(), patch_size, norm_pix, eps, eps_style)
     index, weight = loss_rows(mask, pred.shape[1], torch.promote_types(pred.dtype, torch.float32))
     if index is not None:
         target = torch.gather(target, 1, index.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
-    return weighted_mean(((pred - target) ** 2).mean(dim=-1), weight)
+    diff = torch.where((weight != 0).unsqueeze(-1), pred - target, 0)
+    return weighted_mean((diff ** 2).mean(dim=-1), weight)

@@ -18,10 +18,16 @@ argmax as the cosine), the lowest B position among equal values; its score is th
 divided by ``max(|a|, eps)``. The r A tokens with the highest scores merge into their
 partners, the lowest A position first among equal scores. ``0 <= r <= (N - P) // 2``.
 
-Layout. The merged sequence keeps every token that was not merged away, in original order:
-``M = N - r`` tokens, the prefix tokens first and unchanged. (ToMe concatenates [unmerged A,
-B] instead; keeping the order keeps the next layer's alternating split spatially interleaved,
-keeps the prefix at the front for any P, and makes unmerging a plain gather.)
+Layout (``token_order``). ``"tome"`` (the default): ToMe's order, ``[prefix, unmerged A,
+B]``: the P prefix tokens, then the A tokens that were not merged away, then every B token in
+position order (each holding the A tokens merged into it). The unmerged A tokens are in
+position order when P > 0 and in descending score order (ties: lowest position first) when
+P = 0, as ToMe, which sorts them only when there is a class token. The next step's
+alternating split runs on this order, so a chain of steps merges the same groups as ToMe.
+``"spatial"``: every token that was not merged away, in original order (the next split stays
+spatially interleaved). Either way ``M = N - r`` tokens, the prefix tokens first and
+unchanged; the two orders differ by a permutation of the merged tokens (only ``dest``
+changes).
 
 Plan (:class:`TomePlan`): ``dest`` (B, N), the merged token each input token goes to, and
 the same map inverted as CSR: ``sources`` (B, N), the input tokens sorted by destination
@@ -49,6 +55,7 @@ from fastvl.reference.gather import gather_tokens
 __all__ = [
     "TomePlan",
     "NORM_EPS",
+    "TOKEN_ORDERS",
     "token_sets",
     "identity_plan",
     "default_size",
@@ -60,6 +67,7 @@ __all__ = [
 ]
 
 NORM_EPS = 1e-12
+TOKEN_ORDERS = ("tome", "spatial")
 
 
 class TomePlan(NamedTuple):
@@ -120,20 +128,30 @@ def best_partners(metric: torch.Tensor, num_prefix_tokens: int):
 
 
 def plan_from_partners(
-    score: torch.Tensor, partner: torch.Tensor, r: int, num_prefix_tokens: int, num_tokens: int
+    score: torch.Tensor,
+    partner: torch.Tensor,
+    r: int,
+    num_prefix_tokens: int,
+    num_tokens: int,
+    token_order: str = "tome",
 ) -> TomePlan:
     """Select the r best-scoring A tokens and build the plan; no host synchronisation.
 
-    score, partner: (B, |A|) from :func:`best_partners` (or the Triton kernel).
+    score, partner: (B, |A|) from :func:`best_partners` (or the Triton kernel);
+    token_order: "tome" or "spatial" (see the module docstring).
     """
     batch = score.shape[0]
     a_first = token_sets(num_tokens, num_prefix_tokens)[0]
-    chosen = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :r]
+    ranked = torch.sort(score, dim=1, descending=True, stable=True).indices  # (B, |A|)
+    chosen = ranked[:, :r]
     merged_away = a_first + 2 * chosen  # (B, r) positions of the A tokens that merge
     into = partner.gather(1, chosen)  # (B, r) positions of their B partners
-    kept = torch.ones(batch, num_tokens, dtype=torch.bool, device=score.device)
-    kept = kept.scatter(1, merged_away, False)
-    position = kept.cumsum(1) - 1  # merged index of every kept token
+    if token_order == "spatial":
+        kept = torch.ones(batch, num_tokens, dtype=torch.bool, device=score.device)
+        position = kept.scatter(1, merged_away, False).cumsum(1) - 1
+    else:
+        position = _tome_order_positions(ranked, r, num_prefix_tokens, num_tokens)
+    # position: (B, N) merged index of every kept token (overwritten at the merged-away ones)
     dest = position.scatter(1, merged_away, position.gather(1, into))
     sources = torch.sort(dest, dim=1, stable=True).indices
     counts = torch.zeros(batch, num_tokens - r, dtype=torch.int64, device=score.device)
@@ -142,8 +160,32 @@ def plan_from_partners(
     return TomePlan(dest, offsets, sources)
 
 
+def _tome_order_positions(ranked, r, num_prefix_tokens, num_tokens):
+    """(B, N) merged index of every token in ToMe's ``[prefix, unmerged A, B]`` order.
+
+    ranked: (B, |A|) A indices by descending score; its first r merge away (their entries
+    here are meaningless). Unmerged A: score order for P = 0, position order otherwise."""
+    batch, num_a = ranked.shape
+    a_first, _, b_first, num_b = token_sets(num_tokens, num_prefix_tokens)
+    device = ranked.device
+    if num_prefix_tokens == 0:
+        rank = torch.arange(-r, num_a - r, device=device).expand(batch, num_a)
+        a_rank = torch.empty_like(ranked).scatter_(1, ranked, rank)
+    else:
+        unmerged = torch.ones(batch, num_a, dtype=torch.int64, device=device)
+        a_rank = unmerged.scatter(1, ranked[:, :r], 0).cumsum(1) - 1
+    position = torch.arange(num_tokens, device=device).repeat(batch, 1)  # the prefix
+    position[:, a_first::2] = num_prefix_tokens + a_rank
+    position[:, b_first::2] = num_prefix_tokens + num_a - r + torch.arange(num_b, device=device)
+    return position
+
+
 def tome_match(
-    metric: torch.Tensor, r: int, num_prefix_tokens: int, find_partners=best_partners
+    metric: torch.Tensor,
+    r: int,
+    num_prefix_tokens: int,
+    token_order: str = "tome",
+    find_partners=best_partners,
 ) -> TomePlan:
     """metric (B, N, C) -> the plan merging r tokens (arguments already validated).
 
@@ -154,7 +196,7 @@ def tome_match(
     if r == 0:
         return identity_plan(batch, num_tokens, metric.device)
     score, partner = find_partners(metric, num_prefix_tokens)
-    return plan_from_partners(score, partner, r, num_prefix_tokens, num_tokens)
+    return plan_from_partners(score, partner, r, num_prefix_tokens, num_tokens, token_order)
 
 
 def default_size(x: torch.Tensor) -> torch.Tensor:

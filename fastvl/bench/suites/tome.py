@@ -8,20 +8,19 @@ ToMe's bipartite soft matching written the plain-PyTorch way (a dense similarity
 argsort, gather and ``scatter_reduce``). forward+backward adds the gradient w.r.t. x through
 the merge (the matching is not differentiable).
 
-The two order the merged tokens differently (fastvl keeps the original order, ToMe puts the
-unmerged even tokens first), so forward results are compared as sets: each merged token of
-one is paired with the nearest token (x and size) of the other, the pairing must be one to
-one, and paired tokens must match. The backward is made order-independent too: the gradient
-flowing back is the merged output itself (the gradient of ``sum(merged^2) / 2``), and the
-gradients w.r.t. x (in input order for both) must match elementwise.
+Both put the merged tokens in ToMe's order (``token_order="tome"``, fastvl's default), but
+the comparison does not rely on it: forward results are compared as sets, each merged token
+of one paired with the nearest token (x and size) of the other, the pairing one to one, and
+paired tokens must match. The backward is order-independent too: the gradient flowing back
+is the merged output itself (the gradient of ``sum(merged^2) / 2``), and the gradients w.r.t.
+x (in input order for both) must match elementwise.
 
 ``vit_tome``: images/s of a timm ViT (``pretrained=False``, eval, ``torch.inference_mode``):
 unpatched timm (its attention is SDPA; the baseline), ``torch ToMe r<r>`` (the model run block
 by block with :func:`plain_tome_step` after each attention and proportional attention through
 an SDPA float mask, see :func:`plain_tome_vit`) and ``fastvl ToMe r<r>``
 (:func:`fastvl.patch.timm.apply_tome` on a copy of the model, backend "auto"). The token order
-decides the next block's alternating split, so the plain ToMe puts merged tokens back in
-their original order (fastvl's convention; one gather per block) and both compute the same
+decides the next block's alternating split; both use ToMe's, so they compute the same
 model. ToMe changes the model's output, so each fastvl ToMe is checked against the plain ToMe
 with the same r; the plain ones are not compared with anything else.
 """
@@ -68,15 +67,13 @@ VIT_LOGITS_RTOL = {torch.float16: 3e-2, torch.bfloat16: 6e-2, torch.float32: 1e-
 
 
 def plain_tome_step(
-    metric: torch.Tensor, x: torch.Tensor, size: torch.Tensor, r: int, keep_order: bool = False
+    metric: torch.Tensor, x: torch.Tensor, size: torch.Tensor, r: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One ToMe merge step in plain PyTorch, class token (token 0) protected.
 
     metric: (B, N, Cm); x: (B, N, C); size: (B, N) float, patches per token.
     Returns (merged (B, N - r, C), size (B, N - r)): the size-weighted mean of each group, in
-    ToMe's order (unmerged even tokens by position, class token first, then the odd tokens),
-    or with ``keep_order`` in fastvl's (every surviving token at its original rank: one more
-    gather).
+    ToMe's order (unmerged even tokens by position, class token first, then the odd tokens).
 
     Even positions are the candidates, odd positions the destinations; each candidate's score
     is its best cosine similarity to a destination, and the r best candidates are summed
@@ -102,10 +99,6 @@ def plain_tome_step(
     weights = size[..., None]
     total = merge(weights)  # (B, N - r, 1) in size's dtype
     merged = merge(x * weights.to(x.dtype)) / total.to(x.dtype)
-    if keep_order:  # surviving tokens: even ones at 2 * index, odd ones at 2 * index + 1
-        odd = torch.arange(1, x.shape[1], 2, device=x.device).expand(x.shape[0], -1)
-        order = torch.cat([2 * staying, odd], dim=1).argsort(dim=1)
-        merged, total = rows(merged, order), rows(total, order)
     return merged, total[..., 0]
 
 
@@ -223,9 +216,9 @@ def _plain_attention(attn, x: torch.Tensor, size: Optional[torch.Tensor]):
 def plain_tome_vit(model, images: torch.Tensor, r: int) -> torch.Tensor:
     """Logits of a timm ``VisionTransformer`` (pre-norm ``Block``\\ s, class token) with ToMe:
     in every block, :func:`plain_tome_step` of r tokens (at most (N - 1) // 2, as in ToMe)
-    after attention, proportional attention from the first merge on. The merged tokens are
-    kept in their original order (fastvl's convention; the next block's alternating split
-    depends on it), so this computes the model :func:`fastvl.patch.timm.apply_tome` does.
+    after attention, proportional attention from the first merge on, the merged tokens in
+    ToMe's order (the next block's alternating split depends on it): the model
+    :func:`fastvl.patch.timm.apply_tome` computes by default.
     images: (B, 3, H, W) -> (B, num_classes)."""
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
     size = None
@@ -234,9 +227,7 @@ def plain_tome_vit(model, images: torch.Tensor, r: int) -> torch.Tensor:
         x = x + block.drop_path1(block.ls1(out))
         if size is None:
             size = torch.ones(x.shape[:2], device=x.device, dtype=torch.float32)
-        x, size = plain_tome_step(
-            metric, x, size, min(r, (x.shape[1] - 1) // 2), keep_order=True
-        )
+        x, size = plain_tome_step(metric, x, size, min(r, (x.shape[1] - 1) // 2))
         x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
     return model.forward_head(model.norm(x))
 
