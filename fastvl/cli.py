@@ -1,4 +1,4 @@
-"""``python -m fastvl info | bench``."""
+"""``python -m fastvl info | bench | kernels``."""
 
 from __future__ import annotations
 
@@ -27,11 +27,20 @@ def _run(argv: list[str] | None) -> int:
     from fastvl.bench.runner import add_arguments
 
     add_arguments(bench)
+    kernels = commands.add_parser(
+        "kernels", help="registers, spills, shared memory, occupancy and tensor-core use of "
+                        "the Triton kernels at the benchmark shapes (compiled, no GPU needed)")
+    kernels.add_argument("--arch", choices=("sm_90", "sm_80", "all"), default="sm_90")
+    kernels.add_argument("--json", action="store_true", help="print machine-readable JSON")
     args = parser.parse_args(argv)
     if args.command == "info":
         from fastvl.info import print_info
 
         return print_info(as_json=args.json)
+    if args.command == "kernels":
+        from fastvl.kernel_report import print_report
+
+        return print_report(args.arch, as_json=args.json)
     from fastvl.bench.runner import run
 
     return run(args)

@@ -5,12 +5,14 @@ real compiler accepts them for a GPU: dtype mismatches in loops, ``tl.dot`` shap
 paths, register and shared-memory limits only show up there. Inside
 :func:`gpu_launch_sizes` the launch wrappers pick their GPU block sizes on any device;
 :func:`recorded_launches` records every launch the given kernels modules make through
-``wrap_triton`` in a block (argument types, constexprs, ``num_warps``; the launches still
-run), and :func:`compile_errors` compiles each distinct one for ``sm_<arch>`` with Triton's
-compiler and ptxas, in subprocesses (the interpreter replaces ``triton.jit`` in the recording
-process). Nothing runs on a GPU.
+``wrap_triton`` in a block with the specialisation a real launch computes from the argument
+values (see :func:`_specialisation`; the launches still run, or are skipped inside
+:func:`fastvl.bench.host_overhead.no_launches`), and :func:`compile_errors` compiles each
+distinct one for ``sm_<arch>`` with Triton's compiler and ptxas, in subprocesses (the
+interpreter replaces ``triton.jit`` in the recording process). Nothing runs on a GPU.
 
-:func:`resource_usage` also reports ptxas's registers, spills and shared memory per launch.
+:func:`resource_usage` also reports ptxas's registers, spills and shared memory per launch,
+and which tensor-core / TMA instructions its PTX uses.
 ``python -m fastvl.triton_aot ARCH compile|usage`` reads recorded launches (JSON) on stdin
 and prints one row per launch (JSON).
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import importlib
 import inspect
 import json
@@ -30,51 +33,78 @@ from typing import Iterator
 import torch
 
 __all__ = [
-    "gpu_launch_sizes", "recorded_launches", "with_pointer_type", "compile_errors",
-    "resource_usage",
+    "gpu_launch_sizes", "recorded_launches", "with_pointer_type", "distinct", "variant_key",
+    "compile_errors", "resource_usage",
 ]
 
-_POINTER_TYPES = {
-    torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32",
-    torch.float64: "*fp64", torch.int64: "*i64", torch.int32: "*i32", torch.int16: "*i16",
-    torch.int8: "*i8", torch.uint8: "*u8", torch.bool: "*i1",
-}
 _OPTIONS = ("num_warps", "num_stages")
+_VARIANT = ("module", "kernel", "signature", "constants", "attrs", "options")
 
 
-def _argument_type(value) -> str:
-    """Triton's signature type of a launch argument ("constexpr" for None and strings)."""
-    if isinstance(value, torch.Tensor):
-        return _POINTER_TYPES[value.dtype]
-    if value is None or isinstance(value, str):
-        return "constexpr"
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -2**31 <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"no Triton type for a launch argument of type {type(value).__name__}")
+class _Pointer:
+    """What Triton's specialisation reads of a tensor argument: its dtype and whether its
+    address is 16-byte aligned. PyTorch allocates storage 16-byte aligned or better (CUDA's
+    caching allocator: 512 bytes), so on a GPU a tensor is aligned unless its storage offset
+    breaks it; that rule is used on every device (CPU addresses are not the GPU's)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.dtype = tensor.dtype
+        self.aligned = tensor.storage_offset() * tensor.element_size() % 16 == 0
+
+    def data_ptr(self) -> int:
+        return 0 if self.aligned else 8
+
+
+@functools.lru_cache(maxsize=None)
+def _binder(kernel):
+    """Triton's own argument binder for ``kernel`` (as ``JITFunction.create_binder`` makes
+    it): returns ``(bound arguments, [(type, specialisation) per parameter], options)``."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import KernelParam, create_function_from_signature
+
+    signature = inspect.signature(kernel.fn)
+    params = getattr(kernel, "params", None)  # a JITFunction's; the interpreter's has none
+    if params is None:
+        flags = getattr(kernel, "kwargs", {})
+        params = [
+            KernelParam(i, p, any(x in (flags.get("do_not_specialize") or ()) for x in (i, name)),
+                        any(x in (flags.get("do_not_specialize_on_alignment") or ())
+                            for x in (i, name)))
+            for i, (name, p) in enumerate(signature.parameters.items())
+        ]
+    return create_function_from_signature(signature, params, BaseBackend)
+
+
+def _specialisation(kernel, args: tuple, kwargs: dict) -> tuple[dict, dict, dict]:
+    """(signature, constants, attrs) by parameter name, as ``JITFunction.run`` computes them
+    for a launch: pointer and int types, constexprs (and ints equal to 1, and None, become
+    constants), ``"D"`` (16-divisible / 16-byte aligned) where the argument allows it."""
+    standin = lambda value: _Pointer(value) if isinstance(value, torch.Tensor) else value
+    _, specialization, _ = _binder(kernel)(*map(standin, args),
+                                          **{k: standin(v) for k, v in kwargs.items()})
+    signature, constants, attrs = {}, {}, {}
+    for name, (kind, spec) in zip(kernel.arg_names, specialization):
+        signature[name] = kind
+        if kind == "constexpr":
+            constants[name] = spec
+        elif isinstance(spec, str) and spec:
+            attrs[name] = spec
+    return signature, constants, attrs
 
 
 def _describe(kernel, args: tuple, kwargs: dict) -> dict:
-    """One launch as JSON-able data: module, kernel name, signature, constexprs, options."""
+    """One launch as JSON-able data: module, kernel name, its specialisation (signature,
+    constants, attrs), options, and the values of its other integer arguments (sizes)."""
     fn = kernel.fn
-    parameters = inspect.signature(fn).parameters
+    signature, constants, attrs = _specialisation(kernel, args, kwargs)
     values = dict(zip(kernel.arg_names, args))
-    values.update({k: v for k, v in kwargs.items() if k not in _OPTIONS})
-    signature, constants = {}, {}
-    for name in kernel.arg_names:
-        value = values[name]
-        if "constexpr" in str(parameters[name].annotation):
-            signature[name], constants[name] = "constexpr", value
-        else:
-            signature[name] = _argument_type(value)
-            if signature[name] == "constexpr":
-                constants[name] = value
+    values.update(kwargs)
     return {
         "module": fn.__module__, "kernel": fn.__name__, "signature": signature,
-        "constants": constants, "options": {k: kwargs[k] for k in _OPTIONS if k in kwargs},
+        "constants": constants, "attrs": attrs,
+        "options": {k: kwargs[k] for k in _OPTIONS if k in kwargs},
+        "values": {name: values[name] for name, kind in signature.items()
+                   if kind in ("i32", "i64")},
     }
 
 
@@ -137,6 +167,19 @@ def with_pointer_type(launches: list[dict], old: str, new: str) -> list[dict]:
     ]
 
 
+def variant_key(launch: dict) -> str:
+    """What a launch compiles to depends on (not its ``values``, nor tags added to it)."""
+    return json.dumps({k: launch[k] for k in _VARIANT}, sort_keys=True)
+
+
+def distinct(launches: list[dict]) -> list[dict]:
+    """The first launch of each variant (:func:`variant_key`), in recorded order."""
+    variants: dict[str, dict] = {}
+    for launch in launches:
+        variants.setdefault(variant_key(launch), launch)
+    return list(variants.values())
+
+
 def compile_errors(launches: list[dict], arch: int, timeout: float = 1800.0) -> list[str]:
     """Compile each distinct launch for ``sm_<arch>`` (e.g. 90 for H100 / H200, 80 for A100),
     spread over one subprocess per CPU core; one message per failure, [] when all compile."""
@@ -144,16 +187,19 @@ def compile_errors(launches: list[dict], arch: int, timeout: float = 1800.0) -> 
 
 
 def resource_usage(launches: list[dict], arch: int, timeout: float = 1800.0) -> list[dict]:
-    """Per distinct launch compiled for ``sm_<arch>``: ``kernel``, ``constants``, ``dtypes``
-    (of its pointer arguments), and ptxas's ``registers`` per thread, ``spill_bytes`` (spill
-    stores) and ``shared_bytes``; or ``error``. Spills cost local-memory traffic."""
+    """Per distinct launch (:func:`distinct`, same order) compiled for ``sm_<arch>``:
+    ``kernel``, ``constants``, ``dtypes`` (of its pointer arguments), ``num_warps``, ptxas's
+    ``registers`` per thread, ``spill_bytes`` (spill stores) and ``shared_bytes``, and whether
+    the PTX uses ``wgmma`` (Hopper's warpgroup MMA), ``mma`` (warp-level ``mma.sync``) and
+    ``tma`` (``cp.async.bulk.tensor``), and ``dot`` (a ``tl.dot``); or ``error``. Spills cost
+    local-memory traffic."""
     return _run_compiler(launches, arch, timeout, "usage")
 
 
 def _run_compiler(launches: list[dict], arch: int, timeout: float, mode: str = "compile"):
-    distinct = list({json.dumps(launch, sort_keys=True): launch for launch in launches}.values())
+    variants = distinct(launches)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    workers = max(1, min(len(distinct), os.cpu_count() or 1))
+    workers = max(1, min(len(variants), os.cpu_count() or 1))
     processes = [
         subprocess.Popen([sys.executable, "-m", "fastvl.triton_aot", str(arch), mode],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -162,33 +208,40 @@ def _run_compiler(launches: list[dict], arch: int, timeout: float, mode: str = "
     ]
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # feed and drain all at once
         outputs = list(pool.map(
-            lambda i: processes[i].communicate(json.dumps(distinct[i::workers]), timeout=timeout),
+            lambda i: processes[i].communicate(json.dumps(variants[i::workers]), timeout=timeout),
             range(workers),
         ))
-    rows = []
-    for process, (stdout, stderr) in zip(processes, outputs):
+    rows = [None] * len(variants)
+    for i, (process, (stdout, stderr)) in enumerate(zip(processes, outputs)):
         if process.returncode != 0:
-            rows.append({"error": f"a compile subprocess failed ({process.returncode}): "
-                                  f"{stderr[-4000:]}"})
+            failed = {"error": f"a compile subprocess failed ({process.returncode}): "
+                               f"{stderr[-4000:]}"}
+            rows[i::workers] = [{"kernel": launch["kernel"], **failed}
+                                for launch in variants[i::workers]]
         else:
-            rows += json.loads(stdout)
+            rows[i::workers] = json.loads(stdout)
     return rows
 
 
 def _compile(launch: dict, arch: int):
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
 
     kernel = getattr(importlib.import_module(launch["module"]), launch["kernel"])
     names = kernel.arg_names
+    target = GPUTarget("cuda", arch, 32)
+    parse_attr = make_backend(target).parse_attr
     constexprs = {(names.index(name),): value for name, value in launch["constants"].items()}
-    source = ASTSource(fn=kernel, signature=launch["signature"], constexprs=constexprs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=launch["options"])
+    attrs = {(names.index(name),): parse_attr(spec) for name, spec in launch["attrs"].items()}
+    source = ASTSource(fn=kernel, signature=launch["signature"], constexprs=constexprs,
+                       attrs=attrs)
+    return triton.compile(source, target=target, options=launch["options"])
 
 
-def _ptxas_usage(compiled, arch: int) -> dict:
-    """ptxas -v's registers, spill stores and shared memory of a compiled kernel's PTX."""
+def _usage(compiled, arch: int) -> dict:
+    """ptxas -v's registers, spill stores and shared memory of a compiled kernel's PTX, its
+    warps, the tensor-core / TMA instructions in the PTX, and whether it has a ``tl.dot``."""
     import re
     import tempfile
 
@@ -208,6 +261,11 @@ def _ptxas_usage(compiled, arch: int) -> dict:
         "registers": int(registers.group(1)) if registers else None,
         "spill_bytes": int(spills.group(1)) if spills else 0,
         "shared_bytes": compiled.metadata.shared,
+        "num_warps": compiled.metadata.num_warps,
+        "wgmma": "wgmma.mma_async" in ptx,
+        "mma": "mma.sync" in ptx,
+        "tma": "cp.async.bulk.tensor" in ptx,
+        "dot": "tt.dot" in compiled.asm["ttir"],
     }
 
 
@@ -221,7 +279,7 @@ def _main() -> None:
         try:
             compiled = _compile(launch, arch)
             if mode == "usage":
-                row.update(_ptxas_usage(compiled, arch))
+                row.update(_usage(compiled, arch))
         except Exception as error:  # every failure is reported, not just the first
             row["error"] = (f"{launch['kernel']} ({constants}) for sm_{arch}: "
                             f"{type(error).__name__}: {str(error)[-2000:]}")

@@ -21,6 +21,12 @@ Logits are kept in base 2: ``s2 = log2(e) * (scale * q.k + key_bias + mask)``, s
 * soft causal (0 < strength < 1): the same future keys get ``log(1 - strength)`` added and
   nothing is skipped.
 
+Forward: per query block, first the key tiles that every row sees whole (in bounds, not in
+anyone's future: logits are one multiply-add, ``qk * log2(e) * scale + log2(e) * bias``, the
+bias read once per key tile as a vector), then the masked tiles (the causal diagonal and the
+tail). On a GPU Triton's autotuner picks its tiles, warps and stages from a per-architecture
+list (:func:`forward_configs`); interpreted launches use fixed small blocks.
+
 A query row with no visible key keeps ``m = -inf``; the exponentials are then shifted by 0
 (never ``-inf - -inf``), so the row's sum is 0, its output 0, its lse -inf and, in backward,
 its probabilities are exactly 0 (the kernels read its lse as +inf).
@@ -33,6 +39,7 @@ block for dQ, each recomputing ``P = exp(S - lse)`` and ``dS = P * (dP - delta)`
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -55,12 +62,88 @@ def _block_d(head_dim: int) -> int:
     return max(16, 1 << (int(head_dim) - 1).bit_length())
 
 
+# Forward configurations (BLOCK_M, BLOCK_N, num_warps, num_stages) that Triton's autotuner
+# chooses from on a GPU, per architecture and (float32 inputs, BLOCK_D >= 64). float32 runs
+# ieee dots on the CUDA cores, whose operands take far more registers than tensor-core ones:
+# smaller tiles. Up to head dim 128 every configuration of both lists compiles without spills
+# for both sm_80 and sm_90 (tests/test_triton_gpu_compile.py records and compiles them all).
+_FWD_CONFIGS = {
+    90: {
+        (False, 64): [(128, 64, 8, 3), (64, 64, 4, 4)],
+        (False, 128): [(128, 64, 8, 3), (64, 128, 8, 2)],
+        (False, 256): [(64, 64, 4, 2), (64, 32, 4, 2)],
+        (True, 64): [(16, 32, 4, 2), (32, 16, 4, 2)],
+        (True, 128): [(16, 16, 4, 1)],
+        (True, 256): [(16, 16, 4, 1)],
+    },
+    80: {
+        (False, 64): [(128, 64, 8, 3), (64, 64, 4, 3)],
+        (False, 128): [(128, 64, 8, 3), (64, 128, 8, 2)],
+        (False, 256): [(64, 64, 4, 2), (64, 32, 4, 2)],
+        (True, 64): [(16, 32, 4, 2), (32, 16, 4, 2)],
+        (True, 128): [(16, 16, 4, 1)],
+        (True, 256): [(16, 16, 4, 1)],
+    },
+}
+
+
+def forward_configs(head_dim: int, dtype: torch.dtype, arch=None) -> list:
+    """The forward's GPU configurations (BLOCK_M, BLOCK_N, num_warps, num_stages) for
+    ``sm_<arch>`` (80, 90; later architectures use sm_90's), or for every architecture (None),
+    in a fixed order."""
+    key = (dtype == torch.float32, max(64, _block_d(head_dim)))
+    if arch is not None:
+        return list(_FWD_CONFIGS[90 if arch >= 90 else 80][key])
+    return list(dict.fromkeys(c for per_arch in _FWD_CONFIGS.values() for c in per_arch[key]))
+
+
+_FORCED_FWD_CONFIG = None
+
+
+@contextlib.contextmanager
+def forced_forward_config(config):
+    """Test hook: forward launches in the block use ``config`` (one of
+    :func:`forward_configs`), on any device, instead of the autotuner's or interpreter's."""
+    global _FORCED_FWD_CONFIG
+    previous, _FORCED_FWD_CONFIG = _FORCED_FWD_CONFIG, tuple(config)
+    try:
+        yield
+    finally:
+        _FORCED_FWD_CONFIG = previous
+
+
+_TUNED_FWD: dict = {}
+
+
+def _tuned_forward(head_dim: int, dtype: torch.dtype, device: torch.device):
+    """The forward kernel autotuned over :func:`forward_configs` of the device's architecture
+    (one autotuner per device, dtype and head dim class, cached), keyed on the constexprs that
+    change the work and the sequence-length buckets (and, as Triton does, the pointer dtypes)."""
+    key = (device, dtype == torch.float32, max(64, _block_d(head_dim)))
+    tuned = _TUNED_FWD.get(key)
+    if tuned is None:
+        major, minor = torch.cuda.get_device_capability(device)
+        configs = [
+            triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+            for m, n, w, st in forward_configs(head_dim, dtype, major * 10 + minor)
+        ]
+        tuned = _TUNED_FWD[key] = triton.autotune(
+            configs, key=["BLOCK_D", "CAUSAL", "SOFT", "HAS_BIAS", "q_bucket", "k_bucket"],
+        )(_attn_fwd_kernel)
+    return tuned
+
+
+def _seqlen_bucket(n):
+    """A sequence length's autotuning bucket: 256-token steps up to 4096 (SymInt-safe)."""
+    return min(cdiv(n, 256), 16)
+
+
 _CONFIGS: dict = {}
 
 
 def _config(kind: str, head_dim: int, dtype: torch.dtype, device: torch.device):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one kernel kind (cached per kind, head
-    dim, dtype and whether GPU sizes apply)."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one backward kernel kind (cached per
+    kind, head dim, dtype and whether GPU sizes apply)."""
     key = (kind, int(head_dim), dtype, gpu_sizes(device))
     config = _CONFIGS.get(key)
     if config is None:
@@ -74,12 +157,6 @@ def _choose_config(kind: str, head_dim: int, dtype: torch.dtype, gpu: bool):
         return block_m, block_n, 4, 1
     block_d = _block_d(head_dim)
     wide = block_d * (2 if dtype == torch.float32 else 1)  # fp32 tiles need 2x registers/smem
-    if kind == "fwd":
-        if wide <= 64:
-            return 128, 64, 4, 3
-        if wide <= 128:
-            return 128, 64, 8, 3
-        return 64, 32, 4, 2
     if kind == "dkdv":
         if wide <= 64:
             return 64, 128, 8, 2
@@ -135,21 +212,28 @@ def _mask_params(causal: bool, causal_strength: float, prefix_len):
 
 
 @triton.jit
+def _key_bias2(bias_row_ptr, offs_n, n_valid, stride_bn, HAS_BIAS: tl.constexpr,
+               KEY_AXIS: tl.constexpr):
+    """``log2(e) * key_bias`` of keys ``offs_n`` (0 past the end) as a 2D tensor broadcasting
+    over the tile whose axis ``KEY_AXIS`` holds the keys: one vector load per key tile. Without
+    a bias -0.0, which an add folds away (``x + -0.0 == x``)."""
+    if HAS_BIAS:
+        kb = tl.load(bias_row_ptr + offs_n * stride_bn, mask=n_valid, other=0.0)
+        return tl.expand_dims(kb.to(tl.float32) * LOG2E, 1 - KEY_AXIS)
+    else:
+        return -0.0
+
+
+@triton.jit
 def _masked_logits(
-    qk, q_idx, k_idx, num_keys, offset, prefix, bias_row_ptr, stride_bn,
-    qk_scale, future_bias,
-    CAUSAL: tl.constexpr, SOFT: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_BIAS: tl.constexpr,
+    s, q_idx, k_idx, num_keys, offset, prefix, future_bias,
+    CAUSAL: tl.constexpr, SOFT: tl.constexpr, HAS_PREFIX: tl.constexpr,
 ):
-    """Base-2 logits of one tile with bias and masks; -inf = masked.
+    """The key-bound and causal masks on base-2 logits ``s`` of one tile; -inf = masked.
 
     ``q_idx`` / ``k_idx``: the query / key indices as 2D tensors broadcasting to the tile,
     (M, 1) and (1, N) for a query-major tile, (1, M) and (N, 1) for a key-major one.
     """
-    key_valid = k_idx < num_keys
-    s = qk * qk_scale
-    if HAS_BIAS:
-        kb = tl.load(bias_row_ptr + k_idx * stride_bn, mask=key_valid, other=0.0)
-        s += kb.to(tl.float32) * LOG2E
     if CAUSAL:
         future = k_idx > q_idx + offset
         if HAS_PREFIX:
@@ -158,7 +242,7 @@ def _masked_logits(
             s = tl.where(future, s + future_bias, s)
         else:
             s = tl.where(future, float("-inf"), s)
-    return tl.where(key_valid, s, float("-inf"))
+    return tl.where(k_idx < num_keys, s, float("-inf"))
 
 
 @triton.jit
@@ -211,9 +295,68 @@ def _visible_key_end(start_m, num_keys, offset, prefix, BLOCK_M: tl.constexpr,
 
 
 @triton.jit
+def _full_key_end(start_m, num_keys, offset, prefix, BLOCK_N: tl.constexpr,
+                  CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr):
+    """End of the key tiles that every query of [start_m, start_m + BLOCK_M) sees unmasked:
+    whole tiles of keys j < Nk with j <= start_m + offset (or j < prefix), a multiple of
+    BLOCK_N; the tiles from there on need the masks."""
+    end = num_keys
+    if CAUSAL:
+        end = tl.minimum(end, start_m + offset + 1)
+        if HAS_PREFIX:
+            end = tl.maximum(end, tl.minimum(prefix, num_keys))
+    return tl.maximum(end, 0) // BLOCK_N * BLOCK_N
+
+
+@triton.jit
+def _fwd_tiles(
+    acc, l_i, m_i, q, k_base, v_base, bias_row_ptr, start_n_lo, start_n_hi, offs_m,
+    num_keys, head_dim, offset, prefix, stride_kn, stride_vn, stride_bn, qk_scale, future_bias,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, SOFT: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Online-softmax update of (acc, l_i, m_i) over the key tiles [start_n_lo, start_n_hi).
+
+    Unmasked tiles (``MASKED`` False) hold keys that are in bounds and visible to every query
+    row: the logits are one multiply-add, ``qk * log2(e) * scale + log2(e) * bias``. Masked
+    tiles (the tail and the causal diagonal) add the bounds check and the masks. The K^T and V
+    addresses are computed in the loop from 1D offsets: no address tiles live across it.
+    """
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < head_dim
+    for start_n in range(start_n_lo, start_n_hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_valid = offs_n < num_keys
+        kt_mask = d_valid[:, None]
+        v_mask = d_valid[None, :]
+        if MASKED:
+            kt_mask = kt_mask & n_valid[None, :]
+            v_mask = v_mask & n_valid[:, None]
+        kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=kt_mask,
+                     other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=v_mask, other=0.0)
+        kb2 = _key_bias2(bias_row_ptr, offs_n, n_valid, stride_bn, HAS_BIAS, 1)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale + kb2
+        if MASKED:
+            s = _masked_logits(s, offs_m[:, None], offs_n[None, :], num_keys, offset, prefix,
+                               future_bias, CAUSAL, SOFT, HAS_PREFIX)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Shift a still fully masked row by 0: exp2(-inf - 0) = 0, never exp2(-inf + inf).
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - shift[:, None])
+        rescale = tl.math.exp2(m_i - shift)
+        l_i = l_i * rescale + tl.sum(p, 1)
+        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["q_bucket", "k_bucket"])
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, bias_ptr, prefix_ptr, cu_q_ptr, cu_k_ptr, out_ptr, lse_ptr,
-    num_heads, group, num_queries, num_keys, head_dim,
+    num_heads, group, num_queries, num_keys, head_dim, q_bucket, k_bucket,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -224,6 +367,9 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    """One query block of one head: the unmasked key tiles first, then the masked ones (the
+    causal diagonal and the tail) up to the last visible key (hard causal skips the rest).
+    ``q_bucket`` / ``k_bucket``: the autotuner's sequence-length keys, unused here."""
     qk_scale = tl.cast(qk_scale, tl.float32)  # inductor passes Python floats as fp64
     future_bias = tl.cast(future_bias, tl.float32)
     start_m = tl.program_id(0) * BLOCK_M
@@ -237,7 +383,6 @@ def _attn_fwd_kernel(
     first_k, num_keys = _sequence(cu_k_ptr, b, num_keys, VARLEN)
     kvh = h // group
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < head_dim
     m_valid = offs_m < num_queries
@@ -249,38 +394,28 @@ def _attn_fwd_kernel(
     )
     k_base = k_ptr + _sequence_offset(b, first_k, stride_kb, stride_kn, VARLEN) + kvh * stride_kh
     v_base = v_ptr + _sequence_offset(b, first_k, stride_vb, stride_vn, VARLEN) + kvh * stride_vh
-    kt_ptrs = k_base + offs_n0[None, :] * stride_kn + offs_d[:, None]
-    v_ptrs = v_base + offs_n0[:, None] * stride_vn + offs_d[None, :]
     bias_row_ptr = (bias_ptr + _sequence_offset(b, first_k, stride_bb, stride_bn, VARLEN)
                     + h * stride_bh)
     prefix = 0
     if HAS_PREFIX:
         prefix = _load_prefix(prefix_ptr, b, num_keys)
     offset = num_keys - num_queries
+    full_end = _full_key_end(start_m, num_keys, offset, prefix, BLOCK_N, CAUSAL, HAS_PREFIX)
     end_n = _visible_key_end(start_m, num_keys, offset, prefix, BLOCK_M, SKIP, HAS_PREFIX)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, end_n, BLOCK_N):
-        offs_n = start_n + offs_n0
-        n_valid = offs_n < num_keys
-        kt = tl.load(kt_ptrs + start_n * stride_kn, mask=n_valid[None, :] & d_valid[:, None],
-                     other=0.0)
-        qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
-        s = _masked_logits(qk, offs_m[:, None], offs_n[None, :], num_keys, offset, prefix,
-                           bias_row_ptr, stride_bn, qk_scale, future_bias,
-                           CAUSAL, SOFT, HAS_PREFIX, HAS_BIAS)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # Shift a still fully masked row by 0: exp2(-inf - 0) = 0, never exp2(-inf + inf).
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - shift[:, None])
-        rescale = tl.math.exp2(m_i - shift)
-        l_i = l_i * rescale + tl.sum(p, 1)
-        v = tl.load(v_ptrs + start_n * stride_vn, mask=n_valid[:, None] & d_valid[None, :],
-                    other=0.0)
-        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    acc, l_i, m_i = _fwd_tiles(
+        acc, l_i, m_i, q, k_base, v_base, bias_row_ptr, 0, full_end, offs_m,
+        num_keys, head_dim, offset, prefix, stride_kn, stride_vn, stride_bn, qk_scale,
+        future_bias, False, CAUSAL, SOFT, HAS_PREFIX, HAS_BIAS, BLOCK_N, BLOCK_D, DOT_PRECISION,
+    )
+    acc, l_i, m_i = _fwd_tiles(
+        acc, l_i, m_i, q, k_base, v_base, bias_row_ptr, full_end, end_n, offs_m,
+        num_keys, head_dim, offset, prefix, stride_kn, stride_vn, stride_bn, qk_scale,
+        future_bias, True, CAUSAL, SOFT, HAS_PREFIX, HAS_BIAS, BLOCK_N, BLOCK_D, DOT_PRECISION,
+    )
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -394,7 +529,7 @@ def _attn_bwd_dkdv_kernel(
         bh = b * num_heads + h
         q_base = q_seq_ptr + h * stride_qh
         do_base = do_seq_ptr + h * stride_dh
-        bias_row_ptr = bias_seq_ptr + h * stride_bh
+        kb2 = _key_bias2(bias_seq_ptr + h * stride_bh, offs_n, n_valid, stride_bn, HAS_BIAS, 0)
         dbias = tl.zeros([BLOCK_N], tl.float32)
         for start_m in range(start_m_lo, num_queries, BLOCK_M):
             offs_m = start_m + offs_m0
@@ -409,9 +544,8 @@ def _attn_bwd_dkdv_kernel(
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
             delta = tl.load(delta_ptr + row, mask=m_valid, other=0.0)
             qkt = tl.dot(k, qt, input_precision=DOT_PRECISION)
-            st = _masked_logits(qkt, offs_m[None, :], offs_n[:, None], num_keys, offset, prefix,
-                                bias_row_ptr, stride_bn, qk_scale, future_bias,
-                                CAUSAL, SOFT, HAS_PREFIX, HAS_BIAS)
+            st = _masked_logits(qkt * qk_scale + kb2, offs_m[None, :], offs_n[:, None], num_keys,
+                                offset, prefix, future_bias, CAUSAL, SOFT, HAS_PREFIX)
             pt = tl.math.exp2(st - lse2[None, :])
             dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
             dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -491,13 +625,14 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, end_n, BLOCK_N):
         offs_n = start_n + offs_n0
-        t_mask = (offs_n < num_keys)[None, :] & d_valid[:, None]
+        n_valid = offs_n < num_keys
+        t_mask = n_valid[None, :] & d_valid[:, None]
         kt = tl.load(kt_ptrs + start_n * stride_kn, mask=t_mask, other=0.0)
         vt = tl.load(vt_ptrs + start_n * stride_vn, mask=t_mask, other=0.0)
         qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
-        s = _masked_logits(qk, offs_m[:, None], offs_n[None, :], num_keys, offset, prefix,
-                           bias_row_ptr, stride_bn, qk_scale, future_bias,
-                           CAUSAL, SOFT, HAS_PREFIX, HAS_BIAS)
+        kb2 = _key_bias2(bias_row_ptr, offs_n, n_valid, stride_bn, HAS_BIAS, 1)
+        s = _masked_logits(qk * qk_scale + kb2, offs_m[:, None], offs_n[None, :], num_keys,
+                           offset, prefix, future_bias, CAUSAL, SOFT, HAS_PREFIX)
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -547,23 +682,39 @@ def attention_forward(q, k, v, key_bias, prefix_len, scale: float, causal: bool,
             lse.fill_(float("-inf"))
         return out, lse
     is_causal, soft, has_prefix, future_bias = _mask_params(causal, causal_strength, prefix_len)
-    block_m, block_n, warps, stages = _config("fwd", head_dim, dtype, device)
-    grid = (cdiv(num_queries, block_m), batch * heads)
-    launchable(_attn_fwd_kernel, wrap_triton, eager)[grid](
+    args = (
         q, k, v,
         key_bias if key_bias is not None else q,
         prefix_len if has_prefix else q,
         cu_q, cu_k, out, lse,
         heads, heads // kv_heads, num_queries, num_keys, head_dim,
+        _seqlen_bucket(num_queries), _seqlen_bucket(num_keys),
         *_token_strides(q, varlen), *_token_strides(k, varlen), *_token_strides(v, varlen),
         *_bias_strides(key_bias, varlen),
         scale * 1.4426950408889634, future_bias,
-        CAUSAL=is_causal, SOFT=soft, HAS_PREFIX=has_prefix, HAS_BIAS=key_bias is not None,
-        SKIP=is_causal and not soft, VARLEN=varlen,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(head_dim),
-        DOT_PRECISION=_dot_precision(dtype),
-        num_warps=warps, num_stages=stages,
     )
+    constants = dict(
+        CAUSAL=is_causal, SOFT=soft, HAS_PREFIX=has_prefix, HAS_BIAS=key_bias is not None,
+        SKIP=is_causal and not soft, VARLEN=varlen, BLOCK_D=_block_d(head_dim),
+        DOT_PRECISION=_dot_precision(dtype),
+    )
+    if _FORCED_FWD_CONFIG is not None:
+        configs = [_FORCED_FWD_CONFIG]
+    elif device.type == "cuda":
+        launchable(_tuned_forward(head_dim, dtype, device), wrap_triton, eager)[
+            lambda meta: (cdiv(num_queries, meta["BLOCK_M"]), batch * heads)
+        ](*args, **constants)
+        return out, lse
+    elif gpu_sizes(device):  # recording what GPUs compile: every configuration they may pick
+        configs = forward_configs(head_dim, dtype)
+    else:
+        configs = [(*_INTERPRETER_BLOCKS["fwd"], 4, 1)]
+    for block_m, block_n, warps, stages in configs:
+        launchable(_attn_fwd_kernel, wrap_triton, eager)[(cdiv(num_queries, block_m),
+                                                          batch * heads)](
+            *args, **constants, BLOCK_M=block_m, BLOCK_N=block_n,
+            num_warps=warps, num_stages=stages,
+        )
     return out, lse
 
 

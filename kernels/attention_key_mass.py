@@ -31,6 +31,7 @@ from fastvl.kernels.attention import (
     _block_d,
     _config,
     _dot_precision,
+    _key_bias2,
     _last_dim_contiguous,
     _load_prefix,
     _mask_params,
@@ -91,7 +92,8 @@ def _key_mass_kernel(
         h = kvh * group + g
         q_base = q_ptr + b * stride_qb + h * stride_qh
         lse_base = lse_ptr + b * stride_lb + h * stride_lh
-        bias_row_ptr = bias_ptr + b * stride_bb + h * stride_bh
+        kb2 = _key_bias2(bias_ptr + b * stride_bb + h * stride_bh, offs_n, n_valid, stride_bn,
+                         HAS_BIAS, 0)
         head_mass = tl.zeros([BLOCK_N], tl.float32)
         for start_m in range(start_m_lo, query_end, BLOCK_M):
             offs_m = start_m + offs_m0
@@ -102,9 +104,8 @@ def _key_mass_kernel(
             lse = tl.load(lse_base + offs_m * stride_lm, mask=m_valid, other=float("inf"))
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
             qkt = tl.dot(k, qt, input_precision=DOT_PRECISION)
-            st = _masked_logits(qkt, offs_m[None, :], offs_n[:, None], num_keys, offset, prefix,
-                                bias_row_ptr, stride_bn, qk_scale, future_bias,
-                                CAUSAL, SOFT, HAS_PREFIX, HAS_BIAS)
+            st = _masked_logits(qkt * qk_scale + kb2, offs_m[None, :], offs_n[:, None], num_keys,
+                                offset, prefix, future_bias, CAUSAL, SOFT, HAS_PREFIX)
             head_mass += tl.sum(tl.math.exp2(st - lse2[None, :]), 1)
         if PER_HEAD:
             tl.store(out_ptr + (b * num_heads + h) * num_keys + offs_n, head_mass, mask=n_valid)

@@ -102,3 +102,14 @@ def noncontiguous_prefix_lens(device=DEVICE) -> tuple:
     99s between its values (4, 0, 7) and an expanded 5."""
     strided = torch.tensor([4, 99, 0, 99, 7, 99], device=device)[::2]
     return strided, torch.tensor(5, device=device).expand(3)
+
+
+def forward_tile_configs(head_dim, dtype):
+    """One configuration per distinct (BLOCK_M, BLOCK_N) of the Triton forward's GPU lists (any
+    architecture; warps and stages do not change what the interpreter computes); [] without
+    triton."""
+    try:
+        from fastvl.kernels.attention import forward_configs
+    except ImportError:
+        return []
+    return list({c[:2]: c for c in forward_configs(head_dim, dtype)}.values())

@@ -31,7 +31,8 @@ from fastvl.testing import (
 )
 from tests.conftest import DEVICE, require_backend
 from tests.samples_attention import (
-    attention_inputs, noncontiguous_prefix_lens, reference_attention, reference_grads,
+    attention_inputs, forward_tile_configs, noncontiguous_prefix_lens, reference_attention,
+    reference_grads,
 )
 
 ALL_BACKENDS = ("torch", "triton")
@@ -133,6 +134,37 @@ def _run_case(backend, case, grads=True):
 def test_sweep(backend, case):
     require_backend("attention", backend)
     _run_case(backend, case)
+
+
+# ---- every forward configuration a GPU's autotuner may pick, interpreted ----------------
+
+# Sizes straddle the largest tiles (128): several query blocks, unmasked key tiles, a tail and
+# (causal) tiles crossing the diagonal; each head-dim / dtype class of the lists appears.
+# Nk - Nq = 126 puts the first query block's last unmasked key just before a tile boundary of
+# every BLOCK_N (16 to 128).
+CONFIG_SWEEP = [
+    (1, 4, 2, 150, 150, 64, torch.float16, dict(causal=True, bias="bh")),
+    (1, 2, 1, 70, 196, 80, torch.float16, dict(causal=True, causal_strength=0.5,
+                                               prefix_len=(90,), bias="b")),
+    (1, 2, 2, 200, 130, 256, torch.float16, dict(causal=True)),  # Nq > Nk: empty rows
+    (1, 2, 1, 45, 171, 32, torch.float32, dict(causal=True, prefix_len=(50,), bias="bh")),
+    (1, 2, 2, 40, 33, 128, torch.float32, dict(bias="b")),
+    (1, 1, 1, 20, 37, 256, torch.float32, dict(causal=True)),
+]
+
+
+@pytest.mark.parametrize(
+    "case, config",
+    [(case, config) for case in CONFIG_SWEEP for config in forward_tile_configs(*case[5:7])],
+    ids=lambda x: _sweep_id(x) if len(x) == 8 else "m{}n{}w{}s{}".format(*x),
+)
+def test_forward_configs(case, config):
+    """The forward with each GPU configuration (forced), in the interpreter on a CPU."""
+    require_backend("attention", "triton")
+    from fastvl.kernels.attention import forced_forward_config
+
+    with forced_forward_config(config):
+        _run_case("triton", case, grads=False)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

@@ -124,3 +124,37 @@ def test_kernels_compile_for_gpus(family, arch, gpu_launches):
     launches = gpu_launches[family]
     assert len({launch["kernel"] for launch in launches}) >= 5
     assert triton_aot.compile_errors(launches, arch) == []
+
+
+def test_launches_compile_with_a_real_launchs_specialisation():
+    """Recorded launches carry what ``JITFunction.run`` derives from the argument values (ints
+    equal to 1 as constants, 16-divisible ints and 16-byte aligned pointers marked "D"), and
+    the compiler gets it: the key-mass kernel at its GPU sizes needs fewer registers than
+    the same launch compiled without it (sm_90 today: 72 against 114)."""
+    if DEVICE.type != "cpu":
+        pytest.skip("checks GPU compilation on machines without one")
+    require_backend("attention_key_mass", "triton")
+    from fastvl import triton_aot
+    from fastvl.kernels import attention_key_mass as kernels
+
+    q = random_tensor(2, 4, 40, 64, dtype=torch.float16, generator=_gen(20))
+    k = random_tensor(2, 4, 40, 64, dtype=torch.float16, generator=_gen(21))
+    lse = random_tensor(2, 4, 40, dtype=torch.float32, generator=_gen(22))
+    with triton_aot.gpu_launch_sizes(), triton_aot.recorded_launches(kernels) as launches:
+        attention_key_mass(q, k, lse, query_start=39, backend="triton")
+        attention_key_mass(q[..., 1:, :], k, lse[..., 1:], query_start=30, backend="triton")
+    aligned, offset = launches
+    assert aligned["constants"]["group"] == 1 and aligned["signature"]["group"] == "constexpr"
+    assert {"q_ptr", "k_ptr", "head_dim", "stride_qm"} <= set(aligned["attrs"])
+    assert "num_queries" not in aligned["attrs"]  # 40 is not a multiple of 16
+    # q[..., 1:, :] starts 64 fp16 values (128 bytes) in: aligned; lse[..., 1:] 4 bytes in.
+    assert "q_ptr" in offset["attrs"] and "lse_ptr" not in offset["attrs"]
+
+    plain = dict(aligned, attrs={}, constants=dict(aligned["constants"]),
+                 signature=dict(aligned["signature"]))
+    for name in ("group", "stride_lm"):
+        del plain["constants"][name]
+        plain["signature"][name] = "i32"
+    specialised, unspecialised = triton_aot.resource_usage([aligned, plain], 90)
+    assert "group=1" in specialised["constants"]
+    assert specialised["registers"] < unspecialised["registers"], (specialised, unspecialised)

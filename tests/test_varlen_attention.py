@@ -30,7 +30,7 @@ from fastvl.testing import (
     random_tensor,
 )
 from tests.conftest import DEVICE, require_backend
-from tests.samples_attention import reference_attention
+from tests.samples_attention import forward_tile_configs, reference_attention
 
 ALL_BACKENDS = ("torch", "triton")
 
@@ -163,6 +163,30 @@ def _run_case(backend, case, **kwargs):
 def test_sweep(backend, case):
     require_backend("varlen_attention", backend)
     _run_case(backend, case)
+
+
+# As in test_attention.py's: the last sequence's Nk - Nq = 126 ends its first query block's
+# unmasked keys just before a tile boundary.
+CONFIG_SWEEP = [
+    ((0, 150, 1, 77), (5, 140, 1, 203), 4, 2, 64, torch.float16,
+     dict(causal=True, bias="heads")),
+    ((33, 0, 40), (20, 3, 45), 2, 1, 32, torch.float32,
+     dict(causal=True, causal_strength=0.6, prefix_len=(3, 0, 30), bias="shared")),
+]
+
+
+@pytest.mark.parametrize(
+    "case, config",
+    [(case, config) for case in CONFIG_SWEEP for config in forward_tile_configs(*case[4:6])],
+    ids=lambda x: _sweep_id(x) if len(x) == 7 else "m{}n{}w{}s{}".format(*x),
+)
+def test_forward_configs(case, config):
+    """The varlen forward with each GPU configuration (forced), interpreted on a CPU."""
+    require_backend("varlen_attention", "triton")
+    from fastvl.kernels.attention import forced_forward_config
+
+    with forced_forward_config(config):
+        _run_case("triton", case, grads=False)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
