@@ -67,23 +67,18 @@ def _block_d(head_dim: int) -> int:
 # ieee dots on the CUDA cores, whose operands take far more registers than tensor-core ones:
 # smaller tiles. Up to head dim 128 every configuration of both lists compiles without spills
 # for both sm_80 and sm_90 (tests/test_triton_gpu_compile.py records and compiles them all).
+_SM90_FWD_CONFIGS = {
+    (False, 64): [(128, 64, 8, 3), (64, 64, 4, 4)],
+    (False, 128): [(128, 64, 8, 3), (64, 128, 8, 2)],
+    (False, 256): [(64, 64, 4, 2), (64, 32, 4, 2)],
+    (True, 64): [(16, 32, 4, 2), (32, 16, 4, 2)],
+    (True, 128): [(16, 16, 4, 1)],
+    (True, 256): [(16, 16, 4, 1)],
+}
 _FWD_CONFIGS = {
-    90: {
-        (False, 64): [(128, 64, 8, 3), (64, 64, 4, 4)],
-        (False, 128): [(128, 64, 8, 3), (64, 128, 8, 2)],
-        (False, 256): [(64, 64, 4, 2), (64, 32, 4, 2)],
-        (True, 64): [(16, 32, 4, 2), (32, 16, 4, 2)],
-        (True, 128): [(16, 16, 4, 1)],
-        (True, 256): [(16, 16, 4, 1)],
-    },
-    80: {
-        (False, 64): [(128, 64, 8, 3), (64, 64, 4, 3)],
-        (False, 128): [(128, 64, 8, 3), (64, 128, 8, 2)],
-        (False, 256): [(64, 64, 4, 2), (64, 32, 4, 2)],
-        (True, 64): [(16, 32, 4, 2), (32, 16, 4, 2)],
-        (True, 128): [(16, 16, 4, 1)],
-        (True, 256): [(16, 16, 4, 1)],
-    },
+    90: _SM90_FWD_CONFIGS,
+    # sm_80: the same, except 3 stages for the 64 x 64 tile
+    80: {**_SM90_FWD_CONFIGS, (False, 64): [(128, 64, 8, 3), (64, 64, 4, 3)]},
 }
 
 
