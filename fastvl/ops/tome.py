@@ -51,13 +51,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from fastvl.ops._checks import check_float_tensor, check_int, check_tensor, value_check_allowed
 from fastvl.ops._eager import EagerOp, call_key, memoized
 from fastvl.ops.registry import KERNEL_DTYPES, TRITON_IMPORT_ERROR, Call, Supports, register_op
 from fastvl.reference import tome as _reference
-from fastvl.reference.tome import TOKEN_ORDERS, TomePlan
+from fastvl.reference.tome import TOKEN_ORDERS, TomePlan, csr_of_dest
 
 __all__ = [
     "tome_match",
@@ -353,9 +352,7 @@ def _check_plan_values(op: str, plan: TomePlan, check_plan: bool) -> None:
             f"{op}: plan.dest values must lie in [0, M) = [0, {num_merged}), found values "
             f"from {low} to {high}; pass the plan returned by tome_match"
         )
-    counts = torch.zeros_like(plan.offsets[:, 1:]).scatter_add_(1, dest, torch.ones_like(dest))
-    offsets = F.pad(counts.cumsum(1), (1, 0))
-    sources = torch.sort(dest, dim=1, stable=True).indices
+    offsets, sources, counts = csr_of_dest(dest, num_merged)
     consistent = torch.stack([(counts > 0).all(), (plan.offsets == offsets).all(),
                               (plan.sources == sources).all()]).tolist()
     problems = [what for ok, what in zip(consistent, (

@@ -153,11 +153,17 @@ def plan_from_partners(
         position = _tome_order_positions(ranked, r, num_prefix_tokens, num_tokens)
     # position: (B, N) merged index of every kept token (overwritten at the merged-away ones)
     dest = position.scatter(1, merged_away, position.gather(1, into))
-    sources = torch.sort(dest, dim=1, stable=True).indices
-    counts = torch.zeros(batch, num_tokens - r, dtype=torch.int64, device=score.device)
-    counts = counts.scatter_add(1, dest, torch.ones_like(dest))
-    offsets = F.pad(counts.cumsum(1), (1, 0))
+    offsets, sources, _ = csr_of_dest(dest, num_tokens - r)
     return TomePlan(dest, offsets, sources)
+
+
+def csr_of_dest(dest: torch.Tensor, num_merged: int):
+    """dest (B, N) in [0, M) -> (offsets (B, M + 1), sources (B, N), counts (B, M)): the
+    tokens grouped by destination (ascending within one) and each group's start."""
+    sources = torch.sort(dest, dim=1, stable=True).indices
+    counts = torch.zeros(dest.shape[0], num_merged, dtype=torch.int64, device=dest.device)
+    counts = counts.scatter_add(1, dest, torch.ones_like(dest))
+    return F.pad(counts.cumsum(1), (1, 0)), sources, counts
 
 
 def _tome_order_positions(ranked, r, num_prefix_tokens, num_tokens):
