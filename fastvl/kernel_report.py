@@ -56,16 +56,22 @@ def ctas_per_sm(registers: int, num_warps: int, shared_bytes: int, arch: int) ->
 def useful_share(launch: dict) -> Optional[float]:
     """Share of a launch's tile work that touches real elements: the product over its tiled
     dimensions (queries / BLOCK_M, keys / BLOCK_N, head dim / BLOCK_D) of real over padded
-    size; key mass tiles only its query range. Tiles skipped by causal masking are not
-    counted as work. None for kernels outside the attention family."""
+    size; key mass tiles only its query range, a packed GQA forward (``PACK_GQA``) Nq x group
+    rows, a split head dim (``BLOCK_DT``) BLOCK_D + BLOCK_DT columns. Tiles skipped by
+    causal masking are not counted as work. None for kernels outside the attention family."""
     values = {**launch["values"], **launch["constants"]}
     if "query_end" in values:  # key mass: queries query_start..query_end
         values["num_queries"] = values["query_end"] - values["query_start"]
+    if values.get("PACK_GQA") and "num_queries" in values:  # rows: tokens x the group's heads
+        values["num_queries"] = values["num_queries"] * values.get("group", 1)
     tiled = [(values[size], values[block]) for size, block in _TILED
              if size in values and block in values]
     if not tiled:
         return None
-    return math.prod(n / (math.ceil(n / block) * block) for n, block in tiled)
+    shares = [n / (math.ceil(n / block) * block) for n, block in tiled]
+    if values.get("BLOCK_DT") and "head_dim" in values:  # a split head dim: main + tail tile
+        shares[-1] = values["head_dim"] / (values["BLOCK_D"] + values["BLOCK_DT"])
+    return math.prod(shares)
 
 
 def _kernel_modules() -> list:
@@ -117,9 +123,10 @@ class _UnwrittenMatmuls(TorchDispatchMode):
         return torch.empty_like(func(*meta[0], **meta[1]), device=args[-1].device)
 
 
-def recorded_case_launches(ops: Optional[Sequence[str]] = None) -> list[dict]:
-    """Launches of every benchmark case's ``fastvl[triton]`` call (or of ``ops``' cases), in
-    each dtype and mode a GPU run benchmarks, tagged with ``case`` (``op/name dtype mode``)."""
+def recorded_case_launches(ops: Optional[Sequence[str]] = None, arch: int = 90) -> list[dict]:
+    """Launches of every benchmark case's ``fastvl[triton]`` call (or of ``ops``' cases) on an
+    ``sm_<arch>`` GPU, in each dtype and mode a GPU run benchmarks, tagged with ``case``
+    (``op/name dtype mode``)."""
     from fastvl import triton_aot
     from fastvl.bench.cases import SCALES, all_cases, fastvl_impl_name
     from fastvl.bench.host_overhead import gpu_path
@@ -127,7 +134,7 @@ def recorded_case_launches(ops: Optional[Sequence[str]] = None) -> list[dict]:
     triton = fastvl_impl_name("triton")
     cases = [case for case in all_cases(ops) if not case.host_overhead and triton in case.impls]
     tagged, calls = [], []
-    with triton_aot.gpu_launch_sizes(), gpu_path(), _triton_calls(calls), \
+    with triton_aot.gpu_launch_sizes(arch), gpu_path(), _triton_calls(calls), \
             _UnwrittenMatmuls(), triton_aot.recorded_launches(*_kernel_modules()) as launches:
         for case in cases:
             for dtype in case.dtypes_for(torch.device("cuda")):
@@ -218,9 +225,9 @@ def print_report(arch: str = "sm_90", as_json: bool = False,
                  ops: Optional[Sequence[str]] = None) -> int:
     """Print the report for ``arch`` (``sm_90``, ``sm_80`` or ``all``); 1 if
     :func:`problems` finds any, else 0."""
-    launches = recorded_case_launches(ops)
     archs = list(ARCHS) if arch == "all" else [arch]
-    report = {name: kernel_rows(launches, ARCHS[name]) for name in archs}
+    report = {name: kernel_rows(recorded_case_launches(ops, ARCHS[name]), ARCHS[name])
+              for name in archs}
     found = {name: problems(rows, ARCHS[name]) for name, rows in report.items()}
     if as_json:
         print(json.dumps({name: {"rows": rows, "problems": found[name]}

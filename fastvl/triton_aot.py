@@ -109,17 +109,18 @@ def _describe(kernel, args: tuple, kwargs: dict) -> dict:
 
 
 @contextlib.contextmanager
-def gpu_launch_sizes() -> Iterator[None]:
-    """Launch configurations take their GPU values on every device in the block (see
-    :func:`fastvl.kernels.gpu_sizes`): a CPU run then records the launches a GPU would make."""
+def gpu_launch_sizes(arch: int = 90) -> Iterator[None]:
+    """Launch configurations take their GPU values for ``sm_<arch>`` on every device in the
+    block (see :func:`fastvl.kernels.gpu_sizes` and :func:`fastvl.kernels.gpu_arch`): a CPU
+    run then records the launches such a GPU would make."""
     import fastvl.kernels as kernels
 
-    previous = kernels._GPU_SIZES_EVERYWHERE
-    kernels._GPU_SIZES_EVERYWHERE = True
+    previous = kernels._GPU_SIZES_EVERYWHERE, kernels._GPU_ARCH_EVERYWHERE
+    kernels._GPU_SIZES_EVERYWHERE, kernels._GPU_ARCH_EVERYWHERE = True, arch
     try:
         yield
     finally:
-        kernels._GPU_SIZES_EVERYWHERE = previous
+        kernels._GPU_SIZES_EVERYWHERE, kernels._GPU_ARCH_EVERYWHERE = previous
 
 
 @contextlib.contextmanager

@@ -1,8 +1,9 @@
-"""FlashAttention-2 style attention in Triton: forward, and backward in three kernels.
+"""FlashAttention-2 style attention in Triton: the forward kernel and the shared helpers.
 
 Shapes: q (B, H, Nq, D), k/v (B, Hkv, Nk, D), query head h reads kv head h // (H // Hkv).
 Any batch/head/token strides are served; the last dim must be contiguous (the launchers copy
-otherwise). D is padded to a power of two (>= 16) in registers, with masks.
+otherwise). D is padded to a power of two (>= 16) in registers, with masks (the forward splits
+some head dims instead, see below).
 
 Packed variable-length batches (``VARLEN``): q (total_q, H, D), k/v (total_k, Hkv, D) and int32
 ``cu_seqlens_q`` / ``cu_seqlens_k`` (B + 1,). Each program reads the first token and length of
@@ -25,16 +26,37 @@ Forward: per query block, first the key tiles that every row sees whole (in boun
 anyone's future: logits are one multiply-add, ``qk * log2(e) * scale + log2(e) * bias``, the
 bias read once per key tile as a vector), then the masked tiles (the causal diagonal and the
 tail). On a GPU Triton's autotuner picks its tiles, warps and stages from a per-architecture
-list (:func:`forward_configs`); interpreted launches use fixed small blocks.
+list (:func:`forward_configs`); interpreted launches use fixed small blocks. Two layouts of the
+forward are chosen from shapes alone (never from values; :func:`forced_forward_layout` forces
+them in tests):
+
+* GQA packing (``PACK_GQA``, :func:`_pack_gqa`): when H > Hkv and there are fewer than 64
+  queries per head (``Nq``, or ``max_seqlen_q`` for packed sequences: decode, short prompts)
+  with a head dim that is a multiple of 16, a head's query block would be mostly padding, so
+  one program takes the query rows of a kv head's whole group, token-major (row r = token
+  r // group of head kvh * group + r % group; grid (cdiv(Nq * group, BLOCK_M), B * Hkv)), and
+  each K/V tile is loaded once for the group.
+  Masks and causal tile skipping use each row's token; a block may hold part of a token's
+  heads. Dense and packed-sequence calls alike; only with a key bias shared by the heads
+  ((B, Nk) / (total_k,)) or none: a per-head bias keeps the per-head layout. Packed launches
+  tune over their own list (64-row tiles, :data:`_PACKED_FWD_CONFIGS`).
+* Split head dims (``BLOCK_DT``, :func:`_head_dim_tiles`): a head dim that is not a power of two
+  runs as a power-of-two main tile (``BLOCK_D``) plus a power-of-two tail (``BLOCK_DT`` >= 16,
+  ``tl.dot``'s minimum) for multiples of 16 where that is narrower than the padded power of
+  two: 80 = 64 + 16, 96 = 64 + 32, 48 = 32 + 16, 144 = 128 + 16, 160 = 128 + 32,
+  192 = 128 + 64 (padded work 128 -> 80, 128 -> 96, 64 -> 48, 256 -> 144 / 160 / 192); q,
+  K^T, V and the accumulator are two tiles each, the scores ``dot(q0, k0t) + dot(q1, k1t)``.
+  Powers of two (``BLOCK_DT`` 0) compile as before; 112 (64 + 64) keeps the 128-wide tile;
+  head dims that are not multiples of 16 stay padded (their padding waste: 40 -> 64 is 37%,
+  72 -> 128 44%, 88 -> 128 31%), see :func:`_default_head_dim_tiles`. The configuration
+  lists stay keyed by the padded size (sm_80 swaps its 64 x 128 tile for 64 x 64 at 96).
 
 A query row with no visible key keeps ``m = -inf``; the exponentials are then shifted by 0
 (never ``-inf - -inf``), so the row's sum is 0, its output 0, its lse -inf and, in backward,
 its probabilities are exactly 0 (the kernels read its lse as +inf).
 
-Backward: ``delta = rowsum(dO * O) - dlse`` (preprocess kernel), then one kernel per key
-block (all query heads of the kv group looped inside, so GQA needs no atomics and no extra
-memory) for dK, dV and the per-head key-bias gradient ``sum_i dS``, then one kernel per query
-block for dQ, each recomputing ``P = exp(S - lse)`` and ``dS = P * (dP - delta)``.
+The backward is in :mod:`fastvl.kernels.attention_backward`; the key-mass pass in
+:mod:`fastvl.kernels.attention_key_mass`. Both use the helpers below (logits, masks, layouts).
 """
 
 from __future__ import annotations
@@ -48,14 +70,15 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from fastvl._outputs import empty_output
-from fastvl.kernels import cdiv, gpu_sizes, launchable
+from fastvl.kernels import cdiv, gpu_arch, gpu_sizes, launchable
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 # Interpreted (CPU) launches use small blocks, different for queries and keys, so that the
-# tests' small shapes still span several blocks of each kind.
-_INTERPRETER_BLOCKS = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
+# tests' small shapes still span several blocks of each kind (the backward's are in
+# :mod:`fastvl.kernels.attention_backward`).
+_INTERPRETER_FWD_BLOCKS = (32, 16)
 
 
 def _block_d(head_dim: int) -> int:
@@ -82,14 +105,40 @@ _FWD_CONFIGS = {
 }
 
 
-def forward_configs(head_dim: int, dtype: torch.dtype, arch=None) -> list:
+# Packed GQA launches (``PACK_GQA``: few queries per head, see :func:`_pack_gqa`): the rows'
+# token / head indices stay live across the key loop, so the 128-row and 64 x 128 tiles spill;
+# 64 rows (wgmma's minimum) with at most 64 keys do not, on sm_80 and sm_90 alike (nor do the
+# float32 tiles, with one stage: two spill at head dim 48 on sm_90).
+_PACKED_FWD_CONFIGS = {
+    (False, 64): [(64, 64, 4, 3), (64, 32, 4, 2)],
+    (False, 128): [(64, 64, 8, 2), (64, 32, 4, 2)],
+    (False, 256): [(64, 32, 4, 2)],
+    (True, 64): [(16, 32, 4, 1), (32, 16, 4, 1)],
+    (True, 128): [(16, 16, 4, 1)],
+    (True, 256): [(16, 16, 4, 1)],
+}
+# sm_80 with a split head dim of tail 32 (96): the 64 x 128 tile spills; 64 x 64 instead.
+_SM80_TAIL32_SWAP = {(64, 128, 8, 2): (64, 64, 8, 2)}
+
+
+def forward_configs(head_dim: int, dtype: torch.dtype, arch=None, pack_gqa: bool = False) -> list:
     """The forward's GPU configurations (BLOCK_M, BLOCK_N, num_warps, num_stages) for
     ``sm_<arch>`` (80, 90; later architectures use sm_90's), or for every architecture (None),
-    in a fixed order."""
-    key = (dtype == torch.float32, max(64, _block_d(head_dim)))
+    in a fixed order; ``pack_gqa``: those of packed GQA launches (the same on every arch)."""
+    fp32 = dtype == torch.float32
+    key = (fp32, max(64, _block_d(head_dim)))
+    if pack_gqa:
+        return list(_PACKED_FWD_CONFIGS[key])
+
+    def per_arch(major):
+        configs = _FWD_CONFIGS[major][key]
+        if major == 80 and not fp32 and _default_head_dim_tiles(head_dim)[1] == 32:
+            configs = [_SM80_TAIL32_SWAP.get(c, c) for c in configs]
+        return configs
+
     if arch is not None:
-        return list(_FWD_CONFIGS[90 if arch >= 90 else 80][key])
-    return list(dict.fromkeys(c for per_arch in _FWD_CONFIGS.values() for c in per_arch[key]))
+        return list(per_arch(90 if arch >= 90 else 80))
+    return list(dict.fromkeys(c for major in _FWD_CONFIGS for c in per_arch(major)))
 
 
 _FORCED_FWD_CONFIG = None
@@ -107,62 +156,95 @@ def forced_forward_config(config):
         _FORCED_FWD_CONFIG = previous
 
 
+_FORCED_PACK_GQA = None
+_FORCED_HEAD_SPLIT = None
+
+
+@contextlib.contextmanager
+def forced_forward_layout(*, pack_gqa=None, split_head_dim=None):
+    """Test hook: forward launches in the block pack the GQA groups (:func:`_pack_gqa`) and
+    split the head dim (:func:`_head_dim_tiles`) as told (True / False) instead of by the
+    shape rules; None keeps a rule. Where a layout cannot apply it is not used: packing with a
+    per-head key bias, splitting a power-of-two head dim."""
+    global _FORCED_PACK_GQA, _FORCED_HEAD_SPLIT
+    previous = _FORCED_PACK_GQA, _FORCED_HEAD_SPLIT
+    _FORCED_PACK_GQA, _FORCED_HEAD_SPLIT = pack_gqa, split_head_dim
+    try:
+        yield
+    finally:
+        _FORCED_PACK_GQA, _FORCED_HEAD_SPLIT = previous
+
+
+# Fewer queries per head than this: pack the GQA group's heads into one query block.
+_PACK_GQA_MAX_QUERIES = 64
+
+
+def _pack_gqa(heads: int, kv_heads: int, num_queries, head_dim: int, key_bias,
+              packed: bool) -> bool:
+    """Whether the forward packs each GQA group's query heads into one query block (grid
+    B * Hkv): when H > Hkv, fewer than 64 queries per head (``Nq``, or ``max_seqlen_q`` for
+    packed sequences), a head dim that is a multiple of 16 (else the gathered rows' loads
+    are not vectorised and spill badly) and the key bias is absent or shared by the heads
+    (head stride 0). :func:`forced_forward_layout` overrides all but the last condition."""
+    if _bias_strides(key_bias, packed)[1] != 0:
+        return False
+    if _FORCED_PACK_GQA is not None:
+        return bool(_FORCED_PACK_GQA)
+    return (heads > kv_heads and num_queries < _PACK_GQA_MAX_QUERIES
+            and int(head_dim) % 16 == 0)
+
+
+def _default_head_dim_tiles(head_dim: int, split=None) -> tuple:
+    """(BLOCK_D, BLOCK_DT): the head dim's main tile and its tail tile (0: none). A multiple of
+    16 that is not a power of two is split into its largest power of two and the rest's next
+    power of two when that is narrower than the single padded tile: 48 = 32 + 16,
+    80 = 64 + 16, 96 = 64 + 32, 144 = 128 + 16, 160 = 128 + 32, 192 = 128 + 64, 176 -> 128 + 64;
+    not 112 (64 + 64 = 128). Other head dims keep the padded tile (40 -> 64, 72 / 88 -> 128):
+    their rows are not 16-element aligned, so the loads are not vectorised and a split tail
+    (88 -> 64 + 32) spills on sm_80. ``split`` True / False: split any non-power of two
+    above 16 (tail >= 16) / none."""
+    padded = _block_d(head_dim)
+    main = max(16, 1 << (int(head_dim).bit_length() - 1))
+    if head_dim <= main:
+        return padded, 0
+    tail = _block_d(head_dim - main)
+    if split is None:
+        split = head_dim % 16 == 0 and main + tail < padded
+    return (main, tail) if split else (padded, 0)
+
+
+def _head_dim_tiles(head_dim: int) -> tuple:
+    """:func:`_default_head_dim_tiles`, or as :func:`forced_forward_layout` says."""
+    return _default_head_dim_tiles(head_dim, _FORCED_HEAD_SPLIT)
+
+
 _TUNED_FWD: dict = {}
 
 
-def _tuned_forward(head_dim: int, dtype: torch.dtype, device: torch.device):
+def _tuned_forward(head_dim: int, dtype: torch.dtype, device: torch.device, pack_gqa: bool):
     """The forward kernel autotuned over :func:`forward_configs` of the device's architecture
-    (one autotuner per device, dtype and head dim class, cached), keyed on the constexprs that
-    change the work and the sequence-length buckets (and, as Triton does, the pointer dtypes)."""
-    key = (device, dtype == torch.float32, max(64, _block_d(head_dim)))
+    (one autotuner per device and configuration list; looked up per device, dtype class, head
+    dim and layout), keyed on the constexprs that change the work and the sequence-length
+    buckets (and, as Triton does, the pointer dtypes)."""
+    key = (device, dtype == torch.float32, int(head_dim), pack_gqa)
     tuned = _TUNED_FWD.get(key)
     if tuned is None:
-        major, minor = torch.cuda.get_device_capability(device)
-        configs = [
-            triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-            for m, n, w, st in forward_configs(head_dim, dtype, major * 10 + minor)
-        ]
-        tuned = _TUNED_FWD[key] = triton.autotune(
-            configs, key=["BLOCK_D", "CAUSAL", "SOFT", "HAS_BIAS", "q_bucket", "k_bucket"],
-        )(_attn_fwd_kernel)
+        configs = tuple(forward_configs(head_dim, dtype, gpu_arch(device), pack_gqa))
+        tuned = _TUNED_FWD.get((device, configs))
+        if tuned is None:  # one autotuner per configuration list
+            tuned = _TUNED_FWD[(device, configs)] = triton.autotune(
+                [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+                 for m, n, w, st in configs],
+                key=["BLOCK_D", "BLOCK_DT", "PACK_GQA", "CAUSAL", "SOFT", "HAS_BIAS",
+                     "q_bucket", "k_bucket"],
+            )(_attn_fwd_kernel)
+        _TUNED_FWD[key] = tuned
     return tuned
 
 
 def _seqlen_bucket(n):
     """A sequence length's autotuning bucket: 256-token steps up to 4096 (SymInt-safe)."""
     return min(cdiv(n, 256), 16)
-
-
-_CONFIGS: dict = {}
-
-
-def _config(kind: str, head_dim: int, dtype: torch.dtype, device: torch.device):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one backward kernel kind (cached per
-    kind, head dim, dtype and whether GPU sizes apply)."""
-    key = (kind, int(head_dim), dtype, gpu_sizes(device))
-    config = _CONFIGS.get(key)
-    if config is None:
-        config = _CONFIGS[key] = _choose_config(kind, head_dim, dtype, key[-1])
-    return config
-
-
-def _choose_config(kind: str, head_dim: int, dtype: torch.dtype, gpu: bool):
-    if not gpu:
-        block_m, block_n = _INTERPRETER_BLOCKS[kind]
-        return block_m, block_n, 4, 1
-    block_d = _block_d(head_dim)
-    wide = block_d * (2 if dtype == torch.float32 else 1)  # fp32 tiles need 2x registers/smem
-    if kind == "dkdv":
-        if wide <= 64:
-            return 64, 128, 8, 2
-        if wide <= 128:
-            return 32, 128, 8, 2
-        return 32, 32, 4, 1
-    if wide <= 64:  # dq
-        return 128, 64, 8, 2
-    if wide <= 128:
-        return 128, 32, 8, 2
-    return 32, 32, 4, 1
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -304,23 +386,46 @@ def _full_key_end(start_m, num_keys, offset, prefix, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
+def _group_rows(offs, g, bh, h, first, num_heads, num_tokens, VARLEN: tl.constexpr):
+    """:func:`_rows` of packed GQA rows: tokens ``offs`` of heads ``h + g`` (``bh = b * H + h``
+    and ``h`` scalars, ``g`` per row), as a 64-bit scalar base plus 32-bit row offsets."""
+    if VARLEN:
+        return (first.to(tl.int64) * num_heads + h) + (offs * num_heads + g)
+    else:
+        return bh.to(tl.int64) * num_tokens + (g * num_tokens + offs)
+
+
+@triton.jit
+def _head_mask(offs_d, head_dim, WHOLE: tl.constexpr):
+    """``offs_d < head_dim``, or a constant all-true mask (folded away) when the tile lies
+    wholly inside the head dim (``WHOLE``: the main tile of a split head dim)."""
+    if WHOLE:
+        return tl.full(offs_d.shape, 1, tl.int1)
+    else:
+        return offs_d < head_dim
+
+
+@triton.jit
 def _fwd_tiles(
-    acc, l_i, m_i, q, k_base, v_base, bias_row_ptr, start_n_lo, start_n_hi, offs_m,
+    acc, acc1, l_i, m_i, q, q1, k_base, v_base, bias_row_ptr, start_n_lo, start_n_hi, offs_m,
     num_keys, head_dim, offset, prefix, stride_kn, stride_vn, stride_bn, qk_scale, future_bias,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, SOFT: tl.constexpr, HAS_PREFIX: tl.constexpr,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    BLOCK_DT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Online-softmax update of (acc, l_i, m_i) over the key tiles [start_n_lo, start_n_hi).
+    """Online-softmax update of (acc, acc1, l_i, m_i) over the key tiles [start_n_lo, start_n_hi).
 
     Unmasked tiles (``MASKED`` False) hold keys that are in bounds and visible to every query
     row: the logits are one multiply-add, ``qk * log2(e) * scale + log2(e) * bias``. Masked
     tiles (the tail and the causal diagonal) add the bounds check and the masks. The K^T and V
     addresses are computed in the loop from 1D offsets: no address tiles live across it.
+    ``offs_m``: the query (token) index of each row. With a head-dim tail (``BLOCK_DT`` > 0)
+    head dims [BLOCK_D, BLOCK_D + BLOCK_DT) live in (q1, acc1) and their own K^T / V tiles;
+    else q1 / acc1 are unused placeholders.
     """
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_valid = offs_d < head_dim
+    d_valid = _head_mask(offs_d, head_dim, BLOCK_DT > 0)
     for start_n in range(start_n_lo, start_n_hi, BLOCK_N):
         offs_n = start_n + offs_n0
         n_valid = offs_n < num_keys
@@ -333,7 +438,23 @@ def _fwd_tiles(
                      other=0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=v_mask, other=0.0)
         kb2 = _key_bias2(bias_row_ptr, offs_n, n_valid, stride_bn, HAS_BIAS, 1)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale + kb2
+        if BLOCK_DT > 0:
+            offs_dt = BLOCK_D + tl.arange(0, BLOCK_DT)
+            dt_valid = offs_dt < head_dim
+            kt1_mask = dt_valid[:, None]
+            v1_mask = dt_valid[None, :]
+            if MASKED:
+                kt1_mask = kt1_mask & n_valid[None, :]
+                v1_mask = v1_mask & n_valid[:, None]
+            kt1 = tl.load(k_base + offs_n[None, :] * stride_kn + offs_dt[:, None], mask=kt1_mask,
+                          other=0.0)
+            v1 = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dt[None, :], mask=v1_mask,
+                         other=0.0)
+            qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
+            qk = tl.dot(q1, kt1, qk, input_precision=DOT_PRECISION)
+            s = qk * qk_scale + kb2
+        else:
+            s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale + kb2
         if MASKED:
             s = _masked_logits(s, offs_m[:, None], offs_n[None, :], num_keys, offset, prefix,
                                future_bias, CAUSAL, SOFT, HAS_PREFIX)
@@ -343,9 +464,12 @@ def _fwd_tiles(
         p = tl.math.exp2(s - shift[:, None])
         rescale = tl.math.exp2(m_i - shift)
         l_i = l_i * rescale + tl.sum(p, 1)
-        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        p = p.to(v.dtype)
+        acc = acc * rescale[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+        if BLOCK_DT > 0:
+            acc1 = acc1 * rescale[:, None] + tl.dot(p, v1, input_precision=DOT_PRECISION)
         m_i = m_new
-    return acc, l_i, m_i
+    return acc, acc1, l_i, m_i
 
 
 @triton.jit(do_not_specialize=["q_bucket", "k_bucket"])
@@ -358,283 +482,109 @@ def _attn_fwd_kernel(
     stride_bb, stride_bh, stride_bn,
     qk_scale, future_bias,
     CAUSAL: tl.constexpr, SOFT: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SKIP: tl.constexpr, VARLEN: tl.constexpr,
+    SKIP: tl.constexpr, VARLEN: tl.constexpr, PACK_GQA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    BLOCK_DT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One query block of one head: the unmasked key tiles first, then the masked ones (the
-    causal diagonal and the tail) up to the last visible key (hard causal skips the rest).
-    ``q_bucket`` / ``k_bucket``: the autotuner's sequence-length keys, unused here."""
+    """One query block of one head (or, ``PACK_GQA``, of one kv head's whole query-head group:
+    row r is token r // group of head kvh * group + r % group): the unmasked key tiles first,
+    then the masked ones (the causal diagonal and the tail) up to the last visible key (hard
+    causal skips the rest). ``q_bucket`` / ``k_bucket``: the autotuner's sequence-length keys,
+    unused here."""
     qk_scale = tl.cast(qk_scale, tl.float32)  # inductor passes Python floats as fp64
     future_bias = tl.cast(future_bias, tl.float32)
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // num_heads).to(tl.int64)
-    h = (bh % num_heads).to(tl.int64)
+    start_r = tl.program_id(0) * BLOCK_M
+    if PACK_GQA:
+        kv_heads = num_heads // group
+        b = (tl.program_id(1) // kv_heads).to(tl.int64)
+        kvh = (tl.program_id(1) % kv_heads).to(tl.int64)
+        h = kvh * group  # the group's first head; row r: head h + g[r], token offs_m[r]
+        bh = b * num_heads + h
+        packed = start_r + tl.arange(0, BLOCK_M)
+        offs_m = packed // group
+        g = packed - offs_m * group
+        tok_lo = start_r // group
+        tok_hi = (start_r + BLOCK_M - 1) // group + 1
+    else:
+        bh = tl.program_id(1)
+        b = (bh // num_heads).to(tl.int64)
+        h = (bh % num_heads).to(tl.int64)
+        kvh = h // group
+        offs_m = start_r + tl.arange(0, BLOCK_M)
+        g = 0
+        tok_lo = start_r
+        tok_hi = start_r + BLOCK_M
     first_q, num_queries = _sequence(cu_q_ptr, b, num_queries, VARLEN)
     if VARLEN:
-        if start_m >= num_queries:
+        if tok_lo >= num_queries:
             return
     first_k, num_keys = _sequence(cu_k_ptr, b, num_keys, VARLEN)
-    kvh = h // group
-    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    d_valid = offs_d < head_dim
+    d_valid = _head_mask(offs_d, head_dim, BLOCK_DT > 0)
     m_valid = offs_m < num_queries
 
-    q_base = q_ptr + _sequence_offset(b, first_q, stride_qb, stride_qm, VARLEN) + h * stride_qh
-    q = tl.load(
-        q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
-        mask=m_valid[:, None] & d_valid[None, :], other=0.0,
-    )
+    q_rows = (q_ptr + _sequence_offset(b, first_q, stride_qb, stride_qm, VARLEN)
+              + h * stride_qh + (g * stride_qh + offs_m * stride_qm))
+    q = tl.load(q_rows[:, None] + offs_d[None, :], mask=m_valid[:, None] & d_valid[None, :],
+                other=0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if BLOCK_DT > 0:
+        offs_dt = BLOCK_D + tl.arange(0, BLOCK_DT)
+        dt_valid = offs_dt < head_dim
+        q1 = tl.load(q_rows[:, None] + offs_dt[None, :],
+                     mask=m_valid[:, None] & dt_valid[None, :], other=0.0)
+        acc1 = tl.zeros([BLOCK_M, BLOCK_DT], tl.float32)
+    else:
+        q1 = tl.zeros([1, 1], tl.float32)  # placeholders, unused
+        acc1 = tl.zeros([1, 1], tl.float32)
     k_base = k_ptr + _sequence_offset(b, first_k, stride_kb, stride_kn, VARLEN) + kvh * stride_kh
     v_base = v_ptr + _sequence_offset(b, first_k, stride_vb, stride_vn, VARLEN) + kvh * stride_vh
-    bias_row_ptr = (bias_ptr + _sequence_offset(b, first_k, stride_bb, stride_bn, VARLEN)
-                    + h * stride_bh)
+    bias_row_ptr = bias_ptr + _sequence_offset(b, first_k, stride_bb, stride_bn, VARLEN)
+    bias_row_ptr += h * stride_bh  # packed: only a bias shared by the heads (stride_bh 0)
     prefix = 0
     if HAS_PREFIX:
         prefix = _load_prefix(prefix_ptr, b, num_keys)
     offset = num_keys - num_queries
-    full_end = _full_key_end(start_m, num_keys, offset, prefix, BLOCK_N, CAUSAL, HAS_PREFIX)
-    end_n = _visible_key_end(start_m, num_keys, offset, prefix, BLOCK_M, SKIP, HAS_PREFIX)
+    # Keys seen whole by every token of [tok_lo, tok_hi), and the end of those any one sees.
+    full_end = _full_key_end(tok_lo, num_keys, offset, prefix, BLOCK_N, CAUSAL, HAS_PREFIX)
+    end_n = _visible_key_end(tok_hi - BLOCK_M, num_keys, offset, prefix, BLOCK_M, SKIP,
+                             HAS_PREFIX)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    acc, l_i, m_i = _fwd_tiles(
-        acc, l_i, m_i, q, k_base, v_base, bias_row_ptr, 0, full_end, offs_m,
+    acc, acc1, l_i, m_i = _fwd_tiles(
+        acc, acc1, l_i, m_i, q, q1, k_base, v_base, bias_row_ptr, 0, full_end, offs_m,
         num_keys, head_dim, offset, prefix, stride_kn, stride_vn, stride_bn, qk_scale,
-        future_bias, False, CAUSAL, SOFT, HAS_PREFIX, HAS_BIAS, BLOCK_N, BLOCK_D, DOT_PRECISION,
+        future_bias, False, CAUSAL, SOFT, HAS_PREFIX, HAS_BIAS, BLOCK_N, BLOCK_D, BLOCK_DT,
+        DOT_PRECISION,
     )
-    acc, l_i, m_i = _fwd_tiles(
-        acc, l_i, m_i, q, k_base, v_base, bias_row_ptr, full_end, end_n, offs_m,
+    acc, acc1, l_i, m_i = _fwd_tiles(
+        acc, acc1, l_i, m_i, q, q1, k_base, v_base, bias_row_ptr, full_end, end_n, offs_m,
         num_keys, head_dim, offset, prefix, stride_kn, stride_vn, stride_bn, qk_scale,
-        future_bias, True, CAUSAL, SOFT, HAS_PREFIX, HAS_BIAS, BLOCK_N, BLOCK_D, DOT_PRECISION,
+        future_bias, True, CAUSAL, SOFT, HAS_PREFIX, HAS_BIAS, BLOCK_N, BLOCK_D, BLOCK_DT,
+        DOT_PRECISION,
     )
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    acc = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
-    row = _rows(offs_m, bh, h, first_q, num_heads, num_queries, VARLEN)
+    if PACK_GQA:
+        row = _group_rows(offs_m, g, bh, h, first_q, num_heads, num_queries, VARLEN)
+    else:
+        row = _rows(offs_m, bh, h, first_q, num_heads, num_queries, VARLEN)
     tl.store(lse_ptr + row, lse, mask=m_valid)
+    out_rows = out_ptr + row * head_dim
     tl.store(
-        out_ptr + row[:, None] * head_dim + offs_d[None, :],
-        acc.to(out_ptr.dtype.element_ty),
+        out_rows[:, None] + offs_d[None, :],
+        (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty),
         mask=m_valid[:, None] & d_valid[None, :],
     )
-
-
-@triton.jit
-def _attn_bwd_delta_kernel(
-    out_ptr, dout_ptr, dlse_ptr, cu_q_ptr, delta_ptr,
-    num_heads, num_queries, head_dim,
-    stride_ob, stride_oh, stride_om,
-    stride_db, stride_dh, stride_dm,
-    stride_lb, stride_lh, stride_lm,
-    HAS_DLSE: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """delta = rowsum(dO * O) - dlse, float32 and laid out like lse."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // num_heads).to(tl.int64)
-    h = (bh % num_heads).to(tl.int64)
-    first_q, num_queries = _sequence(cu_q_ptr, b, num_queries, VARLEN)
-    if VARLEN:
-        if start_m >= num_queries:
-            return
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_valid = offs_m < num_queries
-    mask = m_valid[:, None] & (offs_d < head_dim)[None, :]
-    o_ptrs = (out_ptr + _sequence_offset(b, first_q, stride_ob, stride_om, VARLEN)
-              + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :])
-    do_ptrs = (dout_ptr + _sequence_offset(b, first_q, stride_db, stride_dm, VARLEN)
-               + h * stride_dh + offs_m[:, None] * stride_dm + offs_d[None, :])
-    o = tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(do_ptrs, mask=mask, other=0.0).to(tl.float32)
-    delta = tl.sum(o * do, 1)
-    row = _rows(offs_m, bh, h, first_q, num_heads, num_queries, VARLEN)
-    if HAS_DLSE:
-        dlse_ptrs = (dlse_ptr + _sequence_offset(b, first_q, stride_lb, stride_lm, VARLEN)
-                     + h * stride_lh + offs_m * stride_lm)
-        delta -= tl.load(dlse_ptrs, mask=m_valid, other=0.0).to(tl.float32)
-    tl.store(delta_ptr + row, delta, mask=m_valid)
-
-
-@triton.jit
-def _attn_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, bias_ptr, prefix_ptr, cu_q_ptr, cu_k_ptr, dout_ptr, lse_ptr, delta_ptr,
-    dk_ptr, dv_ptr, dbias_ptr,
-    num_heads, num_kv_heads, group, num_queries, num_keys, head_dim,
-    stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_bb, stride_bh, stride_bn,
-    stride_db, stride_dh, stride_dm,
-    qk_scale, future_bias, sm_scale,
-    CAUSAL: tl.constexpr, SOFT: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SKIP: tl.constexpr, HAS_DBIAS: tl.constexpr, VARLEN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """One key block of one kv head: dK, dV summed over the group's query heads, dbias per head."""
-    qk_scale = tl.cast(qk_scale, tl.float32)  # inductor passes Python floats as fp64
-    future_bias = tl.cast(future_bias, tl.float32)
-    start_n = tl.program_id(0) * BLOCK_N
-    bkv = tl.program_id(1)
-    b = (bkv // num_kv_heads).to(tl.int64)
-    kvh = (bkv % num_kv_heads).to(tl.int64)
-    first_k, num_keys = _sequence(cu_k_ptr, b, num_keys, VARLEN)
-    if VARLEN:
-        if start_n >= num_keys:
-            return
-    first_q, num_queries = _sequence(cu_q_ptr, b, num_queries, VARLEN)
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_m0 = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_valid = offs_d < head_dim
-    n_valid = offs_n < num_keys
-    kv_mask = n_valid[:, None] & d_valid[None, :]
-    k_base = k_ptr + _sequence_offset(b, first_k, stride_kb, stride_kn, VARLEN) + kvh * stride_kh
-    v_base = v_ptr + _sequence_offset(b, first_k, stride_vb, stride_vn, VARLEN) + kvh * stride_vh
-    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-    q_seq_ptr = q_ptr + _sequence_offset(b, first_q, stride_qb, stride_qm, VARLEN)
-    do_seq_ptr = dout_ptr + _sequence_offset(b, first_q, stride_db, stride_dm, VARLEN)
-    bias_seq_ptr = bias_ptr + _sequence_offset(b, first_k, stride_bb, stride_bn, VARLEN)
-    prefix = 0
-    if HAS_PREFIX:
-        prefix = _load_prefix(prefix_ptr, b, num_keys)
-    offset = num_keys - num_queries
-    start_m_lo = 0
-    if SKIP:
-        # Queries before start_n - offset see none of these keys (unless they are a prefix).
-        first = tl.maximum(start_n - offset, 0)
-        if HAS_PREFIX:
-            first = tl.where(start_n < prefix, 0, first)
-        start_m_lo = (first // BLOCK_M) * BLOCK_M
-
-    # Key-major tiles (BLOCK_N keys x BLOCK_M queries): S^T = K Q^T, so that dV += P^T dO and
-    # dK += dS^T Q are plain products with no transposed register tiles.
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for g in range(0, group):
-        h = kvh * group + g
-        bh = b * num_heads + h
-        q_base = q_seq_ptr + h * stride_qh
-        do_base = do_seq_ptr + h * stride_dh
-        kb2 = _key_bias2(bias_seq_ptr + h * stride_bh, offs_n, n_valid, stride_bn, HAS_BIAS, 0)
-        dbias = tl.zeros([BLOCK_N], tl.float32)
-        for start_m in range(start_m_lo, num_queries, BLOCK_M):
-            offs_m = start_m + offs_m0
-            m_valid = offs_m < num_queries
-            qt = tl.load(q_base + offs_m[None, :] * stride_qm + offs_d[:, None],
-                         mask=m_valid[None, :] & d_valid[:, None], other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * stride_dm + offs_d[None, :],
-                         mask=m_valid[:, None] & d_valid[None, :], other=0.0)
-            row = _rows(offs_m, bh, h, first_q, num_heads, num_queries, VARLEN)
-            # Padded rows and rows without a visible key read lse = +inf, so their P is 0.
-            lse = tl.load(lse_ptr + row, mask=m_valid, other=float("inf"))
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-            delta = tl.load(delta_ptr + row, mask=m_valid, other=0.0)
-            qkt = tl.dot(k, qt, input_precision=DOT_PRECISION)
-            st = _masked_logits(qkt * qk_scale + kb2, offs_m[None, :], offs_n[:, None], num_keys,
-                                offset, prefix, future_bias, CAUSAL, SOFT, HAS_PREFIX)
-            pt = tl.math.exp2(st - lse2[None, :])
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
-            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PRECISION)
-            if HAS_DBIAS:
-                dbias += tl.sum(dst, 1)
-        if HAS_DBIAS:
-            dbias_rows = _rows(offs_n, bh, h, first_k, num_heads, num_keys, VARLEN)
-            tl.store(dbias_ptr + dbias_rows, dbias, mask=n_valid)
-
-    kv_rows = _rows(offs_n, bkv, kvh, first_k, num_kv_heads, num_keys, VARLEN)
-    out_offs = kv_rows[:, None] * head_dim + offs_d[None, :]
-    dk *= tl.cast(sm_scale, tl.float32)
-    tl.store(dk_ptr + out_offs, dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptr + out_offs, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
-
-
-@triton.jit
-def _attn_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, bias_ptr, prefix_ptr, cu_q_ptr, cu_k_ptr, dout_ptr, lse_ptr, delta_ptr,
-    dq_ptr,
-    num_heads, group, num_queries, num_keys, head_dim,
-    stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_bb, stride_bh, stride_bn,
-    stride_db, stride_dh, stride_dm,
-    qk_scale, future_bias, sm_scale,
-    CAUSAL: tl.constexpr, SOFT: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SKIP: tl.constexpr, VARLEN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """One query block of one head: dQ = scale * sum_j dS K, over the visible key blocks."""
-    qk_scale = tl.cast(qk_scale, tl.float32)  # inductor passes Python floats as fp64
-    future_bias = tl.cast(future_bias, tl.float32)
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // num_heads).to(tl.int64)
-    h = (bh % num_heads).to(tl.int64)
-    first_q, num_queries = _sequence(cu_q_ptr, b, num_queries, VARLEN)
-    if VARLEN:
-        if start_m >= num_queries:
-            return
-    first_k, num_keys = _sequence(cu_k_ptr, b, num_keys, VARLEN)
-    kvh = h // group
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_valid = offs_d < head_dim
-    m_valid = offs_m < num_queries
-    q_mask = m_valid[:, None] & d_valid[None, :]
-    q_ptrs = (q_ptr + _sequence_offset(b, first_q, stride_qb, stride_qm, VARLEN)
-              + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :])
-    do_ptrs = (dout_ptr + _sequence_offset(b, first_q, stride_db, stride_dm, VARLEN)
-               + h * stride_dh + offs_m[:, None] * stride_dm + offs_d[None, :])
-    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
-    do = tl.load(do_ptrs, mask=q_mask, other=0.0)
-    row = _rows(offs_m, bh, h, first_q, num_heads, num_queries, VARLEN)
-    lse = tl.load(lse_ptr + row, mask=m_valid, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-    delta = tl.load(delta_ptr + row, mask=m_valid, other=0.0)
-
-    k_base = k_ptr + _sequence_offset(b, first_k, stride_kb, stride_kn, VARLEN) + kvh * stride_kh
-    v_base = v_ptr + _sequence_offset(b, first_k, stride_vb, stride_vn, VARLEN) + kvh * stride_vh
-    kt_ptrs = k_base + offs_n0[None, :] * stride_kn + offs_d[:, None]
-    vt_ptrs = v_base + offs_n0[None, :] * stride_vn + offs_d[:, None]
-    bias_row_ptr = (bias_ptr + _sequence_offset(b, first_k, stride_bb, stride_bn, VARLEN)
-                    + h * stride_bh)
-    prefix = 0
-    if HAS_PREFIX:
-        prefix = _load_prefix(prefix_ptr, b, num_keys)
-    offset = num_keys - num_queries
-    end_n = _visible_key_end(start_m, num_keys, offset, prefix, BLOCK_M, SKIP, HAS_PREFIX)
-
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, end_n, BLOCK_N):
-        offs_n = start_n + offs_n0
-        n_valid = offs_n < num_keys
-        t_mask = n_valid[None, :] & d_valid[:, None]
-        kt = tl.load(kt_ptrs + start_n * stride_kn, mask=t_mask, other=0.0)
-        vt = tl.load(vt_ptrs + start_n * stride_vn, mask=t_mask, other=0.0)
-        qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
-        kb2 = _key_bias2(bias_row_ptr, offs_n, n_valid, stride_bn, HAS_BIAS, 1)
-        s = _masked_logits(qk * qk_scale + kb2, offs_m[:, None], offs_n[None, :], num_keys,
-                           offset, prefix, future_bias, CAUSAL, SOFT, HAS_PREFIX)
-        p = tl.math.exp2(s - lse2[:, None])
-        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
-
-    tl.store(dq_ptr + row[:, None] * head_dim + offs_d[None, :],
-             (dq * tl.cast(sm_scale, tl.float32)).to(dq_ptr.dtype.element_ty), mask=q_mask)
+    if BLOCK_DT > 0:
+        tl.store(
+            out_rows[:, None] + offs_dt[None, :],
+            (acc1 / l_safe[:, None]).to(out_ptr.dtype.element_ty),
+            mask=m_valid[:, None] & dt_valid[None, :],
+        )
 
 
 # ---- launchers ---------------------------------------------------------------------------
@@ -677,12 +627,17 @@ def attention_forward(q, k, v, key_bias, prefix_len, scale: float, causal: bool,
             lse.fill_(float("-inf"))
         return out, lse
     is_causal, soft, has_prefix, future_bias = _mask_params(causal, causal_strength, prefix_len)
+    group = heads // kv_heads
+    pack = _pack_gqa(heads, kv_heads, num_queries, head_dim, key_bias, varlen)
+    # Grid: (query blocks, sequences x heads), or (packed row blocks, sequences x kv heads).
+    grid_rows, grid_heads = (num_queries * group, kv_heads) if pack else (num_queries, heads)
+    block_d, block_dt = _head_dim_tiles(head_dim)
     args = (
         q, k, v,
         key_bias if key_bias is not None else q,
         prefix_len if has_prefix else q,
         cu_q, cu_k, out, lse,
-        heads, heads // kv_heads, num_queries, num_keys, head_dim,
+        heads, group, num_queries, num_keys, head_dim,
         _seqlen_bucket(num_queries), _seqlen_bucket(num_keys),
         *_token_strides(q, varlen), *_token_strides(k, varlen), *_token_strides(v, varlen),
         *_bias_strides(key_bias, varlen),
@@ -690,107 +645,24 @@ def attention_forward(q, k, v, key_bias, prefix_len, scale: float, causal: bool,
     )
     constants = dict(
         CAUSAL=is_causal, SOFT=soft, HAS_PREFIX=has_prefix, HAS_BIAS=key_bias is not None,
-        SKIP=is_causal and not soft, VARLEN=varlen, BLOCK_D=_block_d(head_dim),
-        DOT_PRECISION=_dot_precision(dtype),
+        SKIP=is_causal and not soft, VARLEN=varlen, PACK_GQA=pack, BLOCK_D=block_d,
+        BLOCK_DT=block_dt, DOT_PRECISION=_dot_precision(dtype),
     )
     if _FORCED_FWD_CONFIG is not None:
         configs = [_FORCED_FWD_CONFIG]
     elif device.type == "cuda":
-        launchable(_tuned_forward(head_dim, dtype, device), wrap_triton, eager)[
-            lambda meta: (cdiv(num_queries, meta["BLOCK_M"]), batch * heads)
+        launchable(_tuned_forward(head_dim, dtype, device, pack), wrap_triton, eager)[
+            lambda meta: (cdiv(grid_rows, meta["BLOCK_M"]), batch * grid_heads)
         ](*args, **constants)
         return out, lse
-    elif gpu_sizes(device):  # recording what GPUs compile: every configuration they may pick
-        configs = forward_configs(head_dim, dtype)
+    elif gpu_sizes(device):  # recording what a GPU compiles: every configuration it may pick
+        configs = forward_configs(head_dim, dtype, gpu_arch(device), pack)
     else:
-        configs = [(*_INTERPRETER_BLOCKS["fwd"], 4, 1)]
+        configs = [(*_INTERPRETER_FWD_BLOCKS, 4, 1)]
     for block_m, block_n, warps, stages in configs:
-        launchable(_attn_fwd_kernel, wrap_triton, eager)[(cdiv(num_queries, block_m),
-                                                          batch * heads)](
+        launchable(_attn_fwd_kernel, wrap_triton, eager)[(cdiv(grid_rows, block_m),
+                                                          batch * grid_heads)](
             *args, **constants, BLOCK_M=block_m, BLOCK_N=block_n,
             num_warps=warps, num_stages=stages,
         )
     return out, lse
-
-
-def attention_backward(grad_out, grad_lse, q, k, v, out, lse, key_bias, prefix_len,
-                       scale: float, causal: bool, causal_strength: float, compute_dbias: bool,
-                       cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q: int = 0,
-                       max_seqlen_k: int = 0, *, eager: bool = False):
-    """-> (dq, dk, dv, dbias): contiguous, in q's dtype; dbias float32 per head and key,
-    (B, H, Nk) dense or (total_k, H) packed, or None.
-
-    Dense or packed layout (see above). ``grad_lse`` (lse's shape, any strides, e.g. an
-    expanded gradient of ``lse.sum()``), or None, adds the gradient of the returned lse.
-    """
-    q, k, v, out, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, out, grad_out))
-    batch, num_queries, num_keys, cu_q, cu_k, varlen = _layout(
-        q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
-    )
-    heads, kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[-1]
-    device = q.device
-    dq = empty_output(q.shape, dtype=q.dtype, device=device)
-    dk = empty_output(k.shape, dtype=k.dtype, device=device)
-    dv = empty_output(v.shape, dtype=v.dtype, device=device)
-    dbias = None
-    if compute_dbias:
-        dbias_shape = (k.shape[0], heads) if varlen else (batch, heads, num_keys)
-        dbias = empty_output(dbias_shape, dtype=torch.float32, device=device)
-    if q.numel() == 0 or k.numel() == 0:
-        # Nothing to attend to or from: every gradient is zero.
-        for t in (dq, dk, dv, dbias):
-            if t is not None:
-                t.zero_()
-        return dq, dk, dv, dbias
-
-    is_causal, soft, has_prefix, future_bias = _mask_params(causal, causal_strength, prefix_len)
-    block_d = _block_d(head_dim)
-    group = heads // kv_heads
-    bias_arg = key_bias if key_bias is not None else q
-    prefix_arg = prefix_len if has_prefix else q
-    common_strides = (
-        *_token_strides(q, varlen), *_token_strides(k, varlen), *_token_strides(v, varlen),
-        *_bias_strides(key_bias, varlen), *_token_strides(grad_out, varlen),
-    )
-    masks = dict(CAUSAL=is_causal, SOFT=soft, HAS_PREFIX=has_prefix,
-                 HAS_BIAS=key_bias is not None, SKIP=is_causal and not soft, VARLEN=varlen)
-    qk_scale = scale * 1.4426950408889634
-
-    delta = empty_output(lse.shape, dtype=torch.float32, device=device)
-    delta_block = max(16, min(128, 8192 // block_d)) if gpu_sizes(device) else 16
-    delta_grid = (cdiv(num_queries, delta_block), batch * heads)
-    launchable(_attn_bwd_delta_kernel, wrap_triton, eager)[delta_grid](
-        out, grad_out, grad_lse if grad_lse is not None else lse, cu_q, delta,
-        heads, num_queries, head_dim,
-        *_token_strides(out, varlen), *_token_strides(grad_out, varlen),
-        *(_token_strides(grad_lse, varlen) if grad_lse is not None else (0, 0, 0)),
-        HAS_DLSE=grad_lse is not None, VARLEN=varlen, BLOCK_M=delta_block, BLOCK_D=block_d,
-    )
-
-    block_m, block_n, warps, stages = _config("dkdv", head_dim, q.dtype, device)
-    dkdv_grid = (cdiv(num_keys, block_n), batch * kv_heads)
-    launchable(_attn_bwd_dkdv_kernel, wrap_triton, eager)[dkdv_grid](
-        q, k, v, bias_arg, prefix_arg, cu_q, cu_k, grad_out, lse, delta,
-        dk, dv, dbias if dbias is not None else dk,
-        heads, kv_heads, group, num_queries, num_keys, head_dim,
-        *common_strides,
-        qk_scale, future_bias, scale,
-        **masks, HAS_DBIAS=dbias is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=warps, num_stages=stages,
-    )
-
-    block_m, block_n, warps, stages = _config("dq", head_dim, q.dtype, device)
-    dq_grid = (cdiv(num_queries, block_m), batch * heads)
-    launchable(_attn_bwd_dq_kernel, wrap_triton, eager)[dq_grid](
-        q, k, v, bias_arg, prefix_arg, cu_q, cu_k, grad_out, lse, delta, dq,
-        heads, group, num_queries, num_keys, head_dim,
-        *common_strides,
-        qk_scale, future_bias, scale,
-        **masks,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=warps, num_stages=stages,
-    )
-    return dq, dk, dv, dbias

@@ -24,12 +24,11 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from fastvl._outputs import empty_output
-from fastvl.kernels import cdiv, launchable
+from fastvl.kernels import cdiv, gpu_sizes, launchable
 from fastvl.kernels.attention import (
     LOG2E,
     _bias_strides,
     _block_d,
-    _config,
     _dot_precision,
     _key_bias2,
     _last_dim_contiguous,
@@ -37,6 +36,22 @@ from fastvl.kernels.attention import (
     _mask_params,
     _masked_logits,
 )
+
+
+def _config(head_dim: int, dtype: torch.dtype, device) -> tuple:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): one product per tile, so larger key tiles
+    than the dK/dV kernel's fit without spills on sm_80 and sm_90 (`python -m fastvl
+    kernels`); float32's ieee dots need small ones. Small fixed blocks when interpreted."""
+    if not gpu_sizes(device):
+        return 16, 32, 4, 1
+    if dtype == torch.float32:
+        return (32, 32, 4, 2) if head_dim <= 64 else (16, 32, 4, 1)
+    block_d = _block_d(head_dim)
+    if block_d <= 64:
+        return 64, 128, 8, 2
+    if block_d <= 128:
+        return 32, 128, 8, 2
+    return 32, 32, 4, 1
 
 
 @triton.jit
@@ -143,7 +158,7 @@ def attention_key_mass(q, k, lse, key_bias, prefix_len, scale: float, causal: bo
     if out.numel():
         is_causal, soft, has_prefix, future_bias = _mask_params(causal, causal_strength,
                                                                 prefix_len)
-        block_m, block_n, warps, stages = _config("dkdv", head_dim, q.dtype, q.device)
+        block_m, block_n, warps, stages = _config(head_dim, q.dtype, q.device)
         grid = (cdiv(num_keys, block_n), batch * kv_heads)
         launchable(_key_mass_kernel, wrap_triton, eager)[grid](
             q, k, lse,

@@ -14,6 +14,7 @@ the error rule (matmuls and ``p @ v`` in the inputs' dtype, softmax in float32).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -113,3 +114,14 @@ def forward_tile_configs(head_dim, dtype):
     except ImportError:
         return []
     return list({c[:2]: c for c in forward_configs(head_dim, dtype)}.values())
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool = True):
+    """``torch.use_deterministic_algorithms(enabled)`` inside the block, restored after."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)

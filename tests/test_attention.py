@@ -31,8 +31,8 @@ from fastvl.testing import (
 )
 from tests.conftest import DEVICE, require_backend
 from tests.samples_attention import (
-    attention_inputs, forward_tile_configs, noncontiguous_prefix_lens, reference_attention,
-    reference_grads,
+    attention_inputs, deterministic_algorithms, forward_tile_configs, noncontiguous_prefix_lens,
+    reference_attention, reference_grads,
 )
 
 ALL_BACKENDS = ("torch", "triton")
@@ -165,6 +165,57 @@ def test_forward_configs(case, config):
 
     with forced_forward_config(config):
         _run_case("triton", case, grads=False)
+
+
+# ---- the backward's modes: atomic dQ or deterministic, GQA group split or looped ---------
+
+# GQA and MHA cases of the sweep with every mask kind, key bias (shared and per head), Nq != Nk.
+BACKWARD_MODE_CASES = [SWEEP[i] for i in (2, 5, 6, 7, 11, 12, 13)]
+
+
+@pytest.mark.parametrize("case", BACKWARD_MODE_CASES, ids=_sweep_id)
+@pytest.mark.parametrize("split", [True, False], ids=["group-split", "group-loop"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic"])
+def test_backward_modes(case, split, deterministic):
+    """Every combination of the backward's dQ path and GQA work split against float64."""
+    require_backend("attention", "triton")
+    from fastvl.kernels.attention_backward import forced_group_split
+
+    with forced_group_split(split), deterministic_algorithms(deterministic):
+        _run_case("triton", case)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic"])
+def test_backward_launches(deterministic):
+    """Triton launches per backward: preprocess, dK/dV (+ atomic dQ), the group sum when the
+    GQA group is split, the dQ kernel in deterministic mode only (then no atomics)."""
+    require_backend("attention", "triton")
+    from fastvl import triton_aot
+    from fastvl.kernels import attention_backward
+
+    q, k, v, _ = attention_inputs(1, 4, 2, 20, 20, 32, torch.float16, seed=3)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    out = attention(*leaves, causal=True, backend="triton")
+    with (deterministic_algorithms(deterministic), attention_backward.forced_group_split(True),
+          triton_aot.recorded_launches(attention_backward) as launches):
+        out.sum().backward()
+    names = [launch["kernel"] for launch in launches]
+    assert names == ["_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel",
+                     "_attn_bwd_group_sum_kernel"] + (["_attn_bwd_dq_kernel"] * deterministic)
+    assert launches[1]["constants"]["ATOMIC_DQ"] is (not deterministic)
+
+
+@pytest.mark.parametrize("case", CONFIG_SWEEP, ids=_sweep_id)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic"])
+@pytest.mark.parametrize("arch", [90, 80], ids=["sm90", "sm80"])
+def test_backward_gpu_configs(case, deterministic, arch):
+    """The backward with the tiles, warps and group split an sm_90 / sm_80 GPU uses,
+    interpreted on a CPU (the forward runs every configuration its autotuner may pick)."""
+    require_backend("attention", "triton")
+    from fastvl import triton_aot
+
+    with triton_aot.gpu_launch_sizes(arch), deterministic_algorithms(deterministic):
+        _run_case("triton", case)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -685,6 +736,24 @@ def test_gpu_llama_gqa_causal(dtype):
     """LLaMA-style GQA: H 32, Hkv 8, N 2048, D 128, causal, forward and backward."""
     require_backend("attention", "triton")
     _check("triton", 1, 32, 8, 2048, 2048, 128, dtype, causal=True, seed=30)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split", [True, False], ids=["group-split", "group-loop"])
+def test_gpu_deterministic_backward_is_bitwise_reproducible(split):
+    """Deterministic mode: two backward passes give identical bits (atomics would not)."""
+    require_backend("attention", "triton")
+    from fastvl.kernels.attention_backward import forced_group_split
+
+    q, k, v, bias = attention_inputs(2, 8, 2, 577, 577, 64, torch.bfloat16, 31, "b", None)
+    leaves = [t.requires_grad_() for t in (q, k, v, bias)]
+    grads = []
+    with forced_group_split(split), deterministic_algorithms(True):
+        for _ in range(2):
+            out = attention(*leaves[:3], key_bias=leaves[3], causal=True, backend="triton")
+            grads.append(torch.autograd.grad(out.float().square().sum(), leaves))
+    for first, second in zip(*grads):
+        assert torch.equal(first, second)
 
 
 @pytest.mark.gpu

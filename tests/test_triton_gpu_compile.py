@@ -28,6 +28,7 @@ from fastvl.ops import (
 )
 from fastvl.testing import random_tensor
 from tests.conftest import DEVICE, require_backend
+from tests.samples_attention import deterministic_algorithms
 
 ARCHS = (80, 90)
 
@@ -47,6 +48,8 @@ def _backward(*outputs):
 
 def _attention_calls(dtype):
     """Forward + backward of the attention ops over the options that change constexprs."""
+    from fastvl.kernels.attention_backward import forced_group_split
+
     for head_dim in (64, 80, 128):
         q = _leaf(1, 4, 40, head_dim, dtype=dtype, seed=1)
         k, v = (_leaf(1, 2, 40, head_dim, dtype=dtype, seed=s) for s in (2, 3))  # GQA
@@ -57,6 +60,8 @@ def _attention_calls(dtype):
         _backward(attention(q, k, v, causal=True, causal_strength=0.5, prefix_len=5,
                             backend="triton"))
         _backward(attention(q, k, v, backend="triton"))
+        with forced_group_split(False), deterministic_algorithms(True):  # the other paths
+            _backward(attention(q, k, v, causal=True, key_bias=bias, backend="triton"))
     q = _leaf(40, 4, 64, dtype=dtype, seed=5)
     k, v = (_leaf(40, 2, 64, dtype=dtype, seed=s) for s in (6, 7))
     cu = torch.tensor([0, 15, 40], dtype=torch.int32, device=DEVICE)
@@ -100,10 +105,13 @@ def gpu_launches():
     require_backend("attention", "triton")
     from fastvl import kernels, triton_aot
     from fastvl.kernels import attention as attention_kernels
-    from fastvl.kernels import attention_key_mass, gather, masking, patch_embed, tome
+    from fastvl.kernels import (
+        attention_backward, attention_key_mass, gather, masking, patch_embed, tome,
+    )
 
     families = {
-        "attention": ((attention_kernels, attention_key_mass), _attention_calls),
+        "attention": ((attention_kernels, attention_backward, attention_key_mass),
+                      _attention_calls),
         "tokens": ((tome, gather, masking, patch_embed), _token_calls),
     }
     recorded = {}

@@ -200,12 +200,13 @@ def _attention_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, key_bias, prefix_
 
 if TRITON_IMPORT_ERROR is None:
     from fastvl.kernels import attention as _triton_attention
+    from fastvl.kernels.attention_backward import attention_backward as _triton_backward_kernels
 
     def _triton_backward(grad_out, grad_lse, q, k, v, out, lse, key_bias, prefix_len, scale,
                          causal, causal_strength, compute_dbias, *packed_layout, eager=False):
         """-> (dq, dk, dv, dkey_bias in key_bias's shape and dtype, or None)."""
         compute_dbias = compute_dbias and key_bias is not None
-        dq, dk, dv, dbias = _triton_attention.attention_backward(
+        dq, dk, dv, dbias = _triton_backward_kernels(
             grad_out, grad_lse, q, k, v, out, lse, key_bias, prefix_len,
             scale, causal, causal_strength, compute_dbias, *packed_layout, eager=eager,
         )
