@@ -67,6 +67,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
 from fastvl._outputs import empty_output
@@ -158,21 +159,55 @@ def forced_forward_config(config):
 
 _FORCED_PACK_GQA = None
 _FORCED_HEAD_SPLIT = None
+_FORCED_TMA = None
 
 
 @contextlib.contextmanager
-def forced_forward_layout(*, pack_gqa=None, split_head_dim=None):
-    """Test hook: forward launches in the block pack the GQA groups (:func:`_pack_gqa`) and
-    split the head dim (:func:`_head_dim_tiles`) as told (True / False) instead of by the
-    shape rules; None keeps a rule. Where a layout cannot apply it is not used: packing with a
-    per-head key bias, splitting a power-of-two head dim."""
-    global _FORCED_PACK_GQA, _FORCED_HEAD_SPLIT
-    previous = _FORCED_PACK_GQA, _FORCED_HEAD_SPLIT
-    _FORCED_PACK_GQA, _FORCED_HEAD_SPLIT = pack_gqa, split_head_dim
+def forced_forward_layout(*, pack_gqa=None, split_head_dim=None, tma=None):
+    """Test hook: forward launches in the block pack the GQA groups (:func:`_pack_gqa`), split
+    the head dim (:func:`_head_dim_tiles`) and load K / V through TMA descriptors
+    (:func:`_use_tma`) as told (True / False) instead of by the shape rules; None keeps a
+    rule. Where a layout cannot apply it is not used: packing with a per-head key bias,
+    splitting a power-of-two head dim, descriptors of misaligned rows."""
+    global _FORCED_PACK_GQA, _FORCED_HEAD_SPLIT, _FORCED_TMA
+    previous = _FORCED_PACK_GQA, _FORCED_HEAD_SPLIT, _FORCED_TMA
+    _FORCED_PACK_GQA, _FORCED_HEAD_SPLIT, _FORCED_TMA = pack_gqa, split_head_dim, tma
     try:
         yield
     finally:
-        _FORCED_PACK_GQA, _FORCED_HEAD_SPLIT = previous
+        _FORCED_PACK_GQA, _FORCED_HEAD_SPLIT, _FORCED_TMA = previous
+
+
+def _tma_aligned(t: torch.Tensor) -> bool:
+    """Whether every row a descriptor may start at is 16-byte aligned: the data pointer and
+    every stride but the last (contiguous) one."""
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in t.stride()[:-1])
+
+
+def _use_tma(k, v, device: torch.device) -> bool:
+    """Whether the forward loads K / V tiles through TMA tensor descriptors: on sm_90 and later
+    (or recording for it), with an installed Triton that has device-side descriptors, real
+    tensors (not traced: under torch.compile the pointer path runs) and 16-byte aligned rows.
+    The pointer path serves everything else (sm_80, odd strides)."""
+    if not _HAS_TENSOR_DESCRIPTORS or is_fake(k) or not (_tma_aligned(k) and _tma_aligned(v)):
+        return False
+    if _FORCED_TMA is not None:
+        return bool(_FORCED_TMA)
+    return gpu_sizes(device) and gpu_arch(device) >= 90
+
+
+_HAS_TENSOR_DESCRIPTORS = hasattr(tl, "make_tensor_descriptor")
+
+
+def _ensure_descriptor_allocator() -> None:
+    """Device-side descriptors live in a global scratch buffer that Triton allocates through
+    ``triton.set_allocator`` (per thread context): install a torch allocator unless one is set."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(
+            lambda size, alignment, stream: torch.empty(size, device="cuda", dtype=torch.int8))
 
 
 # Fewer queries per head than this: pack the GQA group's heads into one query block.
@@ -235,7 +270,7 @@ def _tuned_forward(head_dim: int, dtype: torch.dtype, device: torch.device, pack
             tuned = _TUNED_FWD[(device, configs)] = triton.autotune(
                 [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
                  for m, n, w, st in configs],
-                key=["BLOCK_D", "BLOCK_DT", "PACK_GQA", "CAUSAL", "SOFT", "HAS_BIAS",
+                key=["BLOCK_D", "BLOCK_DT", "PACK_GQA", "TMA", "CAUSAL", "SOFT", "HAS_BIAS",
                      "q_bucket", "k_bucket"],
             )(_attn_fwd_kernel)
         _TUNED_FWD[key] = tuned
@@ -406,12 +441,22 @@ def _head_mask(offs_d, head_dim, WHOLE: tl.constexpr):
 
 
 @triton.jit
+def _rows_descriptor(base, num_rows, head_dim, stride_row, BLOCK_ROWS: tl.constexpr,
+                     BLOCK_COLS: tl.constexpr):
+    """A TMA tensor descriptor of the (num_rows, head_dim) rows at ``base`` (row stride
+    ``stride_row``, contiguous columns), loading (BLOCK_ROWS, BLOCK_COLS) tiles."""
+    return tl.make_tensor_descriptor(base, shape=[num_rows, head_dim], strides=[stride_row, 1],
+                                     block_shape=[BLOCK_ROWS, BLOCK_COLS])
+
+
+@triton.jit
 def _fwd_tiles(
-    acc, acc1, l_i, m_i, q, q1, k_base, v_base, bias_row_ptr, start_n_lo, start_n_hi, offs_m,
+    acc, acc1, l_i, m_i, q, q1, k_base, v_base, k1_desc, v1_desc, bias_row_ptr, start_n_lo,
+    start_n_hi, offs_m,
     num_keys, head_dim, offset, prefix, stride_kn, stride_vn, stride_bn, qk_scale, future_bias,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, SOFT: tl.constexpr, HAS_PREFIX: tl.constexpr,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_DT: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Online-softmax update of (acc, acc1, l_i, m_i) over the key tiles [start_n_lo, start_n_hi).
 
@@ -421,7 +466,9 @@ def _fwd_tiles(
     addresses are computed in the loop from 1D offsets: no address tiles live across it.
     ``offs_m``: the query (token) index of each row. With a head-dim tail (``BLOCK_DT`` > 0)
     head dims [BLOCK_D, BLOCK_D + BLOCK_DT) live in (q1, acc1) and their own K^T / V tiles;
-    else q1 / acc1 are unused placeholders.
+    else q1 / acc1 are unused placeholders. ``TMA``: k_base / v_base (and k1_desc / v1_desc
+    for the tail) are tensor descriptors of the (Nk, D) K / V rows, whose loads fill the
+    out-of-bounds keys and head dims with zeros: no masks, no address arithmetic.
     """
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -434,9 +481,14 @@ def _fwd_tiles(
         if MASKED:
             kt_mask = kt_mask & n_valid[None, :]
             v_mask = v_mask & n_valid[:, None]
-        kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=kt_mask,
-                     other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=v_mask, other=0.0)
+        if TMA:
+            kt = tl.trans(k_base.load([start_n, 0]))
+            v = v_base.load([start_n, 0])
+        else:
+            kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=kt_mask,
+                         other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=v_mask,
+                        other=0.0)
         kb2 = _key_bias2(bias_row_ptr, offs_n, n_valid, stride_bn, HAS_BIAS, 1)
         if BLOCK_DT > 0:
             offs_dt = BLOCK_D + tl.arange(0, BLOCK_DT)
@@ -446,10 +498,14 @@ def _fwd_tiles(
             if MASKED:
                 kt1_mask = kt1_mask & n_valid[None, :]
                 v1_mask = v1_mask & n_valid[:, None]
-            kt1 = tl.load(k_base + offs_n[None, :] * stride_kn + offs_dt[:, None], mask=kt1_mask,
-                          other=0.0)
-            v1 = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dt[None, :], mask=v1_mask,
-                         other=0.0)
+            if TMA:
+                kt1 = tl.trans(k1_desc.load([start_n, BLOCK_D]))
+                v1 = v1_desc.load([start_n, BLOCK_D])
+            else:
+                kt1 = tl.load(k_base + offs_n[None, :] * stride_kn + offs_dt[:, None],
+                              mask=kt1_mask, other=0.0)
+                v1 = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dt[None, :],
+                             mask=v1_mask, other=0.0)
             qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
             qk = tl.dot(q1, kt1, qk, input_precision=DOT_PRECISION)
             s = qk * qk_scale + kb2
@@ -482,7 +538,7 @@ def _attn_fwd_kernel(
     stride_bb, stride_bh, stride_bn,
     qk_scale, future_bias,
     CAUSAL: tl.constexpr, SOFT: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SKIP: tl.constexpr, VARLEN: tl.constexpr, PACK_GQA: tl.constexpr,
+    SKIP: tl.constexpr, VARLEN: tl.constexpr, PACK_GQA: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -539,6 +595,14 @@ def _attn_fwd_kernel(
         acc1 = tl.zeros([1, 1], tl.float32)
     k_base = k_ptr + _sequence_offset(b, first_k, stride_kb, stride_kn, VARLEN) + kvh * stride_kh
     v_base = v_ptr + _sequence_offset(b, first_k, stride_vb, stride_vn, VARLEN) + kvh * stride_vh
+    k1_desc = k_base  # the tail's K / V sources (TMA: descriptors with the tail's block)
+    v1_desc = v_base
+    if TMA:
+        k_base = _rows_descriptor(k_base, num_keys, head_dim, stride_kn, BLOCK_N, BLOCK_D)
+        v_base = _rows_descriptor(v_base, num_keys, head_dim, stride_vn, BLOCK_N, BLOCK_D)
+        if BLOCK_DT > 0:
+            k1_desc = _rows_descriptor(k1_desc, num_keys, head_dim, stride_kn, BLOCK_N, BLOCK_DT)
+            v1_desc = _rows_descriptor(v1_desc, num_keys, head_dim, stride_vn, BLOCK_N, BLOCK_DT)
     bias_row_ptr = bias_ptr + _sequence_offset(b, first_k, stride_bb, stride_bn, VARLEN)
     bias_row_ptr += h * stride_bh  # packed: only a bias shared by the heads (stride_bh 0)
     prefix = 0
@@ -553,16 +617,18 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc, acc1, l_i, m_i = _fwd_tiles(
-        acc, acc1, l_i, m_i, q, q1, k_base, v_base, bias_row_ptr, 0, full_end, offs_m,
+        acc, acc1, l_i, m_i, q, q1, k_base, v_base, k1_desc, v1_desc, bias_row_ptr, 0, full_end,
+        offs_m,
         num_keys, head_dim, offset, prefix, stride_kn, stride_vn, stride_bn, qk_scale,
         future_bias, False, CAUSAL, SOFT, HAS_PREFIX, HAS_BIAS, BLOCK_N, BLOCK_D, BLOCK_DT,
-        DOT_PRECISION,
+        TMA, DOT_PRECISION,
     )
     acc, acc1, l_i, m_i = _fwd_tiles(
-        acc, acc1, l_i, m_i, q, q1, k_base, v_base, bias_row_ptr, full_end, end_n, offs_m,
+        acc, acc1, l_i, m_i, q, q1, k_base, v_base, k1_desc, v1_desc, bias_row_ptr, full_end,
+        end_n, offs_m,
         num_keys, head_dim, offset, prefix, stride_kn, stride_vn, stride_bn, qk_scale,
         future_bias, True, CAUSAL, SOFT, HAS_PREFIX, HAS_BIAS, BLOCK_N, BLOCK_D, BLOCK_DT,
-        DOT_PRECISION,
+        TMA, DOT_PRECISION,
     )
 
     empty = l_i == 0.0
@@ -645,9 +711,11 @@ def attention_forward(q, k, v, key_bias, prefix_len, scale: float, causal: bool,
     )
     constants = dict(
         CAUSAL=is_causal, SOFT=soft, HAS_PREFIX=has_prefix, HAS_BIAS=key_bias is not None,
-        SKIP=is_causal and not soft, VARLEN=varlen, PACK_GQA=pack, BLOCK_D=block_d,
-        BLOCK_DT=block_dt, DOT_PRECISION=_dot_precision(dtype),
+        SKIP=is_causal and not soft, VARLEN=varlen, PACK_GQA=pack, TMA=_use_tma(k, v, device),
+        BLOCK_D=block_d, BLOCK_DT=block_dt, DOT_PRECISION=_dot_precision(dtype),
     )
+    if constants["TMA"] and device.type == "cuda":
+        _ensure_descriptor_allocator()
     if _FORCED_FWD_CONFIG is not None:
         configs = [_FORCED_FWD_CONFIG]
     elif device.type == "cuda":

@@ -1,4 +1,4 @@
-"""The Triton attention forward's two shape-decided layouts, forced on and off, vs float64.
+"""The Triton attention forward's shape-decided layouts, forced on and off, vs float64.
 
 * GQA packing (``PACK_GQA``): one program serves the query rows of a kv head's whole group,
   row r = token r // group of head r % group; chosen for H > Hkv with fewer than 64 queries
@@ -6,6 +6,9 @@
 * Split head dims (``BLOCK_DT``): a multiple of 16 that is not a power of two runs as a
   power-of-two main tile plus a power-of-two tail (80 = 64 + 16, 96 = 64 + 32, 48 = 32 + 16);
   40 (32 + 16, tail padded) only when forced.
+* TMA loads (``TMA``): K / V tiles through tensor descriptors (out-of-bounds rows and head dims
+  zero-filled, no masks); chosen on sm_90 for real tensors with 16-byte aligned rows, forced
+  here in the interpreter.
 
 Tolerance rule as in test_attention.py (flash-attn's): the max error against the independent
 float64 reference of ``tests/samples_attention.py`` is at most 2x (forward: out, lse) / 3x
@@ -74,19 +77,21 @@ def _forward_launches():
 
 
 @contextlib.contextmanager
-def _layout(pack=None, split=None, config=None):
+def _layout(pack=None, split=None, config=None, tma=None):
     from fastvl.kernels.attention import forced_forward_config, forced_forward_layout
 
     with contextlib.ExitStack() as stack:
-        stack.enter_context(forced_forward_layout(pack_gqa=pack, split_head_dim=split))
+        stack.enter_context(forced_forward_layout(pack_gqa=pack, split_head_dim=split, tma=tma))
         if config is not None:
             stack.enter_context(forced_forward_config(config))
         yield stack.enter_context(_forward_launches())
 
 
-def _expect_layout(launches, pack=None, split=None):
+def _expect_layout(launches, pack=None, split=None, tma=None):
     assert launches, "no forward launch"
     for launch in launches:
+        if tma is not None:
+            assert launch["TMA"] is tma, launch
         if pack is not None:
             assert launch["PACK_GQA"] is pack, launch
         if split is not None:
@@ -94,16 +99,16 @@ def _expect_layout(launches, pack=None, split=None):
 
 
 def _check(batch, heads, kv_heads, nq, nk, head_dim, dtype, *, pack=None, split=None,
-           config=None, bias=None, prefix_len=None, seed=0, grads=False, **masks):
+           config=None, tma=None, bias=None, prefix_len=None, seed=0, grads=False, **masks):
     """Forward (out, lse) vs float64 with the layouts forced; ``grads``: the backward too."""
     q, k, v, key_bias = attention_inputs(batch, heads, kv_heads, nq, nk, head_dim, dtype, seed,
                                          bias)
     inputs = [q, k, v] + ([key_bias] if key_bias is not None else [])
     leaves = [t.detach().clone().requires_grad_(grads) for t in inputs]
-    with _layout(pack, split, config) as launches, poison_outputs():
+    with _layout(pack, split, config, tma) as launches, poison_outputs():
         out, lse = attention(*leaves[:3], key_bias=leaves[3] if key_bias is not None else None,
                              prefix_len=prefix_len, return_lse=True, backend="triton", **masks)
-    _expect_layout(launches, pack, split)
+    _expect_layout(launches, pack, split, tma)
     ref_masks = dict(masks)
     if prefix_len is not None:
         ref_masks["prefix_len"] = torch.as_tensor(prefix_len, device=DEVICE).expand(batch)
@@ -163,6 +168,39 @@ def test_gqa_packing(case, pack):
     batch, heads, kv_heads, nq, nk, head_dim, dtype, opts = case
     _check(batch, heads, kv_heads, nq, nk, head_dim, dtype, pack=pack, seed=nq * 100 + nk,
            **opts)
+
+
+@pytest.mark.parametrize("case", PACK_CASES, ids=_case_id)
+def test_tma_loads(case):
+    """K / V through tensor descriptors, layouts by the rules: every mask, Nq > Nk rows with no
+    visible key, split and power-of-two head dims."""
+    batch, heads, kv_heads, nq, nk, head_dim, dtype, opts = case
+    _check(batch, heads, kv_heads, nq, nk, head_dim, dtype, tma=True, seed=nq * 100 + nk,
+           **opts)
+
+
+def test_tma_rule():
+    """TMA loads on sm_90 (recorded here with its launch sizes), never on sm_80, never for
+    rows that are not 16-byte aligned (even forced), never for fake (traced) tensors."""
+    from fastvl import triton_aot
+    from fastvl.kernels.attention import _use_tma, forced_forward_layout
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cpu = torch.device("cpu")
+    k = torch.zeros(1, 2, 8, 64, dtype=torch.float16)
+    odd = torch.zeros(1, 2, 8, 36, dtype=torch.float16)  # 72-byte rows
+    assert not _use_tma(k, k, cpu)
+    with triton_aot.gpu_launch_sizes(90):
+        assert _use_tma(k, k, cpu) and not _use_tma(odd, odd, cpu)
+        assert _use_tma(k[..., 1:, :], k, cpu)  # a view 128 bytes in: aligned
+        shifted = torch.zeros(1 + k.numel(), dtype=torch.float16)[1:].view(k.shape)
+        assert not _use_tma(k, shifted, cpu)  # a data pointer 2 bytes off
+        with FakeTensorMode() as mode:
+            assert not _use_tma(mode.from_tensor(k), mode.from_tensor(k), cpu)
+    with triton_aot.gpu_launch_sizes(80):
+        assert not _use_tma(k, k, cpu)
+    with forced_forward_layout(tma=True):
+        assert _use_tma(k, k, cpu) and not _use_tma(odd, odd, cpu)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -269,9 +307,12 @@ def _packed_configs(head_dim, dtype):
     ids=lambda x: str(x)[6:] if isinstance(x, torch.dtype) else "m{}n{}w{}s{}".format(*x),
 )
 def test_forward_configs(dtype, config):
-    """Each GPU configuration of the per-head layout (forced), split and padded."""
+    """Each GPU configuration of the per-head layout (forced), split and padded, TMA loads
+    (as sm_90 runs them) and pointer loads."""
     _check(1, 4, 1, 33, 50, 80, dtype, pack=False, split=True, config=config, causal=True,
-           bias="b")
+           bias="b", tma=True)
+    _check(1, 4, 1, 33, 50, 80, dtype, pack=False, split=True, config=config, causal=True,
+           bias="b", tma=False)
     _check(1, 2, 1, 7, 50, 80, dtype, pack=False, split=False, config=config,
            causal=True, causal_strength=0.5)
 
@@ -286,7 +327,8 @@ def test_forward_configs(dtype, config):
 def test_packed_forward_configs(dtype, head_dim, config):
     """Each GPU configuration of packed launches (forced): a block holding part of a token's
     heads (33 x 4 rows), and decode (one query, group 2)."""
-    _check(1, 4, 1, 33, 50, head_dim, dtype, pack=True, config=config, causal=True, bias="b")
+    _check(1, 4, 1, 33, 50, head_dim, dtype, pack=True, config=config, causal=True, bias="b",
+           tma=True)
     _check(2, 4, 2, 1, 50, head_dim, dtype, pack=True, config=config, causal=True)
 
 
@@ -324,10 +366,11 @@ def _varlen_reference(q, k, v, cu_q, cu_k, key_bias, low, **masks):
     return torch.cat(outs), torch.cat(lses)
 
 
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
 @pytest.mark.parametrize("pack", [True, False], ids=["packed", "unpacked"])
 @pytest.mark.parametrize("dtype, head_dim", [(torch.float16, 80), (torch.float32, 48),
                                              (torch.float16, 64)])
-def test_varlen(pack, dtype, head_dim):
+def test_varlen(pack, dtype, head_dim, tma):
     """Sequences of (1, 33, 0, 7) queries over (7, 50, 3, 1) keys, group 2, shared bias."""
     require_backend("varlen_attention", "triton")
     lengths_q, lengths_k = (1, 33, 0, 7), (7, 50, 3, 1)
@@ -340,10 +383,10 @@ def test_varlen(pack, dtype, head_dim):
                   for n in (lengths_q, lengths_k))
     prefix = torch.tensor([0, 4, 1, 0], device=DEVICE)
     masks = dict(causal=True, prefix_len=prefix)
-    with _layout(pack=pack) as launches, poison_outputs():
+    with _layout(pack=pack, tma=tma) as launches, poison_outputs():
         out, lse = varlen_attention(q, k, v, cu_q, cu_k, 33, 50, key_bias=key_bias,
                                     return_lse=True, backend="triton", **masks)
-    _expect_layout(launches, pack=pack, split=head_dim != 64)
+    _expect_layout(launches, pack=pack, split=head_dim != 64, tma=tma)
     out64, lse64 = _varlen_reference(q, k, v, cu_q, cu_k, key_bias, False, **masks)
     out_low, lse_low = _varlen_reference(q, k, v, cu_q, cu_k, key_bias, True, **masks)
     assert_within_reference_error(out, out64, out_low, atol=ERROR_FLOOR[dtype], name="out")

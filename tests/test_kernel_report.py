@@ -105,3 +105,12 @@ def test_kernels_do_not_spill_and_use_wgmma(kernel, arch, report_rows):
 
     rows = [row for row in report_rows[arch] if row["kernel"] == kernel]
     assert problems(rows, arch) == []
+
+
+@pytest.mark.slow
+def test_attention_forward_uses_tma_on_sm90_only(report_rows):
+    """The attention forward loads K / V through TMA descriptors on sm_90 (the benchmark
+    tensors are aligned) and through pointers on sm_80."""
+    for arch, expected in ((90, True), (80, False)):
+        rows = [row for row in report_rows[arch] if row["kernel"] == "_attn_fwd_kernel"]
+        assert rows and all(row["tma"] is expected for row in rows), arch
