@@ -21,6 +21,9 @@ float32 per-head buffer, which one more kernel sums over the group and casts (de
 with many, each program loops over the group's query heads, summing in registers. Without
 GQA each program serves one head, with no loop.
 
+Head dims are padded to a power of two (>= 16) in registers, with masks (the forward's split
+head-dim tiles are not used here: D 80 does 62.5% useful head-dim work).
+
 A query row with no visible key has lse ``-inf``; the kernels read it as ``+inf``, so its
 probabilities, and every gradient it contributes, are exactly 0.
 """

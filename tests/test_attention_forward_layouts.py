@@ -405,3 +405,17 @@ def test_useful_share_counts_the_layouts():
                                              "BLOCK_DT": 0, "PACK_GQA": False}}
     assert useful_share(packed) == pytest.approx(28 / 64)
     assert useful_share(plain) == pytest.approx(7 / 64 * 80 / 128)
+
+
+# ---- GPU: bf16, forward and backward, each layout ------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+@pytest.mark.parametrize("case", PACK_CASES, ids=_case_id)
+def test_gpu_layouts_bf16(case, tma):
+    """bf16 (wrong in the interpreter, so GPU only) through the layouts the rules pick, with
+    TMA loads forced on and off (off is what sm_80 runs), forward and backward."""
+    batch, heads, kv_heads, nq, nk, head_dim, _, opts = case
+    _check(batch, heads, kv_heads, nq, nk, head_dim, torch.bfloat16, tma=tma, grads=True,
+           seed=nq * 100 + nk, **opts)
