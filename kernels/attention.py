@@ -67,7 +67,6 @@ import math
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
 from fastvl._outputs import empty_output
@@ -180,21 +179,22 @@ def forced_forward_layout(*, pack_gqa=None, split_head_dim=None, tma=None):
 
 def _tma_aligned(t: torch.Tensor) -> bool:
     """Whether every row a descriptor may start at is 16-byte aligned: the data pointer and
-    every stride but the last (contiguous) one."""
-    size = t.element_size()
-    return t.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in t.stride()[:-1])
+    every stride but the last (contiguous) one (their gcd, in elements of 1, 2 or 4 bytes)."""
+    unaligned = 16 // t.element_size() - 1
+    return t.data_ptr() % 16 == 0 and not math.gcd(*t.stride()[:-1]) & unaligned
 
 
 def _use_tma(k, v, device: torch.device) -> bool:
     """Whether the forward loads K / V tiles through TMA tensor descriptors: on sm_90 and later
-    (or recording for it), with an installed Triton that has device-side descriptors, real
+    (or recording for it), with an installed Triton that has device-side descriptors, plain
     tensors (not traced: under torch.compile the pointer path runs) and 16-byte aligned rows.
     The pointer path serves everything else (sm_80, odd strides)."""
-    if not _HAS_TENSOR_DESCRIPTORS or is_fake(k) or not (_tma_aligned(k) and _tma_aligned(v)):
-        return False
     if _FORCED_TMA is not None:
-        return bool(_FORCED_TMA)
-    return gpu_sizes(device) and gpu_arch(device) >= 90
+        wanted = _FORCED_TMA
+    else:
+        wanted = gpu_sizes(device) and gpu_arch(device) >= 90
+    return (wanted and _HAS_TENSOR_DESCRIPTORS and type(k) is torch.Tensor
+            and type(v) is torch.Tensor and _tma_aligned(k) and _tma_aligned(v))
 
 
 _HAS_TENSOR_DESCRIPTORS = hasattr(tl, "make_tensor_descriptor")
