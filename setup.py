@@ -11,14 +11,21 @@ Environment:
                           pure-Python.
   TORCH_CUDA_ARCH_LIST    archs to compile for, e.g. "8.0;9.0+PTX" (default "8.0;9.0").
   MAX_JOBS                parallel compile jobs (ninja).
+  NVCC_THREADS            nvcc threads per compile job (its archs in parallel).
   CUDA_HOME / CUDA_PATH   the toolkit; otherwise found from nvcc on PATH or /usr/local/cuda.
 
 Use ``pip install --no-build-isolation`` so the build sees the installed torch.
+
+Version and torch requirement: a build with FASTVL_BUILD_CUDA=1 is tied to the torch it
+compiled against, so its version carries it as a local label (``0.1.0+torch2.14cu130``) and
+it requires that torch release (``torch>=2.14,<2.15``); every other build is ``0.1.0`` with
+``torch>=2.6``.
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import shutil
@@ -29,6 +36,8 @@ from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 EXTENSION_NAME = "fastvl._C"
+# Written next to the built extension: the torch / CUDA versions and archs it was built with.
+BUILD_RECORD = "_C_build.json"
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"
 # "8.0", "9.0a", "8.6+PTX": the numeric forms torch.utils.cpp_extension understands.
 _ARCH_RE = re.compile(r"\d+\.\d+[a-z]?(\+PTX)?")
@@ -160,6 +169,16 @@ def _cuda_arch_list(torch) -> str:
     return ";".join(archs)
 
 
+def _nvcc_threads() -> list[str]:
+    """nvcc --threads N (compile the archs of one file in parallel) from NVCC_THREADS."""
+    threads = os.environ.get("NVCC_THREADS", "").strip()
+    if not threads:
+        return []
+    if not threads.isdigit():
+        raise SystemExit(f"fastvl setup: NVCC_THREADS must be a number, got {threads!r}")
+    return ["--threads", threads]
+
+
 def _char_codes(text: str) -> str:
     # See csrc/registration.cpp: the string travels as "56,46,48" to avoid shell quoting.
     return ",".join(str(ord(ch)) for ch in text)
@@ -210,7 +229,7 @@ def _cuda_extension(mode: str):
         library_dirs=library_dirs,
         extra_compile_args={
             "cxx": ["-O3", *build_info],
-            "nvcc": ["-O3", "-lineinfo"],
+            "nvcc": ["-O3", "-lineinfo", *_nvcc_threads()],
         },
     )
 
@@ -225,10 +244,26 @@ def _cuda_extension(mode: str):
             "a different major version fails, a different minor version is usually fine"
         )
 
-    if mode == "force":
-        return [extension], {"build_ext": BuildExtension}
+    record = {"torch": torch.__version__, "torch_cuda": torch.version.cuda,
+              "nvcc": nvcc_version, "cuda_archs": arch_list}
 
-    class OptionalBuildExtension(BuildExtension):
+    class RecordingBuildExtension(BuildExtension):
+        """Writes the build record (fastvl/_C_build.json) next to the built extension, for
+        the loader's version check (fastvl/_extension.py)."""
+
+        def run(self):
+            super().run()
+            for ext in self.extensions:
+                path = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)),
+                                    BUILD_RECORD)
+                with open(path, "w") as f:
+                    json.dump(record, f, indent=1)
+                _log(f"wrote {path}: {record}")
+
+    if mode == "force":
+        return [extension], {"build_ext": RecordingBuildExtension}
+
+    class OptionalBuildExtension(RecordingBuildExtension):
         """Auto mode: a failed build warns and leaves a pure-Python install."""
 
         def run(self):
@@ -258,6 +293,8 @@ def _cuda_extension(mode: str):
                     self.get_ext_fullpath(ext.name),
                     os.path.join(build_py.get_package_dir(package), filename),
                 }
+                candidates |= {os.path.join(os.path.dirname(path), BUILD_RECORD)
+                               for path in candidates}
                 for path in candidates:
                     if os.path.isfile(path):
                         os.remove(path)
@@ -304,13 +341,40 @@ def _extension_config() -> tuple[list, dict]:
     return [], {}
 
 
+def _base_version() -> str:
+    with open(os.path.join(ROOT, "fastvl", "__init__.py")) as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
+
+def _version_and_requirements(pinned_torch: bool) -> tuple[str, list[str]]:
+    """(version, install_requires): with ``pinned_torch`` (a forced CUDA build) the local
+    version names the torch / CUDA it was built with, and that torch release is required."""
+    version, torch_requirement = _base_version(), "torch>=2.6"
+    if pinned_torch:
+        import torch
+
+        major, minor = (int(part) for part in re.findall(r"\d+", torch.__version__)[:2])
+        cuda = torch.version.cuda.replace(".", "")
+        version += f"+torch{major}.{minor}cu{cuda}"
+        torch_requirement = f"torch>={major}.{minor},<{major}.{minor + 1}"
+    return version, [
+        torch_requirement,
+        "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'",
+        "numpy",
+    ]
+
+
 if __name__ == "__main__":
     PACKAGES, PACKAGE_DIR = _packages()
     EXT_MODULES, CMDCLASS = _extension_config()
+    VERSION, INSTALL_REQUIRES = _version_and_requirements(
+        bool(EXT_MODULES) and _build_mode() == "force")
     setup(
+        version=VERSION,
+        install_requires=INSTALL_REQUIRES,
         packages=PACKAGES,
         package_dir=PACKAGE_DIR,
-        package_data={"fastvl.ops": ["dispatch_table.json"]},
+        package_data={"fastvl": [BUILD_RECORD], "fastvl.ops": ["dispatch_table.json"]},
         ext_modules=EXT_MODULES,
         cmdclass=CMDCLASS,
         zip_safe=False,

@@ -3,26 +3,73 @@
 Importing this module never raises: if the extension is missing or broken, ``EXTENSION`` is
 None and ``LOAD_ERROR`` says why. A loaded extension has registered the
 ``torch.ops.fastvl.*_cuda`` operators.
+
+The build writes ``fastvl/_C_build.json`` next to the extension (``BUILD_RECORD``: the torch
+and CUDA versions and archs it was built with). An extension built for another torch release
+(major.minor) or CUDA major version is not loaded: one warning names both versions and how
+to rebuild, and the ops fall back to their ``triton`` / ``torch`` backends.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
+import os
 import re
+import warnings
 from typing import Optional, Sequence
 
 NOT_BUILT = "not built (pip install with FASTVL_BUILD_CUDA=1 and a CUDA toolkit)"
+REBUILD = ("rebuild it for this torch: FASTVL_BUILD_CUDA=1 pip install --no-build-isolation "
+           "--no-deps --force-reinstall <fastvl sdist or source directory>")
+_RECORD_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_C_build.json")
+
+
+def read_build_record(path: str = _RECORD_PATH) -> Optional[dict]:
+    """The build record of the extension (torch, torch_cuda, nvcc, cuda_archs), or None if
+    there is none (no build, or one from before records were written) or it is unreadable."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _release(version: Optional[str], parts: int) -> tuple:
+    return tuple(re.findall(r"\d+", (version or "").split("+")[0])[:parts])
+
+
+def build_mismatch(record: Optional[dict], torch_version: str,
+                   torch_cuda: Optional[str]) -> Optional[str]:
+    """Why an extension with build ``record`` cannot run with this torch (another release
+    major.minor, or another CUDA major version), or None if it can (or nothing is recorded)."""
+    if not record:
+        return None
+    built, built_cuda = record.get("torch"), record.get("torch_cuda")
+    if (_release(built, 2) == _release(torch_version, 2)
+            and _release(built_cuda, 1) == _release(torch_cuda, 1)):
+        return None
+    return (f"fastvl._C was built for torch {built} (CUDA {built_cuda}) but torch "
+            f"{torch_version} (CUDA {torch_cuda}) is running; not loading it (the ops use "
+            f"their triton / torch backends); {REBUILD}")
 
 # "8.0", "9.0a", "10.0f", each optionally with "+PTX".
 _ARCH_RE = re.compile(r"(\d+)\.(\d+)([a-z]?)(\+PTX)?")
 
 
-def _load():
+def _load(record: Optional[dict] = None):
+    """(the extension or None, why not). ``record``: the build record (default: the file's)."""
     try:
         # The extension links against libtorch / libc10, which `import torch` loads.
-        import torch  # noqa: F401
+        import torch
     except Exception as exc:  # noqa: BLE001  (a broken torch install must not break fastvl)
         return None, f"torch failed to import ({type(exc).__name__}: {exc})"
+    mismatch = build_mismatch(record if record is not None else read_build_record(),
+                              torch.__version__, torch.version.cuda)
+    if mismatch is not None:
+        warnings.warn(mismatch, RuntimeWarning, stacklevel=2)
+        return None, mismatch
     try:
         # import_module, not `from fastvl import _C`: while fastvl/__init__.py is still
         # running, the latter turns "no such module" into a generic ImportError.
@@ -35,8 +82,7 @@ def _load():
         message = f"fastvl._C failed to import ({type(exc).__name__}: {exc})"
         if "undefined symbol" in str(exc):
             message += (
-                "; it was probably built against a different torch: reinstall fastvl with "
-                "FASTVL_BUILD_CUDA=1"
+                f"; it was probably built against a different torch: {REBUILD}"
             )
         return None, message
     return _C, None

@@ -75,6 +75,7 @@ def collect() -> dict:
             "cuda_archs": _extension.cuda_archs(),
             "cuda_version": _extension.cuda_version(),
             "error": _extension.LOAD_ERROR,
+            "build_record": _extension.read_build_record(),
         },
         "ops": registry.availability(device),
     }
@@ -97,6 +98,11 @@ def format_report(report: dict) -> str:
         ext_line = f"built for sm {';'.join(ext['cuda_archs'])} with CUDA {ext['cuda_version']}"
     else:
         ext_line = f"not available: {ext['error']}"
+    record = ext.get("build_record")
+    if record:
+        ext_line += (f" [build record: torch {record.get('torch')} (CUDA "
+                     f"{record.get('torch_cuda')}), nvcc {record.get('nvcc')}, archs "
+                     f"{record.get('cuda_archs')}]")
     lines = [
         f"fastvl {report['fastvl']}",
         f"python {report['python']}",

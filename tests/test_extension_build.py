@@ -177,3 +177,50 @@ def test_setup_rejects_an_unknown_build_switch():
     result = _run_setup("--name", FASTVL_BUILD_CUDA="maybe")
     assert result.returncode != 0
     assert "FASTVL_BUILD_CUDA must be 1" in result.stdout + result.stderr
+
+
+# ---- the build record and the version check at import ---------------------------------------
+
+
+def test_build_mismatch_rule():
+    """Another torch release (major.minor) or CUDA major version: not loaded, with a message
+    naming both versions and the rebuild command; another patch release or CUDA minor: fine."""
+    record = {"torch": "2.14.1+cu130", "torch_cuda": "13.0", "nvcc": "13.0.88",
+              "cuda_archs": "8.0;9.0"}
+    assert _extension.build_mismatch(record, "2.14.0", "13.1") is None
+    assert _extension.build_mismatch(None, "2.14.0", "13.0") is None
+    for torch_version, cuda in (("2.15.0+cu130", "13.0"), ("2.14.1+cu128", "12.8"),
+                                ("2.14.1+cpu", None)):
+        message = _extension.build_mismatch(record, torch_version, cuda)
+        assert "torch 2.14.1+cu130 (CUDA 13.0)" in message
+        assert f"torch {torch_version} (CUDA {cuda})" in message
+        assert "FASTVL_BUILD_CUDA=1 pip install" in message
+
+
+def test_mismatched_build_record_warns_and_falls_back():
+    """A record from another torch: one RuntimeWarning, no extension, and the reason kept."""
+    record = {"torch": "1.13.0", "torch_cuda": "11.7"}
+    with pytest.warns(RuntimeWarning, match=r"built for torch 1\.13\.0 \(CUDA 11\.7\)"):
+        extension, error = _extension._load(record=record)
+    assert extension is None and torch.__version__ in error
+
+
+def test_read_build_record(tmp_path):
+    path = tmp_path / "_C_build.json"
+    assert _extension.read_build_record(str(path)) is None
+    path.write_text('{"torch": "2.14.1", "torch_cuda": "13.0"}')
+    assert _extension.read_build_record(str(path)) == {"torch": "2.14.1", "torch_cuda": "13.0"}
+    path.write_text("not json")
+    assert _extension.read_build_record(str(path)) is None
+
+
+def test_info_shows_the_build_record():
+    from fastvl import info
+
+    report = info.collect()
+    report["extension"] = {"built": False, "cuda_archs": [], "cuda_version": None,
+                           "error": "fastvl._C was built for torch 1.13.0 ...",
+                           "build_record": {"torch": "1.13.0", "torch_cuda": "11.7",
+                                            "nvcc": "11.7.99", "cuda_archs": "8.0"}}
+    text = info.format_report(report)
+    assert "build record: torch 1.13.0 (CUDA 11.7), nvcc 11.7.99, archs 8.0" in text

@@ -49,6 +49,7 @@ def test_report_without_extension(monkeypatch):
         "cuda_archs": [],
         "cuda_version": None,
         "error": _extension.NOT_BUILT,
+        "build_record": _extension.read_build_record(),
     }
     reasons = report["ops"]["gather_tokens"]["cuda"]
     assert reasons == [f"fastvl._C is not available: {_extension.NOT_BUILT}"]
