@@ -144,9 +144,10 @@ def test_run_cases_checks_each_impl_against_its_reference():
         assert row["items"] == 6 and row["items_per_s"] == pytest.approx(6 / row["median_s"])
         assert "peak_mem_bytes" in row and row["peak_mem_bytes"] is None  # CPU
     table = runner.format_table(rows)
-    header = table.splitlines()[0]
-    assert "items/s" in header and "peak mem" in header
-    line = next(line for line in table.splitlines() if re.match(r"toy\s.*\sother\s", line))
+    header = table.splitlines()[1]  # after the op's name
+    assert table.splitlines()[0] == "toy" and "items/s" in header and "peak mem" in header
+    assert "toy/case  float32  forward" in table
+    line = next(line for line in table.splitlines() if re.match(r"  other\s", line))
     cells = line.split()  # ... items/s, peak mem ("-" off CUDA), vs baseline
     assert float(cells[-3]) > 0 and cells[-2] == "-" and cells[-1].endswith("x")
     assert "MISMATCH toy/case float32 forward off: vs base:" in table
@@ -231,8 +232,9 @@ def test_quick_run_prints_every_case(quick_run):
     assert quick_run["rc"] == 0, quick_run["stdout"] + quick_run["stderr"]
     stdout = quick_run["stdout"]
     for case in all_cases(["gather_tokens"]):
-        assert re.search(rf"^gather_tokens\s+{re.escape(case.name)}\s", stdout, re.MULTILINE), case
-    assert f"results written to {quick_run['out']}" in stdout
+        assert re.search(rf"^gather_tokens/{re.escape(case.name)}\s", stdout, re.MULTILINE), case
+    assert f"results written to {quick_run['out'].resolve()}" in stdout
+    assert max(len(line) for line in stdout.splitlines()) <= runner.TABLE_WIDTH
     # progress goes to stderr, one line per case x dtype x mode x impl
     assert "[" in quick_run["stderr"] and "torch.gather" in quick_run["stderr"]
     ratios = [float(m) for m in re.findall(r"\s(\d+\.\d+(?:e-\d+)?)x", stdout)]
@@ -241,6 +243,7 @@ def test_quick_run_prints_every_case(quick_run):
 
 def test_quick_run_writes_results_json(quick_run):
     data = json.loads((quick_run["out"] / "results.json").read_text())
+    assert data["complete"] is True
     assert data["device"]["type"] == "cpu" and data["device"]["name"]
     assert "capability" in data["device"]
     for key in ("torch", "triton", "python", "fastvl"):
@@ -279,7 +282,11 @@ def test_quick_run_reports_attention_tflops(quick_run):
         assert math.isclose(row["tflops"], row["flops"] / row["median_s"] / 1e12)
     # gather_tokens counts no FLOPs; the table gets the column because attention does
     assert all(row["tflops"] is None for row in rows if row["op"] == "gather_tokens")
-    assert "TFLOP/s" in quick_run["stdout"].splitlines()[0]
+    table = quick_run["stdout"]
+    attention_header = table.splitlines()[table.splitlines().index("attention") + 1]
+    assert "TFLOP/s" in attention_header
+    gather_header = table.splitlines()[table.splitlines().index("gather_tokens") + 1]
+    assert "TFLOP/s" not in gather_header
     skipped = {row["impl"]: row["reason"] for row in rows
                if row["op"] == "attention" and row["status"] == "skipped"}
     assert skipped.get("fastvl[cuda]") and skipped.get("flex_attention")  # with reasons
@@ -326,11 +333,11 @@ def test_format_table_tflops_column():
     table = runner.format_table(
         [_table_row("base", 2e-3, True, tflops=150.0), _table_row("fast", 1e-3, tflops=0.012)]
     )
-    header = table.splitlines()[0].split()
+    header = table.splitlines()[1].split()
     assert header[-3:] == ["TFLOP/s", "vs", "baseline"] and header[-4] == "GB/s"
     assert re.search(r"base\s.*\s150\.00\s+1\.00x \(base\)", table)
     assert re.search(r"fast\s.*\s0\.012\s+2\.00x", table)
-    assert "TFLOP/s = " in table
+    assert "TFLOP/s = FLOPs / median" in table
 
 
 def test_plot_skipped_with_a_note_without_matplotlib(monkeypatch, tmp_path):
@@ -338,3 +345,35 @@ def test_plot_skipped_with_a_note_without_matplotlib(monkeypatch, tmp_path):
     note = runner.write_plot([], str(tmp_path / "results.png"), "title")
     assert note and "matplotlib" in note and "skipped" in note
     assert not (tmp_path / "results.png").exists()
+
+
+def test_partial_results_after_each_case(tmp_path):
+    """Each finished case is on disk before the next starts (an interrupted run keeps it)."""
+    seen = []
+
+    def after_case(rows):
+        seen.append(len(rows))
+        runner._write_results(str(tmp_path), {"command": "c", "device": {"name": "cpu"},
+                                              "versions": {"torch": "t"}, "timestamp": "now"},
+                              rows, 1.0, complete=False)
+
+    settings = runner.Settings(torch.device("cpu"), SCALES["quick"], repeats=2, warmup=1)
+    rows = runner.run_cases([_toy_case(_toy_built), _toy_case(_toy_built)], settings,
+                            progress=io.StringIO(), on_case=after_case)
+    assert seen == [len(rows) // 2, len(rows)]
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["complete"] is False and len(data["rows"]) == len(rows)
+    assert "(partial: the run did not finish)" in (tmp_path / "table.txt").read_text()
+
+
+def test_heartbeat_shows_a_long_step_is_alive():
+    progress = io.StringIO()
+    with runner._heartbeat(progress, every=0.05):
+        time.sleep(0.3)
+    assert progress.getvalue().count(".") >= 2
+
+
+def test_format_table_fits_the_width():
+    rows = [dict(_table_row("fastvl[triton]", 1e-3), case="x" * 200, op="op"),
+            dict(_table_row("base", 2e-3, True), status="mismatch", reason="y " * 200)]
+    assert max(len(line) for line in runner.format_table(rows).splitlines()) <= 120

@@ -29,9 +29,11 @@ import platform
 import re
 import shlex
 import sys
+import textwrap
+import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, TextIO
+from typing import Any, Callable, Optional, Sequence, TextIO
 
 import torch
 
@@ -232,10 +234,34 @@ def _can_print(text: str) -> bool:
     return True
 
 
+HEARTBEAT_S = 20.0
+
+
+@contextlib.contextmanager
+def _heartbeat(progress: TextIO, every: float = HEARTBEAT_S):
+    """Prints a dot to ``progress`` every ``every`` seconds while the block runs, so a long
+    case (a model's train step on a CPU) shows it is alive."""
+    done = threading.Event()
+
+    def beat():
+        while not done.wait(every):
+            print(".", end="", file=progress, flush=True)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 def run_cases(
-    cases: Sequence[Case], settings: Settings, progress: Optional[TextIO] = None
+    cases: Sequence[Case], settings: Settings, progress: Optional[TextIO] = None,
+    on_case: Optional[Callable[[list[dict[str, Any]]], None]] = None,
 ) -> list[dict[str, Any]]:
-    """Check and time every implementation of every case; one row (dict) per implementation."""
+    """Check and time every implementation of every case; one row (dict) per implementation.
+    ``on_case(rows so far)`` runs after each case (the runner writes partial results)."""
     progress = sys.stderr if progress is None else progress
     plan = [
         (case, dtype, mode)
@@ -253,7 +279,7 @@ def run_cases(
         build_error = None
         host = case.host_overhead
         try:
-            with _gpu_path() if host else contextlib.nullcontext():
+            with _gpu_path() if host else contextlib.nullcontext(), _heartbeat(progress):
                 built = case.make(settings.device, dtype, settings.scale, mode)
                 expected = None if host else built.impls[case.baseline]()
             _sync(settings.device)
@@ -298,7 +324,9 @@ def run_cases(
                 print(f"{label}: {row['status']}: {row['reason']}", file=progress, flush=True)
                 continue
             print(f"{label} ...", end="", file=progress, flush=True)
-            row.update(measured[impl] if host else _measure(built, impl, case, results, settings))
+            with _heartbeat(progress):
+                row.update(measured[impl] if host else
+                           _measure(built, impl, case, results, settings))
             if row["status"] == "ok":
                 print(f" {_format_seconds(row['median_s'])}", file=progress, flush=True)
                 group.append(row)
@@ -313,6 +341,8 @@ def run_cases(
                 if host:
                     row["host_ratio"] = row["median_s"] / reference_time
         built = expected = results = None
+        if on_case is not None:
+            on_case(rows)
         if settings.device.type == "cuda":  # hand this case's memory back before the next
             # (a full collection takes ~0.1-0.3 s with torch loaded: worth it on GPUs only;
             # on CPU reference counting frees the case's tensors)
@@ -406,102 +436,104 @@ def _measure(built: Built, impl: str, case: Case, results: dict, settings: Setti
 # --------------------------------------------------------------------------- reporting
 
 
+TABLE_WIDTH = 120
+
+
+def _table_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The metric columns an op's rows use (a column no row fills is left out)."""
+    columns = ["median", "IQR", "GB/s"]
+    columns += ["TFLOP/s"] if any(r.get("tflops") for r in rows) else []
+    columns += ["items/s"] if any(r.get("items_per_s") for r in rows) else []
+    columns += ["peak mem"] if any("peak_mem_bytes" in r for r in rows) else []
+    columns += ["launches", "syncs", "host/plain"] if any("launches" in r for r in rows) else []
+    return columns + ["vs baseline"]
+
+
+def _rate(value: Optional[float], big: float) -> str:
+    if not value:
+        return "-"
+    return f"{value:.2f}" if value >= big else f"{value:.2g}"
+
+
+def _metric_cells(row: dict[str, Any], columns: Sequence[str]) -> list[str]:
+    if row["status"] != "ok":
+        return ["-"] * (len(columns) - 1) + [row["status"].upper()]
+    ratio = row["ratio"]
+    if ratio is None:
+        speed = "-"
+    elif row["is_baseline"]:
+        speed = "1.00x (base)"
+    else:
+        speed = f"{ratio:.2f}x" if ratio >= 0.1 else f"{ratio:.2g}x"
+    host_ratio = row.get("host_ratio")
+    value = {
+        "median": _format_seconds(row["median_s"]),
+        "IQR": _format_seconds(row["iqr_s"]),
+        "GB/s": f"{row['gbps']:.1f}" if row.get("gbps") else "-",
+        "TFLOP/s": _rate(row.get("tflops"), 0.1),
+        "items/s": _rate(row.get("items_per_s"), 10),
+        "peak mem": _format_bytes(row.get("peak_mem_bytes")),
+        "launches": str(row.get("launches", "-")),
+        "syncs": str(row.get("syncs", "-")),
+        "host/plain": "-" if host_ratio is None else f"{host_ratio:.2f}x",
+        "vs baseline": speed,
+    }
+    return [value[column] for column in columns]
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The comparison table (rows that ran, errors included), then what did not run."""
+    """The comparison (rows that ran, errors included) in at most :data:`TABLE_WIDTH` columns:
+    per op a header with the columns its rows use, per case (as run: dtype, mode) a line
+    naming it, then one line per implementation; a short key and what did not run after."""
     shown = [r for r in rows if r["status"] != "skipped"]
-    with_flops = any(r.get("tflops") for r in shown)
-    with_items = any(r.get("items_per_s") for r in shown)
-    with_memory = any("peak_mem_bytes" in r for r in shown)
-    with_host = any("launches" in r for r in shown)
-    headers = ["op", "case", "dtype", "mode", "impl", "median", "IQR", "GB/s"]
-    headers += ["TFLOP/s"] if with_flops else []
-    headers += ["items/s"] if with_items else []
-    headers += ["peak mem"] if with_memory else []
-    headers += ["launches", "syncs", "host/plain"] if with_host else []
-    headers += ["vs baseline"]
-    lines_data = []
-    group_key = None
-    for row in shown:
-        key = (row["op"], row["case"], row["dtype"], row["mode"])
-        if group_key is not None and key != group_key:
-            lines_data.append(None)  # separator between cases
-        group_key = key
-        impl = row["impl"] + (" (auto)" if row.get("auto") else "")
-        if row["status"] != "ok":
-            cells = ["-"] * (len(headers) - 6) + [row["status"].upper()]
-        else:
-            ratio = row["ratio"]
-            if ratio is None:
-                speed = "-"
-            elif row["is_baseline"]:
-                speed = "1.00x (base)"
-            else:
-                speed = f"{ratio:.2f}x" if ratio >= 0.1 else f"{ratio:.2g}x"
-            cells = [
-                _format_seconds(row["median_s"]),
-                _format_seconds(row["iqr_s"]),
-                f"{row['gbps']:.1f}" if row.get("gbps") else "-",
-            ]
-            if with_flops:
-                tflops = row.get("tflops")
-                cells.append(
-                    "-" if not tflops else f"{tflops:.2f}" if tflops >= 0.1 else f"{tflops:.2g}"
-                )
-            if with_items:
-                items = row.get("items_per_s")
-                cells.append(
-                    "-" if not items else f"{items:.1f}" if items >= 10 else f"{items:.3g}"
-                )
-            if with_memory:
-                cells.append(_format_bytes(row.get("peak_mem_bytes")))
-            if with_host:
-                host_ratio = row.get("host_ratio")
-                cells += [str(row.get("launches", "-")), str(row.get("syncs", "-")),
-                          "-" if host_ratio is None else f"{host_ratio:.2f}x"]
-            cells.append(speed)
-        lines_data.append([row["op"], row["case"], row["dtype"], row["mode"], impl, *cells])
-    widths = [len(h) for h in headers]
-    for cells in lines_data:
-        if cells:
-            widths = [max(w, len(c)) for w, c in zip(widths, cells)]
+    out = []
+    for op in dict.fromkeys(r["op"] for r in shown):
+        op_rows = [r for r in shown if r["op"] == op]
+        columns = _table_columns(op_rows)
+        header = ["  impl", *columns]
+        cells = [["  " + r["impl"] + (" (auto)" if r.get("auto") else ""),
+                  *_metric_cells(r, columns)] for r in op_rows]
+        widths = [max(len(line[i]) for line in [header, *cells]) for i in range(len(header))]
 
-    def fmt(cells):
-        return "  ".join(
-            c.rjust(w) if i >= 5 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
-        ).rstrip()
+        def fmt(line):
+            return "  ".join(c.rjust(w) if i else c.ljust(w)
+                             for i, (c, w) in enumerate(zip(line, widths))).rstrip()
 
-    out = [fmt(headers), "  ".join("-" * w for w in widths)]
-    for cells in lines_data:
-        out.append("" if cells is None else fmt(cells))
+        out += ["", op, fmt(header)]
+        group = None
+        for row, line in zip(op_rows, cells):
+            if (row["case"], row["dtype"], row["mode"]) != group:
+                group = (row["case"], row["dtype"], row["mode"])
+                out.append(f"{op}/{row['case']}  {row['dtype']}  {row['mode']}"[:TABLE_WIDTH])
+            out.append(fmt(line))
+    rates = ["GB/s = minimum bytes moved / median"]
+    rates += ["TFLOP/s = FLOPs / median"] if any(r.get("tflops") for r in shown) else []
+    rates += ["items/s = images or prompts / median"] if any(
+        r.get("items_per_s") for r in shown) else []
+    rates += ["peak mem = CUDA memory a call adds at its peak"] if any(
+        "peak_mem_bytes" in r for r in shown) else []
+    notes = ["vs baseline = baseline median / impl median (>1: faster); (auto) = what "
+             "backend=\"auto\" uses.", "; ".join(rates) + "."]
+    if any("launches" in r for r in shown):
+        notes.append("Host-overhead cases: host time per call on the GPU path (launches "
+                     "skipped); host/plain target <= 1.3x.")
+    notes += [f"{r['status'].upper()} {r['op']}/{r['case']} {r['dtype']} {r['mode']} "
+              f"{r['impl']}: {r['reason']}" for r in rows if r["status"] not in ("ok", "skipped")]
     out.append("")
-    out.append(
-        "vs baseline = baseline median / impl median (>1: faster than the baseline); "
-        "(auto) = what backend=\"auto\" uses; GB/s = minimum bytes moved / median."
-        + (" TFLOP/s = the case's FLOP count / median." if with_flops else "")
-        + (" items/s = the case's items per call (images, prompts) / median." if with_items
-           else "")
-        + (" peak mem = CUDA memory a call allocates at its peak beyond what existed before "
-           "it (- off CUDA)." if with_memory else "")
-        + (" Host-overhead cases: median = host time per call on the GPU path (Triton launches "
-           "skipped); launches / syncs = device launches / host syncs per call; host/plain = "
-           "median / the plain chain's (target <= 1.3x)." if with_host else "")
-    )
-    problems = [r for r in rows if r["status"] not in ("ok", "skipped")]
-    for row in problems:
-        out.append(
-            f"{row['status'].upper()} {row['op']}/{row['case']} {row['dtype']} {row['mode']} "
-            f"{row['impl']}: {row['reason']}"
-        )
+    for note in notes:
+        out += textwrap.wrap(note, TABLE_WIDTH, subsequent_indent="  ")
     skipped: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         if row["status"] == "skipped":
             skipped.setdefault((row["impl"], row["reason"]), []).append(row)
     if skipped:
         out.append("Not run:")
-        for (impl, reason), group in skipped.items():
-            ops = sorted({r["op"] for r in group})
-            out.append(f"  {impl} ({len(group)} runs of {', '.join(ops)}): {reason}")
-    return "\n".join(out)
+        for (impl, reason), group_rows in skipped.items():
+            ops = sorted({r["op"] for r in group_rows})
+            out += textwrap.wrap(f"{impl} ({len(group_rows)} runs of {', '.join(ops)}): "
+                                 f"{reason}", TABLE_WIDTH, initial_indent="  ",
+                                 subsequent_indent="    ")
+    return "\n".join(out[1:] if out and out[0] == "" else out)
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -557,12 +589,16 @@ def command_line(args: argparse.Namespace) -> str:
     return shlex.join(parts)
 
 
+_PLOT_TICKS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
+
+
 def write_plot(rows: Sequence[dict[str, Any]], path: str, title: str) -> Optional[str]:
-    """Bar chart of speed-up vs baseline per case; returns a note instead if impossible."""
+    """Bar chart of speed-up vs baseline per case, each bar labelled with its ratio and
+    median time; returns a note instead if impossible."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
-        from matplotlib.ticker import FuncFormatter
+        from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
     except Exception as exc:  # ImportError, or a broken install
         return f"matplotlib is not available ({type(exc).__name__}: {exc}); results.png skipped"
     ops = []
@@ -581,7 +617,7 @@ def write_plot(rows: Sequence[dict[str, Any]], path: str, title: str) -> Optiona
             if row["is_baseline"]:
                 continue
             key = f"{row['case']}\n{row['dtype']}, {row['mode']}"
-            groups.setdefault(key, {})[row["impl"]] = row["ratio"]
+            groups.setdefault(key, {})[row["impl"]] = (row["ratio"], row["median_s"])
         if groups:
             panels.append((op, baselines, groups))
     if not panels:
@@ -602,27 +638,31 @@ def write_plot(rows: Sequence[dict[str, Any]], path: str, title: str) -> Optiona
             impls += [name for name in ratios if name not in impls]
         bar_height = 0.8 / max(1, len(impls))
         for i, impl in enumerate(impls):
-            ys, values = [], []
+            ys, values, seconds = [], [], []
             for g, ratios in enumerate(groups.values()):
                 if impl in ratios:
                     ys.append(g - 0.4 + bar_height * (i + 0.5))
-                    values.append(ratios[impl])
+                    values.append(ratios[impl][0])
+                    seconds.append(ratios[impl][1])
             # Bars grow from 1 (the baseline): right = faster, left = slower.
             bars = axes.barh(ys, [v - 1.0 for v in values], left=1.0, height=bar_height,
                              label=impl, color=f"C{i}")
-            for bar, value in zip(bars, values):
+            for bar, value, median in zip(bars, values, seconds):
                 axes.annotate(
-                    f" {value:.2f} ",
+                    f" {value:.2f}x, {_format_seconds(median)} ",
                     (value, bar.get_y() + bar.get_height() / 2),
                     ha="left" if value >= 1 else "right", va="center", fontsize=6,
                 )
         axes.axvline(1.0, color="black", linewidth=0.8)
         axes.set_xscale("log")
-        values = [v for ratios in groups.values() for v in ratios.values()] + [1.0]
-        axes.set_xlim(min(values) / 1.5, max(values) * 1.5)
-        ticks = FuncFormatter(lambda value, _: f"{value:g}x")
-        axes.xaxis.set_major_formatter(ticks)
-        axes.xaxis.set_minor_formatter(ticks)
+        values = [v for ratios in groups.values() for v, _ in ratios.values()] + [1.0]
+        low, high = min(values) / 1.5, max(values) * 2.5  # room for the labels
+        axes.set_xlim(low, high)
+        # A few round ratios only: log-scale minor labels crowd around 1x.
+        axes.xaxis.set_major_locator(FixedLocator(
+            [t for t in _PLOT_TICKS if low <= t <= high]))
+        axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
+        axes.xaxis.set_minor_formatter(NullFormatter())
         axes.tick_params(axis="x", which="both", labelsize=7)
         axes.set_yticks(range(len(groups)))
         axes.set_yticklabels(list(groups), fontsize=7)
@@ -631,7 +671,7 @@ def write_plot(rows: Sequence[dict[str, Any]], path: str, title: str) -> Optiona
         axes.set_title(op, fontsize=10)
         axes.legend(fontsize=7, loc="lower right")
     figure.suptitle(title, fontsize=11)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.5 / figure.get_figheight()))  # title above
     figure.savefig(path)
     return None
 
@@ -644,6 +684,23 @@ def _json_safe(value):
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     return value
+
+
+def _write_results(out_dir: str, results: dict, rows: list, elapsed: float,
+                   complete: bool) -> str:
+    """Writes results.json and table.txt for the rows so far (``complete`` False while cases
+    remain: an interrupted run keeps what it measured); returns the table."""
+    table = format_table(rows)
+    data = {**results, "complete": complete, "elapsed_s": round(elapsed, 2), "rows": rows}
+    with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as handle:
+        json.dump(_json_safe(data), handle, indent=2)
+        handle.write("\n")
+    with open(os.path.join(out_dir, "table.txt"), "w", encoding="utf-8") as handle:
+        handle.write(f"# {results['command']}\n# {results['device']['name']}, "
+                     f"torch {results['versions']['torch']}, {results['timestamp']}"
+                     f"{'' if complete else ' (partial: the run did not finish)'}\n")
+        handle.write(table + "\n")
+    return table
 
 
 def run(args: argparse.Namespace) -> int:
@@ -691,60 +748,55 @@ def run(args: argparse.Namespace) -> int:
     try:
         env = environment(settings.device)  # after set_num_threads: records the count used
         started = _dt.datetime.now()
-        out_dir = getattr(args, "out", None) or os.path.join(
+        out_dir = os.path.abspath(getattr(args, "out", None) or os.path.join(
             "fastvl-bench-results", f"{device_slug(env['device'])}-{started:%Y%m%d-%H%M%S}"
-        )
+        ))
+        os.makedirs(out_dir, exist_ok=True)
         dtypes = [dtype_name(d) for d in settings.dtypes] if settings.dtypes else "case defaults"
         print(
             f"fastvl bench on {env['device']['name']} ({settings.device}), "
-            f"scale {settings.scale.name}, dtypes: {dtypes}",
+            f"scale {settings.scale.name}, dtypes: {dtypes}; results go to {out_dir} after "
+            "each case",
             file=sys.stderr, flush=True,
         )
+        results = {
+            "schema": 1,
+            "timestamp": started.astimezone().isoformat(timespec="seconds"),
+            "command": command_line(args),
+            "argv": list(sys.argv),
+            **env,
+            "settings": {
+                "device": str(settings.device),
+                "scale": settings.scale.name,
+                "dtypes": [dtype_name(d) for d in settings.dtypes] if settings.dtypes else None,
+                "repeats": settings.repeats,
+                "warmup": settings.warmup,
+                "budget_s": settings.budget,
+                "min_repeats": settings.min_repeats,
+                "flush_l2": settings.flush_l2 if settings.device.type == "cuda" else None,
+                "quick": settings.quick,
+                "timer": ("torch.cuda.Event" if settings.device.type == "cuda"
+                          else "time.perf_counter"),
+            },
+            "notes": notes,
+        }
         if settings.device.type == "cuda":
             warm_up_device(settings.device)  # clocks up before the first measurement
         clock = time.perf_counter()
-        rows = run_cases(selected, settings)
+        rows = run_cases(selected, settings, on_case=lambda done: _write_results(
+            out_dir, results, done, time.perf_counter() - clock, complete=False))
         elapsed = time.perf_counter() - clock
     finally:
         torch.set_num_threads(previous_threads)
 
-    table = format_table(rows)
+    table = _write_results(out_dir, results, rows, elapsed, complete=True)
     print(table)
-    os.makedirs(out_dir, exist_ok=True)
-    results = {
-        "schema": 1,
-        "timestamp": started.astimezone().isoformat(timespec="seconds"),
-        "command": command_line(args),
-        "argv": list(sys.argv),
-        **env,
-        "settings": {
-            "device": str(settings.device),
-            "scale": settings.scale.name,
-            "dtypes": [dtype_name(d) for d in settings.dtypes] if settings.dtypes else None,
-            "repeats": settings.repeats,
-            "warmup": settings.warmup,
-            "budget_s": settings.budget,
-            "min_repeats": settings.min_repeats,
-            "flush_l2": settings.flush_l2 if settings.device.type == "cuda" else None,
-            "quick": settings.quick,
-            "timer": "torch.cuda.Event" if settings.device.type == "cuda" else "time.perf_counter",
-        },
-        "notes": notes,
-        "elapsed_s": round(elapsed, 2),
-        "rows": rows,
-    }
-    with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as handle:
-        json.dump(_json_safe(results), handle, indent=2)
-        handle.write("\n")
     if getattr(args, "write_dispatch", None):
-        table = write_dispatch_table(_json_safe(results), args.write_dispatch)
+        dispatch = write_dispatch_table(_json_safe({**results, "rows": rows}),
+                                        args.write_dispatch)
         kind = device_kind_of(results["device"])
         print(f"dispatch order for {kind} written to {args.write_dispatch}: "
-              f"{table['devices'].get(kind, {})}")
-    with open(os.path.join(out_dir, "table.txt"), "w", encoding="utf-8") as handle:
-        handle.write(f"# {results['command']}\n# {env['device']['name']}, "
-                     f"torch {env['versions']['torch']}, {results['timestamp']}\n")
-        handle.write(table + "\n")
+              f"{dispatch['devices'].get(kind, {})}")
     title = (f"fastvl {env['versions']['fastvl']} on {env['device']['name']}, "
              f"torch {env['versions']['torch']}")
     note = write_plot(rows, os.path.join(out_dir, "results.png"), title)
