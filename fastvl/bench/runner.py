@@ -481,10 +481,21 @@ def _metric_cells(row: dict[str, Any], columns: Sequence[str]) -> list[str]:
     return [value[column] for column in columns]
 
 
+def _shapes_text(shapes: Optional[dict]) -> str:
+    """The shapes a case ran with (case names carry the GPU sizes; smaller scales shrink
+    them), e.g. ``  as run: x 2x8x32, r 4``."""
+    if not shapes:
+        return ""
+    parts = [f"{name} {'x'.join(map(str, value)) if isinstance(value, (list, tuple)) else value}"
+             for name, value in shapes.items()]
+    return "  as run: " + ", ".join(parts)
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """The comparison (rows that ran, errors included) in at most :data:`TABLE_WIDTH` columns:
-    per op a header with the columns its rows use, per case (as run: dtype, mode) a line
-    naming it, then one line per implementation; a short key and what did not run after."""
+    per op a header with the columns its rows use, per case a line naming it with the dtype,
+    mode and shapes it ran with, then one line per implementation; a short key and what did
+    not run after."""
     shown = [r for r in rows if r["status"] != "skipped"]
     out = []
     for op in dict.fromkeys(r["op"] for r in shown):
@@ -504,7 +515,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         for row, line in zip(op_rows, cells):
             if (row["case"], row["dtype"], row["mode"]) != group:
                 group = (row["case"], row["dtype"], row["mode"])
-                out.append(f"{op}/{row['case']}  {row['dtype']}  {row['mode']}"[:TABLE_WIDTH])
+                out.append(f"{op}/{row['case']}  {row['dtype']}  {row['mode']}"
+                           f"{_shapes_text(row.get('shapes'))}"[:TABLE_WIDTH])
             out.append(fmt(line))
     rates = ["GB/s = minimum bytes moved / median"]
     rates += ["TFLOP/s = FLOPs / median"] if any(r.get("tflops") for r in shown) else []
