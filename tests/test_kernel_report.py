@@ -64,7 +64,7 @@ def test_report_for_key_mass(capsys):
 KERNELS = (
     "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_group_sum_kernel",
     "_attn_fwd_kernel", "_key_mass_kernel", "_best_partner_kernel", "_segment_reduce_kernel",
-    "_spread_kernel", "_gather_tokens_kernel", "_scatter_add_tokens_kernel",
+    "_spread_kernel", "_tome_plan_kernel", "_gather_tokens_kernel", "_scatter_add_tokens_kernel",
     "_lora_shrink_kernel", "_lora_expand_kernel", "_lora_bwd_dy_kernel", "_lora_bwd_x_kernel",
     "_lora_shrink_rows_kernel", "_lora_expand_rows_kernel",
 )

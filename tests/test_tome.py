@@ -358,6 +358,118 @@ def test_empty(backend):
     assert tome_unmerge(plan, merged, backend=backend).shape == (2, 9, 0)
 
 
+# ---- the plan kernel -----------------------------------------------------------------------
+
+
+def _plan_scores(batch, num_a, seed):
+    """Scores with every kind of tie: repeated values (few distinct ones in sample 0), equal
+    -0.0 / 0.0, infinities and NaN (which the reference's sort ranks above everything)."""
+    g = torch.Generator().manual_seed(seed)
+    score = torch.randn(batch, num_a, generator=g)
+    score[0] = (score[0] * 2).round() / 2  # a handful of distinct values: many ties
+    if batch > 1 and num_a >= 8:
+        score[1, :8] = torch.tensor([float("nan"), -0.0, 0.0, float("-inf"), float("nan"),
+                                     float("inf"), 0.0, -0.0])
+    return score.to(DEVICE)
+
+
+@pytest.mark.parametrize("token_order", ["tome", "spatial"])
+@pytest.mark.parametrize("num_tokens, num_prefix", [
+    (n, p) for n in (1, 2, 7, 16, 37, 50) for p in (0, 1, 2, 3) if p <= n
+])
+def test_plan_kernel_equals_reference_plan(num_tokens, num_prefix, token_order):
+    """The Triton plan kernel builds exactly the reference's plan from the same best partners
+    (ties, NaN and signed zeros included), for r = 0, 1, a middle value and the cap; partners
+    are random (several A tokens per B token), B = 3 with different scores per sample."""
+    require_backend("tome_match", "triton")
+    from fastvl.kernels import tome as kernels
+
+    batch = 3
+    a_first, num_a, b_first, num_b = reference.token_sets(num_tokens, num_prefix)
+    max_r = (num_tokens - num_prefix) // 2
+    g = torch.Generator().manual_seed(num_tokens * 10 + num_prefix)
+    for r in sorted({0, 1, max_r // 2, max_r} - {r for r in (1,) if r > max_r}):
+        score = _plan_scores(batch, num_a, r)
+        partner = (b_first + 2 * torch.randint(0, max(num_b, 1), (batch, num_a),
+                                               generator=g)).to(DEVICE)
+        with poison_outputs():
+            got = kernels.plan_from_partners(score, partner, r, num_prefix, num_tokens,
+                                             token_order == "spatial")
+        if r == 0:
+            expected = reference.identity_plan(batch, num_tokens, DEVICE)
+        else:
+            expected = reference.plan_from_partners(score, partner, r, num_prefix, num_tokens,
+                                                    token_order)
+        for name, a, b in zip(TomePlan._fields, got, expected):
+            assert a.dtype == torch.int64 and a.is_contiguous(), name
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name}, r = {r}")
+
+
+@pytest.mark.parametrize("token_order", ["tome", "spatial"])
+def test_plan_and_merge_kernels_across_many_tiles(token_order):
+    """N = 197 (ViT-B/16's tokens), 129 and 130 through the ops: the plan kernel's blocks and
+    A tiles, and the merge / spread kernels' row groups (crossing samples) and channel chunks
+    at their interpreter sizes; the plan equals the reference's, merged values and the
+    gradient follow the error rule against a float64 oracle (outputs poisoned)."""
+    require_backend("tome_match", "triton")
+    for num_tokens, prefix, r, channels, dtype in ((197, 1, 16, 40, torch.float16),
+                                                  (129, 0, 64, 24, torch.float32),
+                                                  (130, 2, 50, 33, torch.float32)):
+        metric, x, size = _inputs(3, num_tokens, channels, 16, dtype, num_tokens, sized=True)
+        num_merged = num_tokens - r
+        grad = random_tensor(3, num_merged, channels, dtype=dtype, device=DEVICE,
+                             generator=_gen(num_tokens + 1))
+        leaf = x.clone().requires_grad_(True)
+        with poison_outputs():
+            plan = tome_match(metric, r, num_prefix_tokens=prefix, token_order=token_order,
+                              backend="triton")
+            merged, size_merged = tome_merge(plan, leaf, size, backend="triton")
+            (grad_x,) = torch.autograd.grad(merged, leaf, grad)
+        score, partner = reference.best_partners(metric, prefix)
+        expected = reference.plan_from_partners(score, partner, r, prefix, num_tokens,
+                                                token_order)
+        for name, a, b in zip(TomePlan._fields, plan, expected):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+        weights, totals = _merge_matrix(plan.dest, size, num_merged)
+        torch.testing.assert_close(size_merged.double(), totals, rtol=0, atol=0)
+        low = reference.tome_merge(plan, x, size)[0]
+        assert_within_reference_error(merged, weights @ x.double(), low, factor=2,
+                                      atol=ERROR_FLOOR[dtype], name="merged")
+        x_low = x.clone().requires_grad_(True)
+        (grad_low,) = torch.autograd.grad(reference.tome_merge(plan, x_low, size)[0], x_low,
+                                          grad)
+        assert_within_reference_error(grad_x, weights.transpose(1, 2) @ grad.double(),
+                                      grad_low, factor=3, atol=ERROR_FLOOR[dtype] * 10,
+                                      name="grad x")
+
+
+@pytest.mark.parametrize("token_order", ["tome", "spatial"])
+def test_triton_step_launches_and_syncs(token_order):
+    """On the GPU path (launches skipped): tome_match + tome_merge is 3 device launches (best
+    partners, plan, merge) with no host synchronisation; r = 0 is 2; the backward adds one."""
+    require_backend("tome_match", "triton")
+    from fastvl.bench.host_overhead import count_launches, count_syncs, gpu_path
+
+    metric, x, size = _inputs(2, 17, 32, 16, torch.float32, 16, sized=True)
+    x.requires_grad_(True)
+
+    def step(r):
+        plan = tome_match(metric, r, num_prefix_tokens=1, token_order=token_order,
+                          backend="triton")
+        return tome_merge(plan, x, size, backend="triton")[0]
+
+    with gpu_path():
+        step(4)  # the checks and choices are memoized on the first call
+        step(0)
+        for r, expected in ((4, 3), (0, 2)):
+            launches, ops = count_launches(lambda: step(r))
+            assert launches == expected, ops
+            assert count_syncs(lambda: step(r))[0] == 0
+        grad = torch.ones(2, 13, 32, device=DEVICE)
+        launches, ops = count_launches(lambda: step(4).backward(grad))
+        assert launches == 4, ops
+
+
 # ---- registration, compile ---------------------------------------------------------------
 
 
@@ -372,6 +484,9 @@ def test_opcheck_triton_ops():
     cases = [
         (ops.tome_best_partners_triton.default, (metric, 1)),
         (ops.tome_best_partners_triton.default, (metric.half(), 0)),
+        (ops.tome_match_triton.default, (metric, 7, 1, False)),
+        (ops.tome_match_triton.default, (metric.half(), 10, 0, True)),
+        (ops.tome_match_triton.default, (metric, 0, 2, False)),
         (ops.tome_merge_triton.default, (x_grad, size, *plan)),
         (ops.tome_merge_triton.default, (x, None, *plan)),
         (ops.tome_spread_triton.default, (m_grad, size, size_merged, *plan)),

@@ -25,15 +25,17 @@ Backends:
 * ``torch`` (:mod:`fastvl.reference.tome`): explicit similarity matrix, ``scatter_add``
   merge; float64 capable; the merge backward is autograd's (``scatter_add`` is not
   deterministic on CUDA).
-* ``triton`` (:mod:`fastvl.kernels.tome`): ``fastvl::tome_best_partners_triton`` (tiled
-  similarity with a running row max / argmax, never storing the (N/2)^2 matrix), then the
-  top-r selection and index construction as a few small PyTorch ops on (B, N) (sort, cumsum,
-  scatter; no host synchronisation); ``fastvl::tome_merge_triton`` (one program per merged
-  token summing its sources in a fixed order: deterministic, no atomics, no clones), whose
+* ``triton`` (:mod:`fastvl.kernels.tome`): ``fastvl::tome_match_triton``, two launches:
+  the best partners (tiled similarity with a running row max / argmax, never storing the
+  (N/2)^2 matrix; also registered alone as ``fastvl::tome_best_partners_triton``), then the
+  whole plan in one kernel, one program per sample (top-r by counting, merged positions,
+  CSR offsets and sources by prefix sums; no host synchronisation; r = 0: the plan kernel
+  alone); ``fastvl::tome_merge_triton`` (one program per group of merged tokens, each
+  summing its sources in a fixed order: deterministic, no atomics, no clones), whose
   gradient is ``fastvl::tome_spread_triton`` (a weighted gather, deterministic too); the
   unmerge is ``tome_spread_triton`` unweighted, with ``fastvl::tome_segment_sum_triton`` as
   its gradient. Each op's gradient is registered as the other op, so double backward works.
-  float16 / bfloat16 / float32. Eager mode launches the kernels directly (no custom-op
+  A step (match + merge) is three launches. float16 / bfloat16 / float32. Eager mode launches the kernels directly (no custom-op
   dispatch, :class:`fastvl.ops._eager.EagerOp`); torch.compile sees the registered ops.
 
 The checks of a call (and the implementation chosen) are memoized by the shapes, dtypes,
@@ -101,6 +103,13 @@ def _best_partners_fake(metric, num_prefix_tokens):
             metric.new_empty(batch, num_a, dtype=torch.int64))
 
 
+def _match_fake(metric, r, num_prefix_tokens, spatial):
+    batch, num_tokens, _ = metric.shape
+    return (metric.new_empty(batch, num_tokens, dtype=torch.int64),
+            metric.new_empty(batch, num_tokens - r + 1, dtype=torch.int64),
+            metric.new_empty(batch, num_tokens, dtype=torch.int64))
+
+
 def _merge_fake(x, size, dest, offsets, sources):
     batch, num_merged = offsets.shape[0], offsets.shape[1] - 1
     size_dtype = torch.float32 if size is None else size.dtype
@@ -138,6 +147,15 @@ if TRITON_IMPORT_ERROR is None:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """metric (B, N, C) -> (score (B, |A|) float32, partner (B, |A|) int64 position)."""
         return _kernels.best_partners(metric, num_prefix_tokens)
+
+    @torch.library.triton_op("fastvl::tome_match_triton", mutates_args=())
+    def tome_match_triton(
+        metric: torch.Tensor, r: int, num_prefix_tokens: int, spatial: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """metric (B, N, C) -> the plan's (dest (B, N), offsets (B, N - r + 1), sources
+        (B, N)) int64: best partners, then the whole plan in one kernel (r = 0: the latter
+        only, the identity plan). ``spatial``: token_order "spatial", else "tome"."""
+        return _kernels.match_plan(metric, r, num_prefix_tokens, spatial)
 
     @torch.library.triton_op("fastvl::tome_merge_triton", mutates_args=())
     def tome_merge_triton(
@@ -204,10 +222,11 @@ if TRITON_IMPORT_ERROR is None:
         return grad_x, None, None, None
 
     torch.library.register_fake(tome_best_partners_triton, _best_partners_fake)
+    torch.library.register_fake(tome_match_triton, _match_fake)
     torch.library.register_fake(tome_merge_triton, _merge_fake)
     torch.library.register_fake(tome_spread_triton, _spread_fake)
     torch.library.register_fake(tome_segment_sum_triton, _segment_sum_fake)
-    _best_partners = EagerOp(tome_best_partners_triton, _kernels.best_partners)
+    _match = EagerOp(tome_match_triton, _kernels.match_plan)
     # Each op's gradient is one of the others: double backward works.
     _merge = EagerOp(tome_merge_triton, _merge_kernels, _merge_setup, _merge_backward, (0,),
                      double_backward=True)
@@ -217,8 +236,7 @@ if TRITON_IMPORT_ERROR is None:
                            _segment_sum_backward, (0,), double_backward=True)
 
     def _match_triton(metric, r, num_prefix_tokens, token_order):
-        return _reference.tome_match(metric, r, num_prefix_tokens, token_order,
-                                     find_partners=_best_partners)
+        return TomePlan(*_match(metric, r, num_prefix_tokens, token_order == "spatial"))
 
     def _merge_triton(plan, x, size):
         return _merge(x, size, *plan)
