@@ -65,16 +65,11 @@ KERNELS = (
     "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_group_sum_kernel",
     "_attn_fwd_kernel", "_key_mass_kernel", "_best_partner_kernel", "_segment_reduce_kernel",
     "_spread_kernel", "_tome_plan_kernel", "_gather_tokens_kernel", "_scatter_add_tokens_kernel",
-    "_lora_shrink_kernel", "_lora_expand_kernel", "_lora_bwd_dy_kernel", "_lora_bwd_x_kernel",
-    "_lora_shrink_rows_kernel", "_lora_expand_rows_kernel",
+    "_lora_fwd_kernel", "_lora_fwd_rows_kernel", "_lora_bwd_dx_kernel", "_lora_bwd_dw_kernel",
 )
 # Kernels that fail the check today, per arch: strict xfails, so the check turns red (XPASS)
-# once one is fixed and must then be taken off this list. sm_80: LoRA's dY kernel spills 4
-# bytes.
-KNOWN_FAILURES: dict[int, set] = {
-    80: {"_lora_bwd_dy_kernel"},
-    90: set(),
-}
+# once one is fixed and must then be taken off this list. None today.
+KNOWN_FAILURES: dict[int, set] = {80: set(), 90: set()}
 
 
 @pytest.fixture(scope="module")

@@ -322,17 +322,11 @@ def deterministic_algorithms():
 
 
 @pytest.mark.parametrize("routed", [False, True])
-def test_deterministic_backward_without_atomics(routed, deterministic_algorithms, monkeypatch):
-    """With torch.use_deterministic_algorithms(True) the triton backward sums dA / dB per row
-    block in a fixed order: the same gradients (within the rule vs float64), and run twice,
-    bit-identical."""
+def test_deterministic_backward_without_atomics(routed, deterministic_algorithms):
+    """Under torch.use_deterministic_algorithms(True) (nothing to switch: the kernels sum
+    dA / dB in row order, without atomics, always): the gradients within the rule vs
+    float64, and run twice, bit-identical."""
     require_backend("routed_lora_linear", "triton")
-    from fastvl.kernels import lora as kernels
-
-    calls = []
-    original = kernels.lora_backward
-    monkeypatch.setattr(kernels, "lora_backward",
-                        lambda *a: calls.append(a[-1]) or original(*a))
     lead, in_f, out_f, rank = (3, 13), 40, 33, 8
     params = _params(lead, in_f, out_f, rank, 3 if routed else None, seed=46)
     route = _routes("mixed", lead, 3, seed=47)
@@ -340,7 +334,6 @@ def test_deterministic_backward_without_atomics(routed, deterministic_algorithms
     sample = LoRASample("deterministic", params, 1.5, route if routed else None)
     first = _check_backend("triton", torch.float32, sample)
     again = _run(lambda *t: sample.call(*t, backend="triton"), params, torch.float32)[1]
-    assert calls == [True, True]
     for got, want in zip(first[3:], again[3:]):
         assert torch.equal(got, want)
 
@@ -444,8 +437,7 @@ def _triton_op_args(sample):
 @pytest.mark.parametrize("sample", PLAIN + ROUTED, ids=lambda s: s.name)
 def test_opcheck_triton_ops(sample):
     """opcheck of the forward (with dropout) and backward ops on every sample (both forward
-    paths, per-adapter and float scales, degenerate sizes; dX / dW asked for or not, atomic
-    or deterministic dA / dB)."""
+    paths, per-adapter and float scales, degenerate sizes; dX / dW asked for or not)."""
     require_backend("lora_linear", "triton")
     from fastvl.kernels.lora import shrink_columns
 
@@ -458,7 +450,7 @@ def test_opcheck_triton_ops(sample):
     out, s = fwd(x, weight, bias, lora_a, lora_b, scale, scaling, route, 0.2, 5)
     assert s.shape == (x.shape[0], shrink_columns(lora_a.shape[1]))
     grad_out = random_tensor(*out.shape, device=DEVICE, generator=_gen(20))
-    flags = (True, True, False) if sample.routed else (False, False, True)
+    flags = (True, True) if sample.routed else (False, False)
     assert_opcheck(bwd, (grad_out, x, weight, lora_a, lora_b, scale, scaling, route, s, 0.2, 5,
                          *flags))
 
@@ -502,15 +494,14 @@ def test_compiled_seeded_dropout_on_triton():
 @pytest.fixture(scope="module")
 def gpu_launches():
     """The launches of every LoRA kernel variant a GPU would make (GPU block sizes; plain /
-    routed, dropout, row and row-block paths, with and without dX, atomic and deterministic
-    dA / dB), recorded from interpreted fp16 and fp32 runs, plus their bf16 twins."""
+    routed, dropout, row and row-block paths, with and without dX), recorded from
+    interpreted fp16 and fp32 runs, plus their bf16 twins."""
     require_backend("lora_linear", "triton")
     if DEVICE.type != "cpu":
         pytest.skip("checks GPU compilation on machines without one (a GPU runs the kernels)")
     from fastvl import triton_aot
     from fastvl.kernels import lora as kernels
 
-    deterministic_before = torch.are_deterministic_algorithms_enabled()
     with triton_aot.gpu_launch_sizes(), triton_aot.recorded_launches(kernels) as launches:
         for dtype in (torch.float16, torch.float32):
             for num_rows, routed, dropout_p, needs_dx in [
@@ -522,21 +513,16 @@ def gpu_launches():
                 x.requires_grad_(needs_dx)
                 lora_a.requires_grad_(True)
                 route = _routes("mixed", (num_rows,), 3, seed=49)
-                for deterministic in (False, True):
-                    torch.use_deterministic_algorithms(deterministic)
-                    try:
-                        if routed:
-                            out = routed_lora_linear(x, weight, None, lora_a, lora_b, 2.0, route,
-                                                     dropout_p=dropout_p, seed=1,
-                                                     backend="triton")
-                        else:
-                            out = lora_linear(x, weight, None, lora_a, lora_b, 2.0,
-                                              dropout_p=dropout_p, seed=1, backend="triton")
-                        out.float().sum().backward()
-                    finally:
-                        torch.use_deterministic_algorithms(deterministic_before)
+                if routed:
+                    out = routed_lora_linear(x, weight, None, lora_a, lora_b, 2.0, route,
+                                             dropout_p=dropout_p, seed=1, backend="triton")
+                else:
+                    out = lora_linear(x, weight, None, lora_a, lora_b, 2.0,
+                                      dropout_p=dropout_p, seed=1, backend="triton")
+                out.float().sum().backward()
     kernel_names = {launch["kernel"] for launch in launches}
-    assert len(kernel_names) == 6, kernel_names  # both forward paths and the backward
+    assert kernel_names == {"_lora_fwd_kernel", "_lora_fwd_rows_kernel", "_lora_bwd_dx_kernel",
+                            "_lora_bwd_dw_kernel"}, kernel_names  # both forwards, the backward
     return launches + triton_aot.with_pointer_type(launches, "fp16", "bf16")
 
 
@@ -549,21 +535,17 @@ def test_triton_kernels_compile_for_gpus(arch, gpu_launches):
     assert triton_aot.compile_errors(gpu_launches, arch) == []
 
 
-def test_triton_kernels_do_not_spill_registers_on_hopper(gpu_launches):
-    """ptxas reports no register spills for any LoRA kernel variant on sm_90 (spills cost
-    local-memory traffic in kernels that are memory-bound already)."""
+@pytest.mark.parametrize("arch", [80, 90])
+def test_triton_kernels_do_not_spill_registers(arch, gpu_launches):
+    """ptxas reports no register spills for any LoRA kernel variant on sm_80 and sm_90
+    (spills cost local-memory traffic in kernels that are memory-bound already)."""
     from fastvl import triton_aot
 
-    rows = triton_aot.resource_usage(gpu_launches, 90)
+    rows = triton_aot.resource_usage(gpu_launches, arch)
     assert [row["error"] for row in rows if "error" in row] == []
     spilling = [f"{row['kernel']} ({row['constants']}; {row['dtypes']}): {row['spill_bytes']} "
                 f"bytes, {row['registers']} registers" for row in rows if row["spill_bytes"]]
-    # Known (issue 13): compiled with a real launch's specialisation, the float32 shrink
-    # kernel spills tens of bytes at BLOCK_M 32. Anything else spilling fails; the known one
-    # disappearing fails too, so that this exception is dropped with the fix.
-    known = [s for s in spilling if s.startswith("_lora_shrink_kernel") and "*fp32" in s]
-    assert [s for s in spilling if s not in known] == []
-    assert known, "the float32 _lora_shrink_kernel no longer spills: drop the exception"
+    assert spilling == []
 
 
 def test_auto_uses_torch_on_cpu_and_triton_reasons():
@@ -645,32 +627,44 @@ def test_value_and_argument_checks_after_a_valid_call():
 
 def test_triton_launches_per_call():
     """On the GPU path (:func:`fastvl.bench.host_overhead.gpu_path`: CPU tensors dispatched as
-    on a GPU, Triton launches counted and skipped), the triton backend's forward is the base GEMM and two
-    kernels (a float scaling is a kernel argument: no tensor per call), the backward the dX
-    GEMM, one zero-fill (dA and dB share a buffer) and two kernels."""
+    on a GPU, Triton launches counted and skipped), the triton backend's forward is the base
+    GEMM and one kernel (a float scaling is a kernel argument: no tensor per call), on the
+    row-block path as on the decode path; the backward the dX GEMM and two kernels (no
+    zero-fill, no cast of dA / dB), plus the dW GEMM for a trainable base; a routed row-block
+    call adds its sort (one in each direction; the backward always sorts)."""
     require_backend("lora_linear", "triton")
     from fastvl.bench.host_overhead import count_launches, gpu_path
+    from fastvl.kernels.lora import row_path_max_rows
 
-    x, weight, bias, lora_a, lora_b = (t.float().cpu() for t in _params((4,), 16, 12, 4, 3,
-                                                                          seed=27))
-    one_a, one_b = lora_a[1].clone(), lora_b[1].clone()
-    leaves = [t.requires_grad_(True) for t in (x, one_a, one_b, lora_a, lora_b)]
-    route = torch.tensor([0, 2, -1, 2])
-    grad = torch.randn(4, 12)
+    many = row_path_max_rows(torch.device("cuda")) + 1  # (the GPU path's row-block path)
+    for num_rows in (4, many):
+        x, weight, bias, lora_a, lora_b = (t.cpu() for t in _params(
+            (num_rows,), 16, 12, 4, 3, seed=27))
+        x, weight, bias, lora_a, lora_b = (t.half() for t in (x, weight, bias, lora_a, lora_b))
+        one_a, one_b = lora_a[1].clone(), lora_b[1].clone()
+        leaves = [t.requires_grad_(True) for t in (x, one_a, one_b, lora_a, lora_b)]
+        route = torch.randint(-1, 3, (num_rows,), generator=torch.Generator().manual_seed(3))
+        grad = torch.randn(num_rows, 12).half()
 
-    def plain():
-        return lora_linear(x, weight, bias, one_a, one_b, 2.0, backend="triton")
+        def plain():
+            return lora_linear(x, weight, bias, one_a, one_b, 2.0, backend="triton")
 
-    def routed():
-        return routed_lora_linear(x, weight, bias, lora_a, lora_b, 2.0, route,
-                                  check_route=False)
+        def routed():
+            return routed_lora_linear(x, weight, bias, lora_a, lora_b, 2.0, route,
+                                      backend="triton", check_route=False)
 
-    with gpu_path():
-        for call in (plain, routed):
-            assert count_launches(call) == (3, ["addmm.default", "triton", "triton"])
-        launches, ops = count_launches(lambda: torch.autograd.grad(plain(), leaves[:3], grad))
-    assert sorted(ops) == sorted(["addmm.default", "mm.default", "zeros.default"] + [
-        "triton"] * 4)
+        sort = [] if num_rows == 4 else ["sort.stable"]
+        with gpu_path():
+            assert count_launches(plain) == (2, ["addmm.default", "triton"])
+            launches, ops = count_launches(routed)
+            assert sorted(ops) == sorted(["addmm.default", "triton"] + sort)
+            launches, ops = count_launches(lambda: torch.autograd.grad(plain(), leaves[:3],
+                                                                        grad))
+            assert sorted(ops) == sorted(["addmm.default", "mm.default"] + ["triton"] * 3)
+            launches, ops = count_launches(lambda: torch.autograd.grad(
+                routed(), [leaves[0], *leaves[3:]], grad))
+            assert sorted(ops) == sorted(["addmm.default", "mm.default"] + ["triton"] * 3
+                                         + sort + ["sort.stable"])
 
 
 # ---- GPU ---------------------------------------------------------------------------------

@@ -24,19 +24,20 @@ Backends:
   adapters at once and a one-hot gate (E·r columns per row, for few adapters). Autograd by
   PyTorch; stores the dropout mask. Float64 capable.
 * ``triton`` (``fastvl::lora_linear_fwd_triton`` / ``..._bwd_triton``,
-  :mod:`fastvl.kernels.lora`): torch's GEMM for the base (cuBLAS on GPU), then a shrink
-  kernel (x read once) and an expand kernel adding the LoRA branch into the base output
-  (read and written once), both over rows × column chunks (r <= 64); for a decode batch
-  (few rows, up to ``kernels.lora.row_path_max_rows``, any number of adapters) two
-  GEMV-style launches per row instead, so a step over tens of adapters runs in parallel over
-  rows and output columns; backward: ``dY W`` by torch, then one zero-fill (dA and dB share a
-  buffer), one pass over dY (ds and dB) and one over x (dX and dA), the dropout mask
-  regenerated from the seed (Philox). A float scaling is a kernel argument (no tensor per
-  call). dA / dB are float32 atomic sums (last-bit run-to-run differences), or with
-  ``torch.use_deterministic_algorithms(True)`` per-row-block sums added in a fixed order
-  (bit-reproducible, one (E, r, in) + (E, out, r) float32 buffer per block of 32-64 rows).
-  float16 / bfloat16 / float32. No double backward. In eager mode the kernels are launched
-  directly and the gradient comes from a ``torch.autograd.Function``
+  :mod:`fastvl.kernels.lora`): torch's GEMM for the base (cuBLAS on GPU), then one kernel
+  that computes the rank-r shrink of a row block and adds its expand into the base output
+  (x read once from DRAM, the output read and written once; over column chunks × row
+  blocks, the tiny shrink recomputed per chunk so that the grid fills the GPU), r <= 64; for
+  a decode batch (few rows, up to ``kernels.lora.row_path_max_rows``, any number of
+  adapters) one GEMV-style launch per (column block, row) instead, so a step over tens of
+  adapters runs in parallel over rows and output columns; backward: ``dY W`` (and
+  ``dYᵀ x`` for a trainable base) by torch, then one pass over dY that computes
+  ``ds = dY B`` and adds the LoRA part of dX, and one over x and dY by column tiles that
+  sums dA and dB in row order, written in the adapters' dtype (no zero-fill, no cast, no
+  atomics: bit-reproducible, with or without ``torch.use_deterministic_algorithms``), the
+  dropout mask regenerated from the seed (Philox). A float scaling is a kernel argument
+  (no tensor per call). float16 / bfloat16 / float32. No double backward. In eager mode the
+  kernels are launched directly and the gradient comes from a ``torch.autograd.Function``
   (:class:`fastvl.ops._eager.EagerOp`); torch.compile sees the registered ops.
   The checks of a call are memoized by shapes, dtypes, devices and flags.
 """
@@ -84,7 +85,7 @@ def _fwd_fake(x, weight, bias, lora_a, lora_b, scale, scaling, route, dropout_p,
 
 
 def _bwd_fake(grad_out, x, weight, lora_a, lora_b, scale, scaling, route, s, dropout_p, seed,
-              compute_dx, compute_dweight, deterministic):
+              compute_dx, compute_dweight):
     return (x.new_empty(x.shape) if compute_dx else x.new_empty(0),
             weight.new_empty(weight.shape) if compute_dweight else x.new_empty(0),
             lora_a.new_empty(lora_a.numel() + lora_b.numel()))
@@ -101,13 +102,13 @@ if TRITON_IMPORT_ERROR is None:
         return out, s
 
     def _backward_kernels(grad_out, x, weight, lora_a, lora_b, scale, scaling, route, s,
-                          dropout_p, seed, compute_dx, compute_dweight, deterministic):
+                          dropout_p, seed, compute_dx, compute_dweight):
         dx = grad_out @ weight if compute_dx else None
         grads = _kernels.lora_backward(grad_out, x, lora_a, lora_b,
                                        scaling if scale is None else scale, route, s,
-                                       dropout_p, seed, dx, deterministic)
+                                       dropout_p, seed, dx)
         dweight = grad_out.t() @ x if compute_dweight else x.new_empty(0)
-        return x.new_empty(0) if dx is None else dx, dweight, grads.to(lora_a.dtype)
+        return x.new_empty(0) if dx is None else dx, dweight, grads
 
     @torch.library.triton_op("fastvl::lora_linear_fwd_triton", mutates_args=())
     def lora_linear_fwd_triton(
@@ -144,13 +145,12 @@ if TRITON_IMPORT_ERROR is None:
         seed: int,
         compute_dx: bool,
         compute_dweight: bool,
-        deterministic: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (dx (N, in), dweight (out, in), dA (E, r, in) and dB (E, out, r) flattened into
         one (E·r·in + E·out·r,) tensor); dx and dweight empty (shape (0,)) when not asked
-        for; ``deterministic``: dA / dB without atomics."""
+        for; dA / dB are always summed in a fixed order (no atomics)."""
         return _backward_kernels(grad_out, x, weight, lora_a, lora_b, scale, scaling, route, s,
-                                 dropout_p, seed, compute_dx, compute_dweight, deterministic)
+                                 dropout_p, seed, compute_dx, compute_dweight)
 
     def _setup_context(ctx, inputs, output):
         x, weight, bias, lora_a, lora_b, scale, scaling, route, dropout_p, seed = inputs
@@ -163,7 +163,7 @@ if TRITON_IMPORT_ERROR is None:
         needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         dx, dweight, grads = _backward_op(
             grad_out, x, weight, lora_a, lora_b, scale, ctx.scaling, route, s, ctx.dropout_p,
-            ctx.seed, needs_x, needs_weight, torch.are_deterministic_algorithms_enabled(),
+            ctx.seed, needs_x, needs_weight,
         )
         da, db = _kernels.split_adapter_grads(grads, lora_a, lora_b)
         dbias = grad_out.sum(0, dtype=torch.float32).to(grad_out.dtype) if needs_bias else None
