@@ -300,6 +300,20 @@ def _plan_blocks(num_a: int, num_b: int, device: torch.device) -> tuple[int, int
 
 
 @triton.jit
+def _rank_key_and_partner(score_ptr, partner_ptr, row, offs, valid, b_first):
+    """(key, B index of the partner) of the A tokens ``offs`` of one sample (``row`` = its
+    first score). The key is one int64 whose order is the reference's ranking: descending
+    score, then lowest index; NaN above everything, -0.0 equal to 0.0."""
+    s = tl.load(score_ptr + row + offs, mask=valid, other=0.0) + 0.0
+    bits = s.to(tl.int32, bitcast=True)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    key = tl.where(s != s, 0x7FFFFFFF, key)
+    key = (key.to(tl.int64) << 32) | (2147483647 - offs).to(tl.int64)
+    partner = (tl.load(partner_ptr + row + offs, mask=valid, other=0) - b_first) // 2
+    return key, partner.to(tl.int32)
+
+
+@triton.jit
 def _tome_plan_kernel(
     score_ptr, partner_ptr, dest_ptr, offsets_ptr, sources_ptr,
     num_tokens, num_prefix, num_a, num_b, a_first, b_first, r,
@@ -339,16 +353,8 @@ def _tome_plan_kernel(
         d = 1 if B_AFTER_A else 0
         valid_i = offs < num_a
         valid_k = offs < num_b
-        # Score keys: one int64 whose order is the reference's ranking (descending score,
-        # lowest index first; NaN above everything, -0.0 equal to 0.0).
-        s = tl.load(score_ptr + sample * num_a + offs, mask=valid_i, other=0.0) + 0.0
-        bits = s.to(tl.int32, bitcast=True)
-        key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-        key = tl.where(s != s, 0x7FFFFFFF, key)
-        key_i = (key.to(tl.int64) << 32) | (2147483647 - offs).to(tl.int64)
-        partner_i = (tl.load(partner_ptr + sample * num_a + offs, mask=valid_i, other=0)
-                     - b_first) // 2  # B index
-        partner_i = partner_i.to(tl.int32)
+        key_i, partner_i = _rank_key_and_partner(score_ptr, partner_ptr, sample * num_a, offs,
+                                                 valid_i, b_first)
 
         rank_i = tl.zeros([BLOCK], tl.int32)
         cnt_k = tl.zeros([BLOCK], tl.int32)  # A tokens merged into B token k
@@ -363,13 +369,8 @@ def _tome_plan_kernel(
         for start_j in range(0, num_a, BLOCK_J):
             j = start_j + offs_j0
             valid_j = j < num_a
-            s_j = tl.load(score_ptr + sample * num_a + j, mask=valid_j, other=0.0) + 0.0
-            bits_j = s_j.to(tl.int32, bitcast=True)
-            key_j = bits_j ^ ((bits_j >> 31) & 0x7FFFFFFF)
-            key_j = tl.where(s_j != s_j, 0x7FFFFFFF, key_j)
-            key_j = (key_j.to(tl.int64) << 32) | (2147483647 - j).to(tl.int64)
-            partner_j = ((tl.load(partner_ptr + sample * num_a + j, mask=valid_j, other=0)
-                          - b_first) // 2).to(tl.int32)
+            key_j, partner_j = _rank_key_and_partner(score_ptr, partner_ptr, sample * num_a, j,
+                                                     valid_j, b_first)
             # rank of j: the A tokens ranked above it (all of them are in this block)
             above = (key_i[:, None] > key_j[None, :]) & valid_i[:, None]
             rank_j = tl.sum(above.to(tl.int32), 0)
