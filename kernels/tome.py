@@ -457,7 +457,8 @@ def _launch_plan(score, partner, r, num_prefix_tokens, num_tokens, spatial, batc
     launchable(_tome_plan_kernel, wrap_triton)[(batch,)](
         dest if identity else score, dest if identity else partner, dest, offsets, sources,
         num_tokens, num_prefix_tokens, num_a, num_b, a_first, b_first, r,
-        IDENTITY=identity, SPATIAL=spatial, B_AFTER_A=b_first > a_first, BLOCK=block, BLOCK_J=block_j, num_warps=warps,
+        IDENTITY=identity, SPATIAL=spatial, B_AFTER_A=b_first > a_first, BLOCK=block,
+        BLOCK_J=block_j, num_warps=warps,
     )
     return dest, offsets, sources
 

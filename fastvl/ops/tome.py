@@ -35,8 +35,9 @@ Backends:
   gradient is ``fastvl::tome_spread_triton`` (a weighted gather, deterministic too); the
   unmerge is ``tome_spread_triton`` unweighted, with ``fastvl::tome_segment_sum_triton`` as
   its gradient. Each op's gradient is registered as the other op, so double backward works.
-  A step (match + merge) is three launches. float16 / bfloat16 / float32. Eager mode launches the kernels directly (no custom-op
-  dispatch, :class:`fastvl.ops._eager.EagerOp`); torch.compile sees the registered ops.
+  A step (match + merge) is three launches. float16 / bfloat16 / float32. Eager mode launches
+  the kernels directly (no custom-op dispatch, :class:`fastvl.ops._eager.EagerOp`);
+  torch.compile sees the registered ops.
 
 The checks of a call (and the implementation chosen) are memoized by the shapes, dtypes,
 devices and flags they read, so repeated calls of a model skip them.
