@@ -328,23 +328,20 @@ def _tome_plan_kernel(
     sources = sources_ptr + sample * num_tokens
     offsets = offsets_ptr + sample * (num_merged + 1)
     offs = tl.arange(0, BLOCK)
-    if IDENTITY:  # r = 0: every token is its own merged token, whatever the order
-        for start in range(0, num_tokens, BLOCK):
-            t = start + offs
-            keep = t < num_tokens
-            tl.store(dest + t, t.to(tl.int64), mask=keep)
-            tl.store(sources + t, t.to(tl.int64), mask=keep)
-            tl.store(offsets + t, t.to(tl.int64), mask=keep)
-        tl.store(offsets + num_tokens, tl.zeros([], tl.int64) + num_tokens)
+    # Tokens that stay in place: the prefix, or (IDENTITY, r = 0) every token, whatever the
+    # order.
+    if IDENTITY:
+        in_place = num_tokens
     else:
-        # The prefix tokens stay in place.
-        for start in range(0, num_prefix, BLOCK):
-            t = start + offs
-            keep = t < num_prefix
-            tl.store(dest + t, t.to(tl.int64), mask=keep)
-            tl.store(sources + t, t.to(tl.int64), mask=keep)
-            tl.store(offsets + t, t.to(tl.int64), mask=keep)
-        tl.store(offsets + num_merged, tl.zeros([], tl.int64) + num_tokens)
+        in_place = num_prefix
+    for start in range(0, in_place, BLOCK):
+        t = start + offs
+        keep = t < in_place
+        tl.store(dest + t, t.to(tl.int64), mask=keep)
+        tl.store(sources + t, t.to(tl.int64), mask=keep)
+        tl.store(offsets + t, t.to(tl.int64), mask=keep)
+    tl.store(offsets + num_merged, tl.zeros([], tl.int64) + num_tokens)
+    if not IDENTITY:
 
         # i: A index (token a_first + 2 i); k: B index (token b_first + 2 k); same vector.
         # d = 1 when B tokens follow their A neighbour (b_first > a_first): then the A token j
