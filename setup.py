@@ -12,6 +12,8 @@ Environment:
   TORCH_CUDA_ARCH_LIST    archs to compile for, e.g. "8.0;9.0+PTX" (default "8.0;9.0").
   MAX_JOBS                parallel compile jobs (ninja).
   NVCC_THREADS            nvcc threads per compile job (its archs in parallel).
+  FASTVL_CUDA_WERROR=1    a kernel that spills registers or uses local memory fails the
+                          build (ptxas warnings as errors; CI sets it).
   CUDA_HOME / CUDA_PATH   the toolkit; otherwise found from nvcc on PATH or /usr/local/cuda.
 
 Use ``pip install --no-build-isolation`` so the build sees the installed torch.
@@ -184,6 +186,15 @@ def _char_codes(text: str) -> str:
     return ",".join(str(ord(ch)) for ch in text)
 
 
+def _ptxas_checks() -> list:
+    """ptxas warns about spills and local memory in fastvl's kernels; FASTVL_CUDA_WERROR=1
+    (set by CI) makes those warnings errors, so a kernel that spills fails the build."""
+    flags = "-warn-spills,-warn-lmem-usage"
+    if os.environ.get("FASTVL_CUDA_WERROR") == "1":
+        flags += ",-Werror"
+    return [f"-Xptxas={flags}"]
+
+
 def _cuda_extension(mode: str):
     """(ext_modules, cmdclass) for the CUDA extension; raises CudaBuildSkipped."""
     try:
@@ -229,7 +240,7 @@ def _cuda_extension(mode: str):
         library_dirs=library_dirs,
         extra_compile_args={
             "cxx": ["-O3", *build_info],
-            "nvcc": ["-O3", "-lineinfo", *_nvcc_threads()],
+            "nvcc": ["-O3", "-lineinfo", *_ptxas_checks(), *_nvcc_threads()],
         },
     )
 

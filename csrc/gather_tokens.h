@@ -14,8 +14,9 @@ namespace fastvl {
 at::Tensor gather_tokens_cuda(const at::Tensor& x, const at::Tensor& index);
 
 // grad (B, K, C) floating, index (B, K) int64 -> out (B, num_tokens, C) of grad's dtype:
-// zeros, then out[b, index[b, k], :] += grad[b, k, :] (duplicates accumulate; rows whose
-// index is outside [0, num_tokens) are skipped). fp16/bf16 accumulate in fp32.
+// out[b, n, :] = sum of grad[b, k, :] over the k with index[b, k] == n, in ascending k
+// (deterministic, no atomics; fp16/bf16 sum in fp32 and round once; indices outside
+// [0, num_tokens) are skipped).
 at::Tensor scatter_add_tokens_cuda(const at::Tensor& grad, const at::Tensor& index,
                                    int64_t num_tokens);
 

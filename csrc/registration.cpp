@@ -12,15 +12,25 @@
 #include <torch/library.h>
 
 #include "gather_tokens.h"
+#include "unshuffle_with_mask_token.h"
 
 TORCH_LIBRARY(fastvl, m) {
   m.def("gather_tokens_cuda(Tensor x, Tensor index) -> Tensor");
   m.def("scatter_add_tokens_cuda(Tensor grad, Tensor index, int num_tokens) -> Tensor");
+  m.def(
+      "unshuffle_with_mask_token_fwd_cuda(Tensor x, Tensor ids_restore, Tensor mask_token, "
+      "Tensor? pos_embed, int num_prefix_tokens) -> Tensor");
+  m.def(
+      "unshuffle_with_mask_token_bwd_cuda(Tensor grad_out, Tensor ids_restore, "
+      "int num_prefix_tokens, int num_visible, bool compute_dpos, int batch_chunks) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastvl, CUDA, m) {
   m.impl("gather_tokens_cuda", &fastvl::gather_tokens_cuda);
   m.impl("scatter_add_tokens_cuda", &fastvl::scatter_add_tokens_cuda);
+  m.impl("unshuffle_with_mask_token_fwd_cuda", &fastvl::unshuffle_with_mask_token_fwd_cuda);
+  m.impl("unshuffle_with_mask_token_bwd_cuda", &fastvl::unshuffle_with_mask_token_bwd_cuda);
 }
 
 // Build facts passed in by setup.py as comma-separated character codes (e.g. 56,46,48 for

@@ -387,3 +387,27 @@ def test_gpu_large_shapes(backend, dtype, shape):
     expected = reference.scatter_add_tokens(grad_out.double(), index, num_tokens)
     # Unique indices: every gradient element is one copied value or zero, so exact.
     torch.testing.assert_close(grad.double(), expected, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (torch.float16, torch.float32))
+def test_gpu_cuda_backward_repeated_indices_deterministic(dtype):
+    """Many repeated indices: the cuda scatter-add sums each output row in ascending k (no
+    atomics), so it runs under torch.use_deterministic_algorithms and repeats bit for bit;
+    its values match float64 within one rounding of a float32 sum."""
+    require_backend("gather_tokens", "cuda")
+    g = _gen(10)
+    x = random_tensor(8, 577, 1024, dtype=dtype, device=DEVICE, generator=g, requires_grad=True)
+    index = torch.randint(0, 577, (8, 2000), device=DEVICE, generator=g)
+    grad_out = random_tensor(8, 2000, 1024, dtype=dtype, device=DEVICE, generator=g)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        grads = [torch.autograd.grad(gather_tokens(x, index, backend="cuda", check_bounds=False),
+                                     x, grad_out)[0] for _ in range(3)]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert all(torch.equal(grads[0], other) for other in grads[1:])
+    expected = reference.scatter_add_tokens(grad_out.double(), index, 577)
+    torch.testing.assert_close(grads[0].double(), expected, rtol=torch.finfo(dtype).eps,
+                               atol=1e-5 * float(expected.abs().max()))

@@ -234,6 +234,128 @@ def test_bad_inputs_video_and_construction():
         mae_vit_tiny(backend="cuda-graphs")
 
 
+# ---- VideoMAE V2 dual masking -----------------------------------------------------------
+
+
+def _dual_tiny(**kwargs):
+    """T' = 4 time slots of a 4 x 4 grid (64 patches), the decoder dropping half."""
+    return mae_vit_tiny(num_frames=8, tubelet_size=2, decoder_mask_ratio=0.5, **kwargs)
+
+
+def _videomae_v2_loss(model, imgs, noise, phase, mask_ratio):
+    """VideoMAE V2's formulation on ``model``'s parameters, written out here: the decoder
+    input is the encoded tokens (+ their positions) concatenated with a mask token (+ its
+    position) per patch that the encoder removed and the running cell keeps, in ascending
+    patch order; its last rows predict those patches; the loss is MAE's normalised-pixel MSE
+    over them. The cell is the generator's, stepped in a loop. -> (loss, pred (B, M2, N))."""
+    batch, frames = imgs.shape[0], model.frames
+    side = model.img_size // model.patch_size[-1]
+    spatial = side * side
+    keep = int(spatial * (1 - mask_ratio))
+    kept_spatial = noise.argsort(dim=1)[:, :keep]
+    ids_keep = torch.cat([kept_spatial + t * spatial for t in range(frames)], dim=1)
+    removed = torch.ones(batch, frames * spatial, dtype=torch.bool, device=imgs.device)
+    removed.scatter_(1, ids_keep, False)
+    queue = [1, 1, 0, 0]  # half of each cell dropped, the dropped ones first
+    decoded = torch.zeros_like(removed)
+    for b in range(batch):
+        pointer = int(phase[b])
+        for t in range(frames):
+            pointer += 1
+            for y in range(side):
+                for x in range(side):
+                    cell = 2 * (y % 2) + x % 2
+                    decoded[b, (t * side + y) * side + x] = queue[(cell + pointer) % 4] == 0
+    decoded &= removed
+    x = model.patch_embed(imgs) + model.pos_embed[:, 1:]
+    x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    x = torch.cat([(model.cls_token + model.pos_embed[:, :1]).expand(batch, -1, -1), x], dim=1)
+    for block in model.blocks:
+        x = block(x)
+    x = model.decoder_embed(model.norm(x))
+    pos = model.decoder_pos_embed[0]
+    visible_pos = torch.cat([pos[:1].expand(batch, 1, -1), pos[1 + ids_keep]], dim=1)
+    num_decoded = int(decoded[0].sum())
+    decoded_ids = torch.stack([row.nonzero()[:, 0] for row in decoded])  # ascending
+    mask_rows = model.mask_token + pos[1 + decoded_ids]
+    x = torch.cat([x + visible_pos, mask_rows], dim=1)
+    for block in model.decoder_blocks:
+        x = block(x)
+    pred = model.decoder_pred(model.decoder_norm(x)[:, -num_decoded:])
+    pt, ph, pw = model.patch_size
+    clips = imgs.reshape(batch, 3, frames, pt, side, ph, side, pw)
+    target = clips.permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(batch, frames * spatial, -1)
+    target = torch.stack([target[b, decoded_ids[b]] for b in range(batch)])
+    mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+    target = (target - mean) / (var + 1e-6) ** 0.5
+    return ((pred - target) ** 2).mean(dim=-1).mean(), pred, decoded
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_dual_masking_matches_videomae_v2(fused):
+    torch.manual_seed(0)
+    model = _dual_tiny(norm_pix_loss=True, backend="torch", fused=fused).to(DEVICE,
+                                                                            torch.float64)
+    imgs, noise = _inputs(model, 3, seed=11, dtype=torch.float64)
+    phase = torch.tensor([0, 1, 3], device=DEVICE)
+    inputs = []
+    hook = model.decoder_blocks[0].register_forward_pre_hook(
+        lambda module, args: inputs.append(args[0].shape))
+    loss, pred, mask = model(imgs, mask_ratio=0.75, noise=noise, decoder_phase=phase)
+    hook.remove()
+    expected_loss, expected_pred, decoded = _videomae_v2_loss(model, imgs, noise, phase, 0.75)
+    # 4 of 16 spatial patches kept in 4 slots; of the 48 removed the cell decodes 24
+    assert inputs == [(3, 1 + 16 + 24, 32)]
+    assert torch.equal(mask.bool(), decoded) and mask.sum(dim=1).tolist() == [24.0] * 3
+    if not fused:
+        pred = pred[mask.bool()].view(3, 24, -1)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(pred, expected_pred, rtol=1e-10, atol=1e-12)
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    expected = torch.autograd.grad(expected_loss, list(model.parameters()), allow_unused=True)
+    for (name, _), grad, want in zip(model.named_parameters(), grads, expected):
+        torch.testing.assert_close(grad, want, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_dual_masking_fused_matches_plain_triton_backend():
+    for op in ("masked_patch_embed", "unshuffle_with_mask_token", "masked_pixel_loss",
+               "gather_tokens", "attention"):
+        require_backend(op, "triton")
+    torch.manual_seed(0)
+    model = _dual_tiny(norm_pix_loss=True, backend="triton").to(DEVICE)
+    imgs, noise = _inputs(model, 2, seed=12, dtype=torch.float32)
+    phase = torch.tensor([2, 1], device=DEVICE)
+    rtol, atol = TOLERANCE[torch.float32]
+    results = []
+    for fused in (True, False):
+        model.fused = fused
+        loss, pred, mask = model(imgs, mask_ratio=0.75, noise=noise, decoder_phase=phase)
+        grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+        results.append((loss, pred if fused else pred[mask.bool()].view(2, 24, -1), grads))
+    (loss, pred, grads), (plain_loss, plain_pred, plain_grads) = results
+    torch.testing.assert_close(loss, plain_loss, rtol=rtol, atol=atol)
+    torch.testing.assert_close(pred, plain_pred, rtol=rtol, atol=atol)
+    for grad, want in zip(grads, plain_grads):
+        if want is not None:
+            torch.testing.assert_close(grad, want, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(num_frames=8, tubelet_size=2, decoder_mask_ratio=0.3), ValueError,
+     r"decoder_mask_ratio must be 0, 0.25, 0.5 or 0.75"),
+    (dict(num_frames=8, tubelet_size=2, decoder_mask_ratio=True), TypeError,
+     r"decoder_mask_ratio must be a float"),
+    (dict(decoder_mask_ratio=0.5), ValueError, r"T' = 1 and a 4 x 4 grid"),
+    (dict(num_frames=4, tubelet_size=2, decoder_mask_ratio=0.5), ValueError,
+     r"multiple of 4 .* got T' = 2"),
+    (dict(num_frames=8, tubelet_size=2, img_size=24, decoder_mask_ratio=0.5), ValueError,
+     r"even patch grid .* 3 x 3 grid"),
+])
+def test_dual_masking_bad_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        mae_vit_tiny(**kwargs)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16])
 def test_fused_matches_plain_vit_b16_gpu(autocast_dtype):

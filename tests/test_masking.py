@@ -16,7 +16,14 @@ import torch
 
 from fastvl.ops import BackendNotSupportedError
 from fastvl.ops import gather_tokens
-from fastvl.ops.masking import masked_pixel_loss, random_masking, unshuffle_with_mask_token
+from fastvl import _extension
+from fastvl.ops.masking import (
+    masked_pixel_loss,
+    random_masking,
+    running_cell_masking,
+    unshuffle_batch_chunks,
+    unshuffle_with_mask_token,
+)
 from fastvl.reference import masking as reference
 from fastvl.testing import (
     ERROR_FLOOR,
@@ -30,6 +37,7 @@ from tests.conftest import DEVICE, require_backend
 
 MASK_RATIOS = (0.0, 0.75, 0.9, 0.985)
 ALL_BACKENDS = ("torch", "triton")
+UNSHUFFLE_BACKENDS = ("torch", "triton", "cuda")
 DTYPES = (torch.float32, torch.float16) + ((torch.bfloat16,) if DEVICE.type == "cuda" else ())
 
 
@@ -142,6 +150,70 @@ def test_random_masking_bad_inputs(kwargs, error, match):
         random_masking(args.pop("batch"), args.pop("num_patches"), args.pop("mask_ratio"), **args)
 
 
+# ---- running_cell_masking ---------------------------------------------------------------
+
+
+def _running_cell_oracle(phase, frames, height, width, mask_ratio):
+    """VideoMAE V2's running cell generator, step by step: a queue of 4 (the dropped ones
+    first) read from a pointer that starts at ``phase`` and advances before every time slot;
+    the 2 x 2 cell it reads is tiled over the grid. (T', h * w) lists of 0 / 1."""
+    dropped = int(4 * mask_ratio)
+    queue = [1] * dropped + [0] * (4 - dropped)
+    pointer = phase
+    slots = []
+    for _ in range(frames):
+        pointer += 1
+        cell = [queue[(i + pointer) % 4] for i in range(4)]  # row-major 2 x 2
+        slots.append([cell[2 * (y % 2) + x % 2] for y in range(height) for x in range(width)])
+    return slots
+
+
+@pytest.mark.parametrize("mask_ratio", [0.25, 0.5, 0.75])
+@pytest.mark.parametrize("frames,height,width", [(1, 2, 2), (5, 4, 6), (8, 14, 14)])
+def test_running_cell_masking_matches_the_generator(mask_ratio, frames, height, width):
+    phase = torch.tensor([0, 1, 2, 3, 2])
+    mask = running_cell_masking(5, frames, height, width, mask_ratio, phase=phase)
+    assert mask.dtype == torch.float32 and mask.shape == (5, frames * height * width)
+    for b in range(5):
+        expected = _running_cell_oracle(int(phase[b]), frames, height, width, mask_ratio)
+        assert mask[b].view(frames, -1).tolist() == expected
+    # every 2 x 2 cell of every slot drops its share; over 4 slots every patch equally often
+    cells = mask.view(5, frames, height // 2, 2, width // 2, 2).sum(dim=(3, 5))
+    assert bool((cells == 4 * mask_ratio).all())
+    if frames % 4 == 0:
+        per_patch = mask.view(5, frames, -1).sum(dim=1)
+        assert bool((per_patch == frames * mask_ratio).all())
+
+
+def test_running_cell_masking_default_phase_follows_the_generator():
+    g1 = torch.Generator().manual_seed(3)
+    g2 = torch.Generator().manual_seed(3)
+    first = running_cell_masking(16, 4, 2, 2, 0.5, generator=g1)
+    assert torch.equal(first, running_cell_masking(16, 4, 2, 2, 0.5, generator=g2))
+    phases = {tuple(row.tolist()) for row in first}
+    assert len(phases) > 1  # 16 samples, 4 phases drawn at random
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(height=3), ValueError, r"height and width must be even"),
+    (dict(width=0), ValueError, r"height and width must be even"),
+    (dict(frames=0), ValueError, r"frames >= 1"),
+    (dict(mask_ratio=0.3), ValueError, r"mask_ratio must be 0.25, 0.5 or 0.75"),
+    (dict(mask_ratio=1.0), ValueError, r"mask_ratio must be 0.25, 0.5 or 0.75"),
+    (dict(mask_ratio="half"), TypeError, r"mask_ratio must be a float"),
+    (dict(batch=2.0), TypeError, r"batch must be an int"),
+    (dict(phase=torch.zeros(2, dtype=torch.int32)), ValueError, r"phase must be int64"),
+    (dict(phase=torch.zeros(3, dtype=torch.int64)), ValueError, r"phase must be int64 of shape"),
+    (dict(phase=torch.tensor([0, 4])), ValueError, r"phase values must lie in \[0, 4\)"),
+])
+def test_running_cell_masking_bad_inputs(kwargs, error, match):
+    args = dict(batch=2, frames=4, height=2, width=2, mask_ratio=0.5) | kwargs
+    phase = args.pop("phase", None)
+    with pytest.raises(error, match=match):
+        running_cell_masking(args.pop("batch"), args.pop("frames"), args.pop("height"),
+                             args.pop("width"), args.pop("mask_ratio"), phase=phase)
+
+
 # ---- unshuffle_with_mask_token -----------------------------------------------------------
 
 
@@ -224,14 +296,14 @@ def _check_unshuffle(backend, batch, num_patches, mask_ratio, num_prefix, dim, d
         _assert_near_oracle(low_grad, grad64, name, dtype)
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", UNSHUFFLE_BACKENDS)
 @pytest.mark.parametrize("mask_ratio", MASK_RATIOS)
 def test_unshuffle_mask_ratios(backend, mask_ratio):
     require_backend("unshuffle_with_mask_token", backend)
     _check_unshuffle(backend, 2, 49, mask_ratio, 1, 24, torch.float32, seed=11)
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", UNSHUFFLE_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_prefix, pos_shape", [(0, None), (1, "batched"), (5, "flat")])
 def test_unshuffle_dtypes_prefixes_and_positions(backend, dtype, num_prefix, pos_shape):
@@ -239,7 +311,7 @@ def test_unshuffle_dtypes_prefixes_and_positions(backend, dtype, num_prefix, pos
     _check_unshuffle(backend, 3, 37, 0.75, num_prefix, 40, dtype, seed=12, pos_shape=pos_shape)
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", UNSHUFFLE_BACKENDS)
 def test_unshuffle_wide_tokens_and_strided_inputs(backend):
     """D spans two kernel blocks (1100 fp32 > 1024); x and ids_restore are not contiguous."""
     require_backend("unshuffle_with_mask_token", backend)
@@ -254,7 +326,7 @@ def test_unshuffle_wide_tokens_and_strided_inputs(backend):
     assert torch.equal(out, _mae_decoder_input(x, ids_restore, mask_token, pos))
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", UNSHUFFLE_BACKENDS)
 def test_unshuffle_promotes_mixed_dtypes(backend):
     """fp16 activations with fp32 parameters (autocast): fp32 out, grads in each input's dtype."""
     require_backend("unshuffle_with_mask_token", backend)
@@ -292,7 +364,7 @@ def test_unshuffle_opcheck():
                    (grad_out, ids_restore, 1, x.shape[1] - 1, True))
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", UNSHUFFLE_BACKENDS)
 def test_unshuffle_compiles_without_graph_breaks(backend):
     require_backend("unshuffle_with_mask_token", backend)
     torch._dynamo.reset()
@@ -349,9 +421,14 @@ def test_unshuffle_bad_inputs(change, error, match):
 
 def test_unshuffle_unavailable_backend_lists_reasons():
     args = _unshuffle_args()
-    with pytest.raises(ValueError, match=r"backend must be 'auto' or one of .*, got 'cuda'"):
-        unshuffle_with_mask_token(args.pop("x"), args.pop("ids_restore"), args.pop("mask_token"),
-                                  backend="cuda", **args)
+    if not _extension.is_built():
+        with pytest.raises(ValueError, match=r"backend must be 'auto' or one of .*, got 'cuda'"):
+            unshuffle_with_mask_token(args.pop("x"), args.pop("ids_restore"),
+                                      args.pop("mask_token"), backend="cuda", **args)
+    elif DEVICE.type == "cpu":
+        with pytest.raises(BackendNotSupportedError, match="CUDA device"):
+            unshuffle_with_mask_token(args.pop("x"), args.pop("ids_restore"),
+                                      args.pop("mask_token"), backend="cuda", **args)
     require_backend("unshuffle_with_mask_token", "triton")
     args = _unshuffle_args()
     with pytest.raises(BackendNotSupportedError, match="x has dtype torch.float64"):
@@ -360,11 +437,44 @@ def test_unshuffle_unavailable_backend_lists_reasons():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ("triton", "cuda"))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(64, 196, 0.75, 1, 512), (8, 1568, 0.9, 0, 384),
-                                   (16, 196, 0.985, 1, 1000)])
-def test_unshuffle_gpu_large_shapes(dtype, shape):
-    _check_unshuffle("triton", *shape, dtype, seed=19)
+                                   (16, 196, 0.985, 1, 1000), (256, 196, 0.75, 1, 512)])
+def test_unshuffle_gpu_large_shapes(backend, dtype, shape):
+    require_backend("unshuffle_with_mask_token", backend)
+    _check_unshuffle(backend, *shape, dtype, seed=19)
+
+
+@pytest.mark.parametrize("shape,chunks", [((256, 197, 512), 11), ((2, 197, 512), 2),
+                                          ((8, 1569, 384), 2), ((0, 5, 4), 1), ((3, 0, 4), 3)])
+def test_unshuffle_cuda_backward_batch_chunks(shape, chunks):
+    """Enough (chunk, position) row groups for a GPU, at most one chunk per sample."""
+    assert unshuffle_batch_chunks(*shape) == chunks
+
+
+@pytest.mark.skipif(not _extension.is_built(), reason="fastvl._C is not built")
+@pytest.mark.parametrize("compute_dpos", [True, False])
+def test_unshuffle_cuda_ops_are_wired_without_a_gpu(compute_dpos):
+    """The cuda ops' fake impls and registered backward (fake cuda tensors: no GPU needed):
+    the gradients come out in each input's shape and dtype, through the batch chunks."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastvl.ops.masking import UNSHUFFLE_WITH_MASK_TOKEN
+
+    cuda_impl = UNSHUFFLE_WITH_MASK_TOKEN.impls["cuda"].fn
+    with FakeTensorMode():
+        x = torch.empty(4, 5, 8, device="cuda", dtype=torch.float16, requires_grad=True)
+        ids_restore = torch.zeros(4, 16, dtype=torch.int64, device="cuda")
+        token = torch.empty(8, device="cuda", requires_grad=True)
+        pos = torch.empty(17, 8, device="cuda", requires_grad=compute_dpos)
+        out = cuda_impl(x, ids_restore, token, pos, 1)
+        grads = out.grad_fn.apply(torch.empty_like(out))  # (dx, None, dtoken, dpos, None)
+    assert out.shape == (4, 17, 8) and out.dtype == torch.float32
+    inputs = (x, token, pos) if compute_dpos else (x, token)
+    grads = [g for g in grads if g is not None]
+    assert [(g.shape, g.dtype, g.device.type) for g in grads] == [
+        (t.shape, t.dtype, "cuda") for t in inputs]
 
 
 # ---- masked_pixel_loss -------------------------------------------------------------------

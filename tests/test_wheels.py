@@ -47,7 +47,8 @@ def test_sdist_carries_the_sources_and_tests(sdist):
 
     with tarfile.open(sdist) as archive:
         names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
-    for required in ("csrc/gather_tokens.cu", "csrc/registration.cpp", "LICENSE",
+    for required in ("csrc/gather_tokens.cu", "csrc/registration.cpp", "csrc/row_kernels.h",
+                     "csrc/cuda_rows.cuh", "tests/csrc/emulated_row_kernels.cpp", "LICENSE",
                      "kernels/attention.py", "tests/conftest.py", "conftest.py",
                      "pyproject.toml", "setup.py", "MANIFEST.in"):
         assert required in names, required

@@ -30,6 +30,12 @@ only the shape of ``pred`` differs (see :meth:`MaskedAutoencoderViT.forward`).
 Video (VideoMAE / MAE-ST style): ``num_frames > 1`` cuts (B, C, T, H, W) clips into
 ``tubelet_size`` x p x p tubelets, uses 1D sin-cos positions over the T' * h * w tubelets
 (VideoMAE's table) and tube masking (one spatial mask shared by every time slot).
+
+Dual masking (VideoMAE V2): with ``decoder_mask_ratio`` the decoder also drops patches, by
+running cell masking (:func:`fastvl.ops.running_cell_masking`): it runs on the class token,
+the visible patches and the removed patches the cell keeps (``decoded``), and the loss covers
+``decoded`` only. Its rows keep ascending patch order; the fused path picks them from the
+unshuffled decoder input with :func:`fastvl.ops.gather_tokens` (plain: ``torch.gather``).
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from fastvl.ops import (
     masked_patch_embed,
     masked_pixel_loss,
     random_masking,
+    running_cell_masking,
     unshuffle_with_mask_token,
 )
 from fastvl.reference import masking as plain_masking
@@ -125,6 +132,11 @@ class MaskedAutoencoderViT(nn.Module):
             frames, tubelets of ``tubelet_size`` frames (``num_frames`` must be a multiple).
         fused: fastvl's fused ops (True) or the plain-PyTorch path (False); an attribute that
             may be changed at any time (parameters and state dict stay the same).
+        decoder_mask_ratio: VideoMAE V2's dual masking: the share of patches the decoder
+            drops by running cell masking, 0.25, 0.5 (the paper's) or 0.75; 0 (default): the
+            decoder sees every patch. Needs a video model whose T' = num_frames /
+            tubelet_size is a multiple of 4 and whose patch grid is even, so that every
+            sample decodes the same number of patches.
         backend: "auto", "triton" or "torch": the backend of every fused op and of the
             fused attention.
     """
@@ -147,6 +159,7 @@ class MaskedAutoencoderViT(nn.Module):
         *,
         fused: bool = True,
         backend: str = "auto",
+        decoder_mask_ratio: float = 0.0,
     ):
         super().__init__()
         if img_size % patch_size:
@@ -179,6 +192,7 @@ class MaskedAutoencoderViT(nn.Module):
             self.patch_size = tuple(self.patch_embed.patch_size)
             self.frames = 1
         self.num_patches = self.patch_embed.num_patches
+        self.decoder_mask_ratio = self._check_decoder_mask_ratio(decoder_mask_ratio)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.register_buffer("pos_embed", self._fixed_pos_embed(embed_dim))
         self.blocks = nn.ModuleList([
@@ -200,6 +214,28 @@ class MaskedAutoencoderViT(nn.Module):
         self._init_weights()
         self._fused = False
         self.fused = fused
+
+    def _check_decoder_mask_ratio(self, ratio) -> float:
+        name = "MaskedAutoencoderViT"
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+            raise TypeError(f"{name}: decoder_mask_ratio must be a float, got "
+                            f"{type(ratio).__name__}")
+        if ratio == 0:
+            return 0.0
+        if ratio not in (0.25, 0.5, 0.75):
+            raise ValueError(
+                f"{name}: decoder_mask_ratio must be 0, 0.25, 0.5 or 0.75 (running cells of 4 "
+                f"patches), got {ratio}"
+            )
+        height, width = self.patch_embed.grid_size[-2:]
+        if self.frames % 4 or height % 2 or width % 2:
+            raise ValueError(
+                f"{name}: decoder_mask_ratio needs a video model with T' = num_frames / "
+                f"tubelet_size a multiple of 4 and an even patch grid (every sample then "
+                f"decodes the same number of patches), got T' = {self.frames} and a "
+                f"{height} x {width} grid"
+            )
+        return float(ratio)
 
     def _fixed_pos_embed(self, dim: int) -> torch.Tensor:
         """(1, 1 + L, dim) float32: a zero row for the class token, then the patches'."""
@@ -244,7 +280,8 @@ class MaskedAutoencoderViT(nn.Module):
         self._fused = value
 
     def extra_repr(self) -> str:
-        return f"fused={self.fused}, backend={self.backend!r}, norm_pix_loss={self.norm_pix_loss}"
+        return (f"fused={self.fused}, backend={self.backend!r}, norm_pix_loss={self.norm_pix_loss}, "
+                f"decoder_mask_ratio={self.decoder_mask_ratio}")
 
     # ---- forward -------------------------------------------------------------------------
 
@@ -286,7 +323,8 @@ class MaskedAutoencoderViT(nn.Module):
             )
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75,
-                noise: Optional[torch.Tensor] = None):
+                noise: Optional[torch.Tensor] = None,
+                decoder_phase: Optional[torch.Tensor] = None):
         """imgs: (B, C, H, W), or (B, C, T, H, W) for a video model.
 
         Args:
@@ -294,19 +332,33 @@ class MaskedAutoencoderViT(nn.Module):
                 kept per sample (per time slot for video).
             noise: optional (B, S) float scores, the smallest kept (S = L for images, h * w
                 for video); default uniform random.
+            decoder_phase: with ``decoder_mask_ratio``, optional (B,) int64 running cell
+                phases (see :func:`fastvl.ops.running_cell_masking`); default random.
 
         Returns:
-            ``(loss, pred, mask)``: loss 0-dim float32; mask (B, L) float32, 1 = removed, in
-            patch order; pred pixel predictions flattened (pt, ph, pw, C), channel last:
-            plain path (B, L, N) for every patch (MAE's), fused path (B, M, N) for the M
-            removed patches only, in ascending patch order (``pred_plain[mask.bool()]
-            .view(B, M, N)`` in the plain path's terms).
+            ``(loss, pred, mask)``: loss 0-dim float32; mask (B, L) float32, 1 = a patch the
+            loss covers: removed by the encoder (and, with ``decoder_mask_ratio``, decoded),
+            in patch order; pred pixel predictions flattened (pt, ph, pw, C), channel last:
+            plain path (B, L, N) for every patch (MAE's; zeros at patches the decoder
+            dropped), fused path (B, M, N) for the M patches of ``mask`` only, in ascending
+            patch order (``pred_plain[mask.bool()].view(B, M, N)`` in the plain path's terms).
         """
         self._check_inputs(imgs, mask_ratio)
+        batch = imgs.shape[0]
         ids_keep, ids_restore, mask = random_masking(
-            imgs.shape[0], self.num_patches, mask_ratio, noise=noise, device=imgs.device,
+            batch, self.num_patches, mask_ratio, noise=noise, device=imgs.device,
             frames=self.frames,
         )
+        num_kept = ids_keep.shape[1]
+        num_decoded = self.num_patches - num_kept
+        decoded = mask  # the patches the loss covers
+        if self.decoder_mask_ratio:
+            skipped = running_cell_masking(
+                batch, self.frames, *self.patch_embed.grid_size[-2:], self.decoder_mask_ratio,
+                phase=decoder_phase, device=imgs.device,
+            )
+            decoded = mask * (1 - skipped)
+            num_decoded = round(num_decoded * (1 - self.decoder_mask_ratio))
         if self.fused:
             x = self._embed_fused(imgs, ids_keep)
         else:
@@ -323,26 +375,39 @@ class MaskedAutoencoderViT(nn.Module):
             x = plain_masking.unshuffle_with_mask_token(
                 x, ids_restore, self.mask_token, 1, self.decoder_pos_embed
             )
+        # the patches the decoder runs on, ascending (all of them without dual masking)
+        positions = None
+        if self.decoder_mask_ratio:
+            positions = plain_masking.masked_patch_index((1 - mask) + decoded,
+                                                         num_kept + num_decoded)
+            rows = torch.cat([positions.new_zeros(batch, 1), positions + 1], dim=1)
+            if self.fused:
+                x = gather_tokens(x, rows, backend=self.backend, check_bounds=False)
+            else:
+                x = torch.gather(x, 1, rows.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         for block in self.decoder_blocks:
             x = block(x)
         patches = self.decoder_norm(x)[:, 1:]
         targets = imgs.detach()
         if self.fused:
-            num_masked = self.num_patches - ids_keep.shape[1]
-            rows = plain_masking.masked_patch_index(mask, num_masked)
+            decoded_rows = decoded if positions is None else decoded.gather(1, positions)
+            rows = plain_masking.masked_patch_index(decoded_rows, num_decoded)
             pred = self.decoder_pred(
                 gather_tokens(patches, rows, backend=self.backend, check_bounds=False)
             )
             loss = masked_pixel_loss(
-                pred, targets, mask, self.patch_size, norm_pix=self.norm_pix_loss,
+                pred, targets, decoded, self.patch_size, norm_pix=self.norm_pix_loss,
                 backend=self.backend,
             )
         else:
             pred = self.decoder_pred(patches)
+            if positions is not None:
+                pred = pred.new_zeros(batch, self.num_patches, pred.shape[-1]).scatter(
+                    1, positions.unsqueeze(-1).expand(-1, -1, pred.shape[-1]), pred)
             loss = plain_masking.masked_pixel_loss(
-                pred, targets, mask, self.patch_size, self.norm_pix_loss
+                pred, targets, decoded, self.patch_size, self.norm_pix_loss
             )
-        return loss, pred, mask
+        return loss, pred, decoded
 
     def _embed_fused(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """(B, 1 + K, D): class token and the kept patches, projected from the image."""

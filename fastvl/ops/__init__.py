@@ -8,7 +8,12 @@ from fastvl.ops.attention import attention, varlen_attention
 from fastvl.ops.attention_key_mass import attention_key_mass
 from fastvl.ops.gather import gather_tokens
 from fastvl.ops.lora import lora_linear, routed_lora_linear
-from fastvl.ops.masking import masked_pixel_loss, random_masking, unshuffle_with_mask_token
+from fastvl.ops.masking import (
+    masked_pixel_loss,
+    random_masking,
+    running_cell_masking,
+    unshuffle_with_mask_token,
+)
 from fastvl.ops.patch_embed import masked_patch_embed
 from fastvl.ops.pruning import keep_topk_tokens, topk_candidate_index, topk_token_index
 from fastvl.ops.registry import BACKENDS, OPS, BackendNotSupportedError, availability
@@ -24,6 +29,7 @@ __all__ = [
     "masked_pixel_loss",
     "random_masking",
     "routed_lora_linear",
+    "running_cell_masking",
     "topk_candidate_index",
     "topk_token_index",
     "tome_match",

@@ -1,5 +1,6 @@
 """Masked image modeling (MAE, VideoMAE, CropMAE, VideoMAE V2) without the reference code's
-copies: :func:`random_masking`, :func:`unshuffle_with_mask_token`, :func:`masked_pixel_loss`.
+copies: :func:`random_masking`, :func:`running_cell_masking`, :func:`unshuffle_with_mask_token`,
+:func:`masked_pixel_loss`.
 
 The encoder embeds only the kept patches (:func:`fastvl.ops.masked_patch_embed` with
 ``ids_keep``); the decoder input is built by one kernel (visible tokens back in place, the
@@ -9,11 +10,14 @@ in registers instead of materialising a float32 target image. Nothing here syncs
 host (the checks of index values run on CPU tensors only), so a training step can be
 captured in a CUDA graph.
 
-Dual masking (VideoMAE V2): pick the decoder's subset of the masked patches with a second
-:func:`random_masking` over the masked list (``argsort(ids_restore)[:, K:]``), sort it, gather
-those rows from the unshuffled decoder input with :func:`fastvl.ops.gather_tokens`, and give
-:func:`masked_pixel_loss` the decoder's rows (``pred`` (B, M2, N), ascending patch order)
-with the mask of the decoded patches (``tests/test_masking.py::test_dual_masking_pipeline``).
+Dual masking (VideoMAE V2): :func:`running_cell_masking` gives the decoder's mask; the decoder
+runs on the visible patches and the removed ones it keeps (``mask * (1 - decoder_mask)``):
+gather those rows from the unshuffled decoder input with :func:`fastvl.ops.gather_tokens`
+and give :func:`masked_pixel_loss` the decoded rows (``pred`` (B, M2, N), ascending patch
+order) with the mask of the decoded patches; ``models.MaskedAutoencoderViT(...,
+decoder_mask_ratio=0.5)`` does all of it. Any other subset works the same way (e.g. a second
+:func:`random_masking` over the masked list, ``tests/test_masking.py::
+test_dual_masking_pipeline``).
 
 Layouts and the exact math are in :mod:`fastvl.reference.masking`. On the triton backend the
 kernels are launched directly in eager mode (:class:`fastvl.ops._eager.EagerOp`; torch.compile
@@ -28,6 +32,7 @@ from typing import Optional
 
 import torch
 
+from fastvl import _extension
 from fastvl.ops._checks import check_float_tensor, check_int, check_tensor, host_readable, is_int
 from fastvl.ops._eager import EagerOp, call_key, memoized
 from fastvl.ops.registry import KERNEL_DTYPES, TRITON_IMPORT_ERROR, Call, Supports, register_op
@@ -35,6 +40,7 @@ from fastvl.reference import masking as _reference
 
 __all__ = [
     "random_masking",
+    "running_cell_masking",
     "unshuffle_with_mask_token",
     "masked_pixel_loss",
     "UNSHUFFLE_WITH_MASK_TOKEN",
@@ -129,6 +135,76 @@ def random_masking(
     return _reference.random_masking(noise.detach(), mask_ratio, frames)
 
 
+def running_cell_masking(
+    batch: int,
+    frames: int,
+    height: int,
+    width: int,
+    mask_ratio: float = 0.5,
+    *,
+    phase: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    device=None,
+) -> torch.Tensor:
+    """VideoMAE V2's decoder masking ("running cell"): which patches the decoder skips.
+
+    Each 2 x 2 cell of the spatial grid drops ``4 * mask_ratio`` of its 4 patches, and the
+    dropped positions rotate by one position per time slot, so over 4 slots every patch is
+    decoded equally often and the decoder still sees every region of every frame.
+
+    Args:
+        batch: B. frames, height, width: the patch grid (T', h, w), h and w even.
+        mask_ratio: the share of patches the decoder drops: 0.25, 0.5 (VideoMAE V2) or 0.75.
+        phase: optional (B,) int64 in [0, 4), each sample's pointer into the cell's queue;
+            default uniform random from ``generator`` on ``device`` (the paper draws it per
+            sample; pass your own for reproducibility).
+
+    Returns:
+        ``mask`` (B, T' * h * w) float32, 1 = not decoded, patch ``l = (t * h + y) * w + x``
+        (the layout of :func:`random_masking`'s ``mask``). No host sync.
+
+    Dual masking: the decoder reconstructs the patches that the encoder removed and this
+    mask keeps, ``mask_enc * (1 - mask_dec)``, and the loss covers those only (the paper's
+    choice; VideoMAE V2's code also decodes the few encoder-visible ones it keeps). With tube
+    masking and T' a multiple of 4 every sample then decodes the same number of patches:
+    ``(L - K) * (1 - mask_ratio)``. :class:`fastvl.models.MaskedAutoencoderViT` does this with
+    ``decoder_mask_ratio``.
+    """
+    op = "running_cell_masking"
+    for name, value in (("batch", batch), ("frames", frames), ("height", height),
+                        ("width", width)):
+        check_int(op, name, value)
+    if batch < 0 or frames < 1:
+        raise ValueError(f"{op}: batch must be >= 0 and frames >= 1, got {batch} and {frames}")
+    if height < 2 or width < 2 or height % 2 or width % 2:
+        raise ValueError(
+            f"{op}: height and width must be even and >= 2 (2 x 2 cells), got {height} x {width}"
+        )
+    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, _NUMBER):
+        raise TypeError(f"{op}: mask_ratio must be a float, got {type(mask_ratio).__name__}")
+    masked_per_cell = 4 * mask_ratio
+    if masked_per_cell not in (1, 2, 3):
+        raise ValueError(
+            f"{op}: mask_ratio must be 0.25, 0.5 or 0.75 (1 to 3 of each cell's 4 patches), "
+            f"got {mask_ratio}"
+        )
+    if phase is None:
+        if device is None:
+            device = generator.device if generator is not None else "cpu"
+        phase = torch.randint(0, 4, (batch,), generator=generator, device=device)
+    else:
+        check_tensor(op, "phase", phase)
+        if phase.dtype != torch.int64 or tuple(phase.shape) != (batch,):
+            raise ValueError(
+                f"{op}: phase must be int64 of shape (B,) = ({batch},), got {phase.dtype} "
+                f"{tuple(phase.shape)}"
+            )
+        if host_readable(phase) and phase.numel() and not bool(
+                ((phase >= 0) & (phase < 4)).all()):
+            raise ValueError(f"{op}: phase values must lie in [0, 4)")
+    return _reference.running_cell_mask(phase, frames, height, width, int(masked_per_cell))
+
+
 # ---- unshuffle_with_mask_token -----------------------------------------------------------
 # Every implementation is called as fn(x, ids_restore, mask_token, pos_embed, num_prefix_tokens)
 # with validated arguments in their public shapes.
@@ -163,6 +239,53 @@ def _unshuffle_bwd_fake(grad_out, ids_restore, num_prefix_tokens, num_visible, c
 
 
 UNSHUFFLE_WITH_MASK_TOKEN.implement("torch", _unshuffle_torch_impl, Supports(dtype_of="x"))
+
+
+def _unshuffle_kernel_impl(forward_op, forward_kernels, backward_op, backward_kernels):
+    """A kernel backend's implementation from its forward / backward ops (fake impls and the
+    gradient attached here) and the functions they compute.
+
+    forward: (x, ids_restore, mask_token (D,), pos_embed (P + L, D) | None, P) -> out;
+    backward: (grad_out, ids_restore, P, num_visible, compute_dpos) -> (dx in grad_out's
+    dtype, float32 mask-token gradient rows (R, D), float32 dpos (S * (P + L), D) or (0,)):
+    the mask-token gradient is the sum of the rows, dpos the sum of its S blocks of P + L
+    rows (S = 1 for triton; the batch chunks of the cuda kernel).
+    """
+
+    def setup_context(ctx, inputs, output):
+        x, ids_restore, mask_token, pos_embed, num_prefix_tokens = inputs
+        ctx.save_for_backward(ids_restore)
+        ctx.num_prefix_tokens = num_prefix_tokens
+        ctx.num_visible = x.shape[1] - num_prefix_tokens
+        ctx.dtypes = (x.dtype, mask_token.dtype, None if pos_embed is None else pos_embed.dtype)
+
+    def backward(ctx, grad_out):
+        (ids_restore,) = ctx.saved_tensors
+        x_dtype, token_dtype, pos_dtype = ctx.dtypes
+        compute_dpos = pos_dtype is not None and ctx.needs_input_grad[3]
+        dx, dtoken_rows, dpos = backward_kernels_op(
+            grad_out, ids_restore, ctx.num_prefix_tokens, ctx.num_visible, compute_dpos
+        )
+        dtoken = dtoken_rows.sum(dim=0).to(token_dtype)
+        if compute_dpos:
+            num_rows, dim = grad_out.shape[1:]
+            if dpos.shape[0] != num_rows:
+                dpos = dpos.view(-1, num_rows, dim).sum(dim=0)
+            dpos = dpos.to(pos_dtype)
+        return dx.to(x_dtype), None, dtoken, dpos if compute_dpos else None, None
+
+    torch.library.register_fake(forward_op, _unshuffle_fwd_fake)
+    forward = EagerOp(forward_op, forward_kernels, setup_context, backward,
+                      grad_inputs=(0, 2, 3))
+    backward_kernels_op = EagerOp(backward_op, backward_kernels)
+
+    def implementation(x, ids_restore, mask_token, pos_embed, num_prefix_tokens):
+        dim = x.shape[-1]
+        pos = None if pos_embed is None else pos_embed.reshape(-1, dim)
+        return forward(x, ids_restore, mask_token.reshape(dim), pos, num_prefix_tokens)
+
+    return implementation
+
 
 if TRITON_IMPORT_ERROR is None:
     from fastvl.kernels import masking as _kernels
@@ -200,40 +323,53 @@ if TRITON_IMPORT_ERROR is None:
             grad_out, ids_restore, num_prefix_tokens, num_visible, compute_dpos
         )
 
-    def _unshuffle_setup_context(ctx, inputs, output):
-        x, ids_restore, mask_token, pos_embed, num_prefix_tokens = inputs
-        ctx.save_for_backward(ids_restore)
-        ctx.num_prefix_tokens = num_prefix_tokens
-        ctx.num_visible = x.shape[1] - num_prefix_tokens
-        ctx.dtypes = (x.dtype, mask_token.dtype, None if pos_embed is None else pos_embed.dtype)
-
-    def _unshuffle_backward(ctx, grad_out):
-        (ids_restore,) = ctx.saved_tensors
-        x_dtype, token_dtype, pos_dtype = ctx.dtypes
-        compute_dpos = pos_dtype is not None and ctx.needs_input_grad[3]
-        dx, dtoken_rows, dpos = _unshuffle_backward_kernels(
-            grad_out, ids_restore, ctx.num_prefix_tokens, ctx.num_visible, compute_dpos
-        )
-        dtoken = dtoken_rows.sum(dim=0).to(token_dtype)
-        return dx.to(x_dtype), None, dtoken, dpos.to(pos_dtype) if compute_dpos else None, None
-
-    torch.library.register_fake(unshuffle_with_mask_token_fwd_triton, _unshuffle_fwd_fake)
     torch.library.register_fake(unshuffle_with_mask_token_bwd_triton, _unshuffle_bwd_fake)
-    _unshuffle_forward = EagerOp(
-        unshuffle_with_mask_token_fwd_triton, _unshuffle_forward_kernels,
-        _unshuffle_setup_context, _unshuffle_backward, grad_inputs=(0, 2, 3),
+    UNSHUFFLE_WITH_MASK_TOKEN.implement(
+        "triton",
+        _unshuffle_kernel_impl(unshuffle_with_mask_token_fwd_triton, _unshuffle_forward_kernels,
+                               unshuffle_with_mask_token_bwd_triton, _kernels.unshuffle_backward),
+        Supports(dtypes=KERNEL_DTYPES, dtype_of="x"),
     )
-    _unshuffle_backward_kernels = EagerOp(unshuffle_with_mask_token_bwd_triton,
-                                          _kernels.unshuffle_backward)
 
-    def _unshuffle_triton_impl(x, ids_restore, mask_token, pos_embed, num_prefix_tokens):
-        dim = x.shape[-1]
-        pos = None if pos_embed is None else pos_embed.reshape(-1, dim)
-        return _unshuffle_forward(x, ids_restore, mask_token.reshape(dim), pos,
-                                  num_prefix_tokens)
+
+# The cuda backward's batch chunks: enough (chunk, position) row groups to fill a GPU when
+# P + L is small (about 2**20 elements per pass over the batch), at most one per sample.
+_UNSHUFFLE_ELEMENTS_PER_PASS = 1 << 20
+
+
+def unshuffle_batch_chunks(batch: int, num_rows: int, dim: int) -> int:
+    """How many batch chunks the cuda backward of a (batch, num_rows, dim) gradient sums in
+    separately (each chunk's samples in order; the caller adds the chunks)."""
+    wanted = -(-_UNSHUFFLE_ELEMENTS_PER_PASS // max(num_rows * dim, 1))
+    return max(1, min(batch, wanted))
+
+
+def _unshuffle_cuda_bwd_fake(grad_out, ids_restore, num_prefix_tokens, num_visible,
+                             compute_dpos, batch_chunks):
+    batch, num_rows, dim = grad_out.shape
+    dx = grad_out.new_empty(batch, num_prefix_tokens + num_visible, dim)
+    partials = (batch_chunks * num_rows, dim)
+    dtoken_rows = grad_out.new_empty(partials, dtype=torch.float32)
+    dpos = grad_out.new_empty(partials if compute_dpos else (0,), dtype=torch.float32)
+    return dx, dtoken_rows, dpos
+
+
+if _extension.is_built():
+    _cuda_unshuffle_fwd = torch.ops.fastvl.unshuffle_with_mask_token_fwd_cuda.default
+    _cuda_unshuffle_bwd = torch.ops.fastvl.unshuffle_with_mask_token_bwd_cuda.default
+    torch.library.register_fake(_cuda_unshuffle_bwd, _unshuffle_cuda_bwd_fake)
+
+    def _unshuffle_cuda_backward(grad_out, ids_restore, num_prefix_tokens, num_visible,
+                                 compute_dpos):
+        chunks = unshuffle_batch_chunks(*grad_out.shape)
+        return _cuda_unshuffle_bwd(grad_out, ids_restore, num_prefix_tokens, num_visible,
+                                   compute_dpos, chunks)
 
     UNSHUFFLE_WITH_MASK_TOKEN.implement(
-        "triton", _unshuffle_triton_impl, Supports(dtypes=KERNEL_DTYPES, dtype_of="x")
+        "cuda",
+        _unshuffle_kernel_impl(_cuda_unshuffle_fwd, _cuda_unshuffle_fwd,
+                               _unshuffle_cuda_backward, _unshuffle_cuda_backward),
+        Supports(dtypes=KERNEL_DTYPES, dtype_of="x"),
     )
 
 
@@ -320,13 +456,14 @@ def unshuffle_with_mask_token(
         num_prefix_tokens: P, kept in front unchanged (MAE: 1).
         pos_embed: optional (P + L, D) or (1, P + L, D) decoder positions, added to every
             row (MAE's ``x + decoder_pos_embed``).
-        backend: "auto", "triton" or "torch".
+        backend: "auto", "cuda", "triton" or "torch".
 
     Returns:
-        (B, P + L, D) in the promotion of the inputs' dtypes (contiguous on triton).
+        (B, P + L, D) in the promotion of the inputs' dtypes (contiguous on cuda / triton).
         Differentiable in x (a gather of the gradient at the visible positions), mask_token
         (the gradient summed over the masked rows) and pos_embed (summed over the batch);
-        the triton backward sums in float32 in a fixed order (deterministic, no atomics).
+        the cuda / triton backwards sum in float32 in a fixed order (deterministic, no
+        atomics; cuda sums batch chunks first, :func:`unshuffle_batch_chunks`).
 
     ids_restore is checked to hold permutations only on CPU outside torch.compile (no host
     sync); on a GPU a row that is not a permutation leaves rows of x's gradient unwritten.

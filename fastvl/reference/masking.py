@@ -22,6 +22,7 @@ import torch
 
 __all__ = [
     "random_masking",
+    "running_cell_mask",
     "unshuffle_with_mask_token",
     "patchify",
     "pixel_targets",
@@ -59,6 +60,26 @@ def random_masking(noise: torch.Tensor, mask_ratio: float, frames: int = 1):
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     mask = (ids_restore >= len_keep).to(torch.float32)
     return ids_shuffle[:, :len_keep], ids_restore, mask
+
+
+def running_cell_mask(phase: torch.Tensor, frames: int, height: int, width: int,
+                      masked_per_cell: int) -> torch.Tensor:
+    """VideoMAE V2's running cell decoder mask: phase (B,) int64 in [0, 4) -> (B, frames *
+    height * width) float32, 1 = not decoded, patch ``l = (t * height + y) * width + x``.
+
+    Every 2 x 2 cell of the (height, width) grid reads the queue ``[1] * masked_per_cell +
+    [0] * (4 - masked_per_cell)`` from a pointer that starts at ``phase`` and advances one
+    step per time slot: at slot t, cell position ``c = 2 * (y % 2) + x % 2`` holds
+    ``queue[(c + phase + t + 1) % 4]`` (the masks of VideoMAE V2's running cell generator,
+    its pointer set to ``phase``).
+    """
+    device = phase.device
+    t = torch.arange(frames, device=device).view(frames, 1, 1)
+    y = torch.arange(height, device=device).view(1, height, 1)
+    x = torch.arange(width, device=device).view(1, 1, width)
+    step = 2 * (y % 2) + x % 2 + t + 1  # (frames, height, width)
+    slot = (step.unsqueeze(0) + phase.view(-1, 1, 1, 1)) % 4
+    return (slot < masked_per_cell).to(torch.float32).flatten(1)
 
 
 def unshuffle_with_mask_token(
