@@ -135,6 +135,9 @@ class Built:
     track_memory: bool = False
     references: dict[str, Optional[str]] = field(default_factory=dict)
     compare: dict[str, Callable[[Any, Any], Optional[str]]] = field(default_factory=dict)
+    # implementations whose traffic the counter cannot see (compiled code runs uncompiled under
+    # its dispatch mode), with why: their rows get no ``moved/min``
+    traffic_unknown: dict[str, str] = field(default_factory=dict)
 
     def add(self, name: str, fn: Callable[[], Any]) -> None:
         self.impls[name] = fn

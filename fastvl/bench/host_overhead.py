@@ -12,7 +12,8 @@ is faster than what it replaces. This module measures that work on CPU tensors:
   :func:`host_timings` times several callables interleaved, round by round, so that a busy
   machine slows them alike;
 * :func:`count_launches` counts the device launches one call would make: Triton launches plus
-  the ATen ops that launch a kernel on a GPU (views, ``empty`` and metadata ops do not);
+  the ATen and C++ extension ops that launch a kernel on a GPU (:func:`launches_kernel`: views,
+  ``empty`` and metadata ops do not);
   :func:`count_syncs` the host synchronisations (reads of tensor values, data-dependent shapes).
 
 The plain-PyTorch chain an op replaces is timed the same way on the same tiny CPU tensors, where
@@ -37,7 +38,7 @@ from fastvl.ops.registry import simulate_gpu_dispatch
 
 __all__ = [
     "LaunchCount", "count_launches", "count_syncs", "gpu_path", "host_time", "host_timings",
-    "no_launches",
+    "launches_kernel", "no_launches", "replaced_triton_runs",
 ]
 
 
@@ -62,6 +63,22 @@ def _launcher_classes() -> list:
 
 
 @contextlib.contextmanager
+def replaced_triton_runs(make_run: Callable[[Callable], Callable]) -> Iterator[None]:
+    """In the block, the ``run`` method of Triton's launchers (``JITFunction`` and the
+    interpreter's ``InterpretedFunction``), through which every kernel launch goes, is
+    ``make_run(original run)``."""
+    classes = _launcher_classes()
+    saved = [cls.__dict__["run"] for cls in classes]
+    for cls, run in zip(classes, saved):
+        cls.run = make_run(run)
+    try:
+        yield
+    finally:
+        for cls, run in zip(classes, saved):
+            cls.run = run
+
+
+@contextlib.contextmanager
 def no_launches() -> Iterator[LaunchCount]:
     """Every Triton kernel launch in the block is counted and skipped (outputs stay unwritten)."""
     count = LaunchCount()
@@ -70,15 +87,8 @@ def no_launches() -> Iterator[LaunchCount]:
         if not kwargs.get("warmup", False):
             count.triton += 1
 
-    classes = _launcher_classes()
-    saved = [cls.__dict__["run"] for cls in classes]
-    for cls in classes:
-        cls.run = skipped_run
-    try:
+    with replaced_triton_runs(lambda run: skipped_run):
         yield count
-    finally:
-        for cls, run in zip(classes, saved):
-            cls.run = run
 
 
 @contextlib.contextmanager
@@ -146,18 +156,24 @@ _NO_LAUNCH_PREFIXES = (
 )
 
 
+def launches_kernel(op: torch._ops.OpOverload) -> bool:
+    """Whether dispatching ``op`` launches a device kernel of its own: ATen ops other than
+    views, allocations and metadata ops do; fastvl's C++ extension ops (``fastvl::*_cuda``)
+    are kernels; fastvl's Python-registered ops (``fastvl::*_triton``) are not counted
+    themselves but by what they run (Triton launches, ATen ops)."""
+    if op.namespace == "fastvl":
+        return op._schema.name.endswith("_cuda")
+    return not op.__name__.startswith(_NO_LAUNCH_PREFIXES)  # e.g. "mm.default"
+
+
 class _LaunchCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
-        self.aten = 0
         self.ops: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.__name__  # e.g. "mm.default"
-        # fastvl's own custom ops are counted by what they run (Triton launches, ATen ops).
-        if func.namespace != "fastvl" and not name.startswith(_NO_LAUNCH_PREFIXES):
-            self.aten += 1
-            self.ops.append(name)
+        if launches_kernel(func):
+            self.ops.append(func.__name__)
         return func(*args, **(kwargs or {}))
 
 
@@ -214,7 +230,7 @@ def count_syncs(fn: Callable[[], Any]) -> tuple[int, list[str]]:
 
 def count_launches(fn: Callable[[], Any]) -> tuple[int, list[str]]:
     """(device launches of one ``fn()`` call, the names of the launching ops): Triton launches
-    (skipped, as in :func:`no_launches`) plus ATen ops other than views and allocations."""
+    (skipped, as in :func:`no_launches`) plus the ops that :func:`launches_kernel`."""
     with no_launches() as count, _LaunchCounter() as counter:
         fn()
-    return count.triton + counter.aten, counter.ops + ["triton"] * count.triton
+    return count.triton + len(counter.ops), counter.ops + ["triton"] * count.triton

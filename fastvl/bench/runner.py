@@ -10,6 +10,12 @@ Progress goes to stderr, the comparison table to stdout, and ``results.json``,
 On CPU the shapes are those of the GPU cases with the batch divided by 8, float32, and only
 PyTorch code is timed (Triton would run in its interpreter, which is not a benchmark).
 
+Where a case states the minimum bytes a call must move (``Built.bytes``, giving GB/s), each
+timed implementation's row also has ``moved_bytes``, what one call's kernels move
+(:func:`fastvl.bench.traffic.count_traffic`, counted on one more, untimed call), and
+``moved_ratio`` over that minimum: ``moved/min`` in the table, above 1x where kernels write
+intermediates and read them back.
+
 Host-overhead cases (``--ops host_overhead``, :attr:`Case.host_overhead`) are built and timed
 inside :func:`fastvl.bench.host_overhead.gpu_path` on tiny CPU tensors, the implementations of
 a case interleaved (:func:`~fastvl.bench.host_overhead.host_timings`); their rows add device
@@ -391,7 +397,8 @@ def _measure_host(built: Built, case: Case, settings: Settings) -> dict[str, dic
 
 def _measure(built: Built, impl: str, case: Case, results: dict, settings: Settings) -> dict:
     """Check ``impl`` against its reference (whose result is computed once into ``results``),
-    then time it (and measure its peak memory if the case asks)."""
+    then time it (and measure its peak memory if the case asks), then, where the case states
+    its minimum bytes, count the bytes one call moves (:func:`_moved`)."""
     fn = built.impls[impl]
     reference = case.reference(built, impl)
     checked = {"checked_against": reference}
@@ -430,7 +437,24 @@ def _measure(built: Built, impl: str, case: Case, results: dict, settings: Setti
         result["items_per_s"] = built.items / timing.median
     if built.track_memory:
         result["peak_mem_bytes"] = memory
+    if impl in built.traffic_unknown:
+        result["moved_error"] = built.traffic_unknown[impl]
+    elif built.bytes:
+        result.update(_moved(fn, built.bytes))
     return result
+
+
+def _moved(fn: Callable[[], Any], minimum: float) -> dict:
+    """``moved_bytes``, what one call's kernels move (:func:`fastvl.bench.traffic.count_traffic`,
+    one more untimed call), and ``moved_ratio``, that over the ``minimum``; or
+    ``moved_error`` if counting failed (the timing stands)."""
+    from fastvl.bench.traffic import count_traffic
+
+    try:
+        moved = count_traffic(fn).bytes
+    except Exception as exc:
+        return {"moved_error": _short_error(exc)}
+    return {"moved_bytes": moved, "moved_ratio": moved / minimum}
 
 
 # --------------------------------------------------------------------------- reporting
@@ -442,6 +466,7 @@ TABLE_WIDTH = 120
 def _table_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
     """The metric columns an op's rows use (a column no row fills is left out)."""
     columns = ["median", "IQR", "GB/s"]
+    columns += ["moved/min"] if any(r.get("moved_ratio") is not None for r in rows) else []
     columns += ["TFLOP/s"] if any(r.get("tflops") for r in rows) else []
     columns += ["items/s"] if any(r.get("items_per_s") for r in rows) else []
     columns += ["peak mem"] if any("peak_mem_bytes" in r for r in rows) else []
@@ -466,10 +491,12 @@ def _metric_cells(row: dict[str, Any], columns: Sequence[str]) -> list[str]:
     else:
         speed = f"{ratio:.2f}x" if ratio >= 0.1 else f"{ratio:.2g}x"
     host_ratio = row.get("host_ratio")
+    moved_ratio = row.get("moved_ratio")
     value = {
         "median": _format_seconds(row["median_s"]),
         "IQR": _format_seconds(row["iqr_s"]),
         "GB/s": f"{row['gbps']:.1f}" if row.get("gbps") else "-",
+        "moved/min": "-" if moved_ratio is None else _format_ratio(moved_ratio),
         "TFLOP/s": _rate(row.get("tflops"), 0.1),
         "items/s": _rate(row.get("items_per_s"), 10),
         "peak mem": _format_bytes(row.get("peak_mem_bytes")),
@@ -479,6 +506,13 @@ def _metric_cells(row: dict[str, Any], columns: Sequence[str]) -> list[str]:
         "vs baseline": speed,
     }
     return [value[column] for column in columns]
+
+
+def _format_ratio(ratio: float) -> str:
+    """1.00x, 3.2x, 150x."""
+    if ratio < 2:
+        return f"{ratio:.2f}x"
+    return f"{ratio:.1f}x" if ratio < 100 else f"{ratio:.0f}x"
 
 
 def _shapes_text(shapes: Optional[dict]) -> str:
@@ -519,6 +553,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
                            f"{_shapes_text(row.get('shapes'))}"[:TABLE_WIDTH])
             out.append(fmt(line))
     rates = ["GB/s = minimum bytes moved / median"]
+    rates += ["moved/min = bytes one call's kernels move / that minimum (>1: traffic "
+              "between kernels)"] if any("moved_ratio" in r for r in shown) else []
     rates += ["TFLOP/s = FLOPs / median"] if any(r.get("tflops") for r in shown) else []
     rates += ["items/s = images or prompts / median"] if any(
         r.get("items_per_s") for r in shown) else []
@@ -531,6 +567,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
                      "skipped); host/plain target <= 1.3x.")
     notes += [f"{r['status'].upper()} {r['op']}/{r['case']} {r['dtype']} {r['mode']} "
               f"{r['impl']}: {r['reason']}" for r in rows if r["status"] not in ("ok", "skipped")]
+    notes += [f"moved/min not counted for {r['op']}/{r['case']} {r['dtype']} {r['mode']} "
+              f"{r['impl']}: {r['moved_error']}" for r in shown if "moved_error" in r]
     out.append("")
     for note in notes:
         out += textwrap.wrap(note, TABLE_WIDTH, subsequent_indent="  ")
