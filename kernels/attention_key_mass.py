@@ -1,7 +1,7 @@
 """Attention mass received by each key, recomputed tile by tile from the forward's lse.
 
-``mass[b, h, j] = sum_{i in [query_start, query_end)} P[b, h, i, j]`` with
-``P = exp(S - lse)``, the probabilities of :func:`fastvl.ops.attention` (same logits, key
+``mass[b, h, j] = sum_{i in [query_start, query_end)} w[b, h, i] P[b, h, i, j]`` with
+``P = exp(S - lse)`` and w the optional query weights (1 without), the probabilities of :func:`fastvl.ops.attention` (same logits, key
 bias and masks, see :mod:`fastvl.kernels.attention`), never stored: one program per key
 block and (batch, kv head) loads its K tile once, loops the query heads of the GQA group and
 the selected query blocks, and sums ``P`` over queries in registers (no atomics), as the
@@ -54,17 +54,29 @@ def _config(head_dim: int, dtype: torch.dtype, device) -> tuple:
     return 32, 32, 4, 1
 
 
+def _weight_strides(query_weights) -> tuple:
+    """(batch, head, query) strides of (B, Nq) / (B, H, Nq) weights (head stride 0 for one row
+    per sample); zeros without weights."""
+    if query_weights is None:
+        return 0, 0, 0
+    if query_weights.dim() == 2:
+        return query_weights.stride(0), 0, query_weights.stride(1)
+    return query_weights.stride()
+
+
 @triton.jit
 def _key_mass_kernel(
-    q_ptr, k_ptr, lse_ptr, bias_ptr, prefix_ptr, out_ptr,
+    q_ptr, k_ptr, lse_ptr, bias_ptr, prefix_ptr, weight_ptr, out_ptr,
     num_heads, num_kv_heads, group, num_queries, num_keys, head_dim,
     query_start, query_end,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_lb, stride_lh, stride_lm,
     stride_bb, stride_bh, stride_bn,
+    stride_wb, stride_wh, stride_wm,
     qk_scale, future_bias, out_scale,
     CAUSAL: tl.constexpr, SOFT: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
     SKIP: tl.constexpr, PER_HEAD: tl.constexpr, REDUCE_MAX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -102,7 +114,10 @@ def _key_mass_kernel(
         start_m_lo = tl.maximum(first, query_start)
 
     # Key-major tiles (BLOCK_N keys x BLOCK_M queries), so the sum over queries is axis 1.
-    mass = tl.zeros([BLOCK_N], tl.float32)
+    if REDUCE_MAX:  # (weighted masses may be negative)
+        mass = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    else:
+        mass = tl.zeros([BLOCK_N], tl.float32)
     for g in range(0, group):
         h = kvh * group + g
         q_base = q_ptr + b * stride_qb + h * stride_qh
@@ -121,7 +136,12 @@ def _key_mass_kernel(
             qkt = tl.dot(k, qt, input_precision=DOT_PRECISION)
             st = _masked_logits(qkt * qk_scale + kb2, offs_m[None, :], offs_n[:, None], num_keys,
                                 offset, prefix, future_bias, CAUSAL, SOFT, HAS_PREFIX)
-            head_mass += tl.sum(tl.math.exp2(st - lse2[None, :]), 1)
+            p = tl.math.exp2(st - lse2[None, :])
+            if HAS_WEIGHTS:
+                w = tl.load(weight_ptr + b * stride_wb + h * stride_wh + offs_m * stride_wm,
+                            mask=m_valid, other=0.0).to(tl.float32)
+                p = p * w[None, :]
+            head_mass += tl.sum(p, 1)
         if PER_HEAD:
             tl.store(out_ptr + (b * num_heads + h) * num_keys + offs_n, head_mass, mask=n_valid)
         elif REDUCE_MAX:
@@ -135,14 +155,15 @@ def _key_mass_kernel(
 
 def attention_key_mass(q, k, lse, key_bias, prefix_len, scale: float, causal: bool,
                        causal_strength: float, query_start: int, query_end: int,
-                       head_reduce: Optional[str], *, eager: bool = False):
+                       head_reduce: Optional[str], query_weights=None, *, eager: bool = False):
     """-> float32 (B, Nk) reduced over heads by ``head_reduce`` ("mean", "max", "sum"), or
     (B, H, Nk) for None; contiguous.
 
     q (B, H, Nq, D), k (B, Hkv, Nk, D), lse (B, H, Nq) float32 with any strides,
     ``0 <= query_start <= query_end <= Nq``. ``key_bias``: None, (B, Nk) or (B, H, Nk), any
-    float dtype and strides. ``prefix_len``: None or an integer (B,) tensor. ``eager``: as
-    :func:`fastvl.kernels.attention.attention_forward`'s.
+    float dtype and strides. ``prefix_len``: None or an integer (B,) tensor.
+    ``query_weights``: None, (B, Nq) or (B, H, Nq), any float dtype and strides. ``eager``:
+    as :func:`fastvl.kernels.attention.attention_forward`'s.
     """
     q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
     batch, heads, num_queries, head_dim = q.shape
@@ -164,15 +185,17 @@ def attention_key_mass(q, k, lse, key_bias, prefix_len, scale: float, causal: bo
             q, k, lse,
             key_bias if key_bias is not None else q,
             prefix_len if has_prefix else q,
+            query_weights if query_weights is not None else q,
             out,
             heads, kv_heads, heads // kv_heads, num_queries, num_keys, head_dim,
             query_start, query_end,
             *q.stride()[:3], *k.stride()[:3], *lse.stride(),
             *_bias_strides(key_bias, packed=False),
+            *_weight_strides(query_weights),
             scale * 1.4426950408889634, future_bias,
             1.0 / heads if head_reduce == "mean" else 1.0,
             CAUSAL=is_causal, SOFT=soft, HAS_PREFIX=has_prefix, HAS_BIAS=key_bias is not None,
-            SKIP=is_causal and not soft, PER_HEAD=per_head, REDUCE_MAX=head_reduce == "max",
+            HAS_WEIGHTS=query_weights is not None, SKIP=is_causal and not soft, PER_HEAD=per_head, REDUCE_MAX=head_reduce == "max",
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(head_dim),
             DOT_PRECISION=_dot_precision(q.dtype),
             num_warps=warps, num_stages=stages,

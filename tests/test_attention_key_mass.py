@@ -44,10 +44,21 @@ def _make_inputs(batch, heads, kv_heads, nq, nk, head_dim, dtype, seed, bias=Non
     return q, k, v, key_bias
 
 
+def _query_weights(kind, batch, heads, nq, seed, device=DEVICE):
+    """None, or (B, Nq) ("b") / (B, H, Nq) ("bh") weights of both signs (a PageRank vector
+    is positive; the op is linear in them), float32."""
+    if kind is None:
+        return None
+    shape = (batch, nq) if kind == "b" else (batch, heads, nq)
+    return random_tensor(*shape, device=device,
+                         generator=torch.Generator(device=device).manual_seed(seed + 99))
+
+
 def _check(backend, batch, heads, kv_heads, nq, nk, head_dim, dtype, *, rows=(0, None),
            head_reduce="mean", causal=False, causal_strength=None, prefix_len=None, bias=None,
-           seed=0):
+           weights=None, seed=0):
     q, k, v, key_bias = _make_inputs(batch, heads, kv_heads, nq, nk, head_dim, dtype, seed, bias)
+    query_weights = _query_weights(weights, batch, heads, nq, seed)
     if isinstance(prefix_len, tuple):
         prefix_len = torch.tensor(prefix_len, device=DEVICE)
     masks = dict(causal=causal, causal_strength=causal_strength, key_bias=key_bias)
@@ -59,13 +70,14 @@ def _check(backend, batch, heads, kv_heads, nq, nk, head_dim, dtype, *, rows=(0,
     selection = dict(query_start=rows[0], query_end=rows[1], head_reduce=head_reduce)
     with poison_outputs():
         mass = attention_key_mass(q, k, lse, prefix_len=prefix_len, backend=backend,
-                                  **selection, **masks)
+                                  query_weights=query_weights, **selection, **masks)
     num_rows = (nq if rows[1] is None else rows[1]) - rows[0]
     shape = (batch, heads, nk) if head_reduce is None else (batch, nk)
     assert mass.dtype == torch.float32 and mass.shape == shape
 
     _, lse64 = reference_attention(q, k, v, prefix_len=ref_prefix, **masks)
-    dense = dict(masks, prefix_len=ref_prefix, rows=rows, head_reduce=head_reduce)
+    dense = dict(masks, prefix_len=ref_prefix, rows=rows, head_reduce=head_reduce,
+                 weights=query_weights)
     mass64 = _dense_key_mass(q, k, lse64, **dense)
     low = _dense_key_mass(q, k, lse, low=True, **dense)
     assert_within_reference_error(mass, mass64, low, factor=2, atol=ERROR_FLOOR[dtype], name="mass")
@@ -91,6 +103,12 @@ SWEEP = [
     (1, 2, 2, 197, 7, 8, torch.float32,
      dict(head_reduce="max", causal=True, causal_strength=0.3, prefix_len=3)),
     (2, 2, 1, 9, 9, 32, torch.float32, dict(rows=(4, 4), causal=True)),  # empty range
+    # query weights (Zero-TPrune's PageRank step): per sample, per head, with masks
+    (2, 3, 3, 197, 197, 64, torch.float16, dict(weights="b", head_reduce=None)),
+    (1, 4, 2, 50, 64, 32, torch.float32,
+     dict(weights="bh", rows=(3, 47), head_reduce="sum", causal=True, bias="bh")),
+    (2, 2, 1, 37, 37, 80, torch.float16,
+     dict(weights="bh", head_reduce="max", causal=True, causal_strength=0.5)),
 ]
 
 
@@ -183,9 +201,10 @@ def test_torch_backend_float64():
 
 
 def _dense_key_mass(q, k, lse, *, causal, causal_strength, prefix_len, key_bias, rows,
-                    head_reduce, low=False):
-    """Independent oracle: every logit of the selected rows, the bias written out; float64,
-    or with ``low`` the logits in q's dtype and the rest in float32."""
+                    head_reduce, weights=None, low=False):
+    """Independent oracle: every logit of the selected rows, the bias written out, each row's
+    probabilities times its query weight; float64, or with ``low`` the logits in q's dtype
+    and the rest in float32."""
     acc = torch.float32 if low else torch.float64
     if not low:
         q, k = q.double(), k.double()
@@ -209,6 +228,9 @@ def _dense_key_mass(q, k, lse, *, causal, causal_strength, prefix_len, key_bias,
         logits = logits + bias.unsqueeze(1)
     probs = torch.exp(logits - lse.unsqueeze(-1))
     probs = torch.where(torch.isneginf(lse).unsqueeze(-1), 0.0, probs)
+    if weights is not None:
+        w = weights.to(acc)
+        probs = probs * (w[:, None, :, None] if w.dim() == 2 else w.unsqueeze(-1))
     mass = probs[:, :, rows[0]:rows[1]].sum(dim=2)
     return {"mean": mass.mean(1), "sum": mass.sum(1), "max": mass.amax(1), None: mass}[head_reduce]
 
@@ -223,6 +245,8 @@ BLOCKED = [
     (2, 4, 2, 30, 33, 8, dict(causal=True, causal_strength=0.4, bias="bh", rows=(2, 29))),
     (2, 4, 4, 41, 41, 8, dict(causal=True, prefix_len=(0, 17), bias="b", rows=(5, 40))),
     (2, 4, 2, 29, 29, 8, dict(causal=True, causal_strength=0.7, prefix_len=(4, 11))),
+    (3, 4, 2, 37, 37, 16, dict(weights="bh", rows=(2, 35))),
+    (2, 6, 2, 53, 53, 8, dict(causal=True, weights="b", head_reduce=None)),
 ]
 
 
@@ -246,6 +270,8 @@ def test_torch_blocks_against_dense_float64(case, dtype, block_bytes, monkeypatc
     prefix_len = opts.pop("prefix_len", None)
     if prefix_len is not None:
         prefix_len = torch.tensor(prefix_len)
+    query_weights = _query_weights(opts.pop("weights", None), batch, heads, nq, seed=11,
+                                   device="cpu")
     masks = dict(causal=opts.pop("causal", False),
                  causal_strength=opts.pop("causal_strength", None), prefix_len=prefix_len)
     assert not opts
@@ -253,9 +279,10 @@ def test_torch_blocks_against_dense_float64(case, dtype, block_bytes, monkeypatc
     lse = lse if dtype == torch.float64 else lse.float()
     with poison_outputs():
         mass = module.attention_key_mass(q, k, lse, key_bias=key_bias, query_start=rows[0],
-                                         query_end=rows[1], head_reduce=head_reduce, **masks)
+                                         query_end=rows[1], head_reduce=head_reduce,
+                                         query_weights=query_weights, **masks)
     expected = _dense_key_mass(q, k, lse, key_bias=key_bias, rows=rows,
-                                 head_reduce=head_reduce, **masks)
+                               head_reduce=head_reduce, weights=query_weights, **masks)
     assert mass.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else (
         dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3))
@@ -314,9 +341,12 @@ def test_opcheck_triton_op():
     _, lse = attention(q, k, v, key_bias=key_bias, causal=True, return_lse=True,
                        backend="torch")
     op = torch.ops.fastvl.attention_key_mass_triton.default
+    weights = random_tensor(2, 4, 9, device=DEVICE)
     for args in (
-        (q, k, lse, key_bias, prefix, 0.3, True, 0.8, 0, 9, "mean"),
-        (q, k, lse, None, None, 0.25, False, 1.0, 8, 9, None),
+        (q, k, lse, key_bias, prefix, 0.3, True, 0.8, 0, 9, "mean", None),
+        (q, k, lse, None, None, 0.25, False, 1.0, 8, 9, None, None),
+        (q, k, lse, key_bias, None, 0.3, True, 1.0, 1, 8, "sum", weights),
+        (q, k, lse, None, prefix, 0.3, True, 0.5, 0, 9, None, weights[:, 0]),
     ):
         assert_opcheck(op, args)
 
@@ -375,6 +405,15 @@ def _bad_inputs():
          r"head_reduce must be one of \('mean', 'max', 'sum', None\), got 'median'"),
         (lambda q, k, lse: ((q[:, :0], k, lse[:, :0]), {}), ValueError,
          r"needs at least one query head"),
+        (lambda q, k, lse: ((q, k, lse), dict(query_weights=torch.ones(2, 4))), ValueError,
+         r"query_weights must be \(B, Nq\) = \(2, 5\) or \(B, H, Nq\) = \(2, 4, 5\), got "
+         r"shape \(2, 4\)"),
+        (lambda q, k, lse: ((q, k, lse), dict(query_weights=torch.ones(2, 5, dtype=torch.int64))),
+         TypeError, r"query_weights must be a floating-point tensor"),
+        (lambda q, k, lse: ((q, k, lse), dict(query_weights=torch.ones(2, 5, device="meta"))),
+         ValueError, r"q is on cpu but query_weights is on meta"),
+        (lambda q, k, lse: ((q, k, lse), dict(query_weights=[1.0] * 5)), TypeError,
+         r"query_weights must be a torch.Tensor"),
     ],
 )
 @pytest.mark.parametrize("backend", ["auto", "torch"])
@@ -455,3 +494,26 @@ def test_gpu_sweep_bf16(case):
 def test_gpu_large_shapes(dtype, case):
     require_backend("attention_key_mass", "triton")
     _check("triton", *case[:6], dtype, **case[6])
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_query_weights_iterate_the_attention_graph(backend):
+    """Zero-TPrune's importance: s <- A^T s per head from uniform s, A the attention
+    probabilities. Five steps of the op (weights = the last scores, per head) against the
+    same power iteration on the dense float64 matrix; each step keeps sum(s) = 1."""
+    require_backend("attention_key_mass", backend)
+    q, k, v, key_bias = _make_inputs(2, 4, 2, 33, 33, 32, torch.float32, seed=21, bias="b")
+    _, lse = attention(q, k, v, key_bias=key_bias, return_lse=True, backend=backend)
+    _, lse64 = reference_attention(q, k, v, key_bias=key_bias)
+    logits = q.double() @ k.double().repeat_interleave(2, dim=1).transpose(-1, -2)
+    probs = torch.exp(logits / math.sqrt(32) + key_bias.double()[:, None, None, :]
+                      - lse64.unsqueeze(-1))  # (B, H, N, N), rows sum to 1
+    scores = torch.full((2, 4, 33), 1 / 33, device=DEVICE)
+    expected = scores.double()
+    for _ in range(5):
+        scores = attention_key_mass(q, k, lse, key_bias=key_bias, head_reduce=None,
+                                    query_weights=scores, backend=backend)
+        expected = (expected.unsqueeze(-1) * probs).sum(dim=2)
+        torch.testing.assert_close(scores.sum(-1), torch.ones(2, 4, device=DEVICE),
+                                   rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-4, atol=1e-6)

@@ -71,6 +71,8 @@ def _attention_calls(dtype):
         _, lse = attention(q, k, k, return_lse=True, backend="triton")
         attention_key_mass(q, k, lse, query_start=39, backend="triton")
         attention_key_mass(q, k, lse, causal=True, head_reduce=None, backend="triton")
+        weights = random_tensor(2, 4, 40, device=DEVICE, generator=_gen(5))
+        attention_key_mass(q, k, lse, head_reduce="max", query_weights=weights, backend="triton")
 
 
 def _token_calls(dtype):

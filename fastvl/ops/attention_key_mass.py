@@ -47,24 +47,24 @@ ATTENTION_KEY_MASS = register_op("attention_key_mass", sizes=HEAD_DIM, describe=
 # ---- implementations ---------------------------------------------------------------------
 # Every implementation is called as
 #   fn(q, k, lse, key_bias, prefix_len, scale, causal, causal_strength, query_start,
-#      query_end, head_reduce)
+#      query_end, head_reduce, query_weights)
 # with validated, normalized arguments: scale a number, causal_strength a number in [0, 1]
 # (1.0 = hard mask), prefix_len None or an integer (B,) tensor on q's device,
 # 0 <= query_start <= query_end <= Nq ints; q, k, lse and key_bias may require grad (each
 # implementation detaches what it differentiates through).
 
 
-def _detached(q, k, lse, key_bias):
-    return q.detach(), k.detach(), lse.detach(), None if key_bias is None else key_bias.detach()
+def _detached(*tensors):
+    return tuple(None if t is None else t.detach() for t in tensors)
 
 
 def _torch_impl(q, k, lse, key_bias, prefix_len, scale, causal, causal_strength, query_start,
-                query_end, head_reduce):
-    q, k, lse, key_bias = _detached(q, k, lse, key_bias)
+                query_end, head_reduce, query_weights):
+    q, k, lse, key_bias, query_weights = _detached(q, k, lse, key_bias, query_weights)
     return _reference_key_mass(
         q, k, lse, causal=causal, key_bias=key_bias, scale=scale,
         causal_strength=causal_strength, prefix_len=prefix_len, query_start=query_start,
-        query_end=query_end, head_reduce=head_reduce,
+        query_end=query_end, head_reduce=head_reduce, query_weights=query_weights,
     ).float()
 
 
@@ -72,7 +72,7 @@ ATTENTION_KEY_MASS.implement("torch", _torch_impl, Supports(dtype_of="q"))
 
 
 def _key_mass_fake(q, k, lse, key_bias, prefix_len, scale, causal, causal_strength,
-                   query_start, query_end, head_reduce):
+                   query_start, query_end, head_reduce, query_weights):
     batch, heads = q.shape[0], q.shape[1]
     shape = (batch, heads, k.shape[2]) if head_reduce is None else (batch, k.shape[2])
     return q.new_empty(shape, dtype=torch.float32)
@@ -94,19 +94,20 @@ if TRITON_IMPORT_ERROR is None:
         query_start: int,
         query_end: int,
         head_reduce: Optional[str],
+        query_weights: Optional[torch.Tensor],
     ) -> torch.Tensor:
         """-> float32 (B, Nk), or (B, H, Nk) for ``head_reduce=None``; no autograd."""
         return _triton_key_mass.attention_key_mass(
             q, k, lse, key_bias, prefix_len, scale, causal, causal_strength,
-            query_start, query_end, head_reduce,
+            query_start, query_end, head_reduce, query_weights,
         )
 
     torch.library.register_fake(attention_key_mass_triton, _key_mass_fake)
 
     def _triton_impl(q, k, lse, *args):
         if not can_launch_directly():  # the registered op (it has no autograd: detach)
-            q, k, lse, key_bias = _detached(q, k, lse, args[0])
-            return attention_key_mass_triton(q, k, lse, key_bias, *args[1:])
+            q, k, lse, key_bias, query_weights = _detached(q, k, lse, args[0], args[-1])
+            return attention_key_mass_triton(q, k, lse, key_bias, *args[1:-1], query_weights)
         # eager: the launcher (its output has no grad)
         return _triton_key_mass.attention_key_mass(q, k, lse, *args, eager=True)
 
@@ -120,7 +121,7 @@ if TRITON_IMPORT_ERROR is None:
 
 
 def _validate(q, k, lse, causal, key_bias, scale, causal_strength, prefix_len, query_start,
-              query_end, head_reduce):
+              query_end, head_reduce, query_weights):
     # q, k and the mask arguments follow attention's rules (k stands in for v).
     op = "attention_key_mass"
     _validate_qkv(op, q, k, k, packed=False)
@@ -163,6 +164,19 @@ def _validate(q, k, lse, causal, key_bias, scale, causal_strength, prefix_len, q
             f"attention_key_mass: head_reduce={head_reduce!r} needs at least one query head, "
             "got H = 0"
         )
+    if query_weights is not None:
+        check_tensor(op, "query_weights", query_weights)
+        if not query_weights.is_floating_point():
+            raise TypeError(f"{op}: query_weights must be a floating-point tensor, got "
+                            f"{query_weights.dtype}")
+        if tuple(query_weights.shape) not in ((batch, num_queries), (batch, heads, num_queries)):
+            raise ValueError(
+                f"{op}: query_weights must be (B, Nq) = ({batch}, {num_queries}) or (B, H, Nq) "
+                f"= ({batch}, {heads}, {num_queries}), got shape {tuple(query_weights.shape)}"
+            )
+        if query_weights.device != q.device:
+            raise ValueError(f"{op}: q is on {q.device} but query_weights is on "
+                             f"{query_weights.device}")
 
 
 def attention_key_mass(
@@ -178,11 +192,13 @@ def attention_key_mass(
     query_start: int = 0,
     query_end: Optional[int] = None,
     head_reduce: Optional[str] = "mean",
+    query_weights: Optional[torch.Tensor] = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Attention mass each key receives from queries ``[query_start, query_end)``.
 
-    ``mass[b, h, j] = sum_i softmax(s[b, h, i])[j]`` over the selected queries i, where the
+    ``mass[b, h, j] = sum_i w[b, h, i] softmax(s[b, h, i])[j]`` over the selected queries i
+    (w = 1 unless ``query_weights`` are given), where the
     probabilities are those of ``attention(q, k, v, causal=..., key_bias=..., scale=...,
     causal_strength=..., prefix_len=..., return_lse=True)`` recomputed from its ``lse``.
 
@@ -198,6 +214,11 @@ def attention_key_mass(
             FastV: ``Nq - 1, Nq`` (last query) or all queries.
         head_reduce: "mean" (default), "sum" or "max" (FitPrune) over the H query heads,
             or None to keep them.
+        query_weights: optional (B, Nq) or (B, H, Nq) weights of the query rows (any float
+            dtype, read in float32; entries outside the query range unused): the mass is
+            then the attention graph applied to them, ``A^T w`` per head, one step of a
+            PageRank over the attention graph (Zero-TPrune), still without the Nq x Nk
+            matrix.
         backend: "auto", "triton" or "torch" (see ``python -m fastvl info``).
 
     Returns:
@@ -205,7 +226,8 @@ def attention_key_mass(
         inputs are detached, so the result never requires grad (also under torch.compile).
     """
     key = None
-    if (type(query_start) is int and (query_end is None or type(query_end) is int)
+    if (query_weights is None and type(query_start) is int
+            and (query_end is None or type(query_end) is int)
             and (head_reduce is None or type(head_reduce) is str)):
         # the memo fast path of fastvl.ops.attention (lse stands in for v)
         key = _memo_key(q, k, lse, key_bias, causal, scale, causal_strength, prefix_len, False,
@@ -215,15 +237,15 @@ def attention_key_mass(
         if hit is not None:
             fn, default_scale, end = hit
             return fn(q, k, lse, key_bias, None, default_scale if scale is None else scale,
-                      causal, 1.0, query_start, end, head_reduce)
+                      causal, 1.0, query_start, end, head_reduce, None)
     _validate(q, k, lse, causal, key_bias, scale, causal_strength, prefix_len, query_start,
-              query_end, head_reduce)
+              query_end, head_reduce, query_weights)
     scale_value, causal_strength, prefix_len = _normalize(
         q, q.shape[0], scale, causal_strength, prefix_len
     )
     end = q.shape[2] if query_end is None else query_end
     args = (q, k, lse, key_bias, prefix_len, scale_value, bool(causal), causal_strength,
-            query_start, end, head_reduce)
+            query_start, end, head_reduce, query_weights)
     fn = ATTENTION_KEY_MASS.select(backend, q.device, *args)
     if key is not None:
         ATTENTION_KEY_MASS.remember(key, (fn, _default_scale(q), end))

@@ -3,9 +3,9 @@
 The ``torch`` backend of :func:`fastvl.ops.attention_key_mass` and the test oracle (run it
 in float64). For batch b, query head h and key j::
 
-    mass[b, h, j] = sum_{i in [query_start, query_end)} exp(s[b, h, i, j] - lse[b, h, i])
+    mass[b, h, j] = sum_{i in [query_start, query_end)} w[b, h, i] exp(s[b, h, i, j] - lse[b, h, i])
 
-with the logits ``s`` of :mod:`fastvl.reference.attention` (same scale, key bias and masks)
+(w = 1 unless ``query_weights`` are given) with the logits ``s`` of :mod:`fastvl.reference.attention` (same scale, key bias and masks)
 and ``lse`` the row log-sum-exp that :func:`fastvl.ops.attention` returned; a row whose
 ``lse`` is ``-inf`` (no visible key) contributes 0. The head reduction ``"mean"``, ``"sum"``
 or ``"max"`` then runs over the H query heads.
@@ -72,10 +72,12 @@ def attention_key_mass(
     query_start: int = 0,
     query_end: Optional[int] = None,
     head_reduce: Optional[str] = "mean",
+    query_weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Per-key attention mass of queries ``[query_start, query_end)``.
 
-    q (B, H, Nq, D), k (B, Hkv, Nk, D), lse (B, H, Nq). Returns (B, Nk), or (B, H, Nk) with
+    q (B, H, Nq, D), k (B, Hkv, Nk, D), lse (B, H, Nq); query_weights None, (B, Nq) or
+    (B, H, Nq): each query row's probabilities weighted before the sum. Returns (B, Nk), or (B, H, Nk) with
     ``head_reduce=None``, in float32 (float64 for float64 q). The logits are ``q k^T`` in q's
     dtype, then the scale, bias, exponentials and sums in the accumulation dtype, as in
     :func:`fastvl.reference.attention.attention_math`. Materialises one block of the
@@ -102,6 +104,12 @@ def attention_key_mass(
     neg_lse = torch.where(torch.isneginf(row_lse), -math.inf, -row_lse)
     neg_lse = neg_lse.reshape(slices, group, num_rows, 1)
     q_rows = q[:, :, query_start:query_end].reshape(slices, group, num_rows, head_dim)
+    weights = None
+    if query_weights is not None:  # per slice: (slices, 1 or group, rows, 1)
+        weights = query_weights[..., query_start:query_end].to(acc_dtype)
+        if weights.dim() == 2:
+            weights = weights.view(batch, 1, 1, num_rows).expand(batch, kv_heads, 1, num_rows)
+        weights = weights.reshape(slices, -1, num_rows, 1)
     keys = k.reshape(slices, num_keys, head_dim)
     bias = None
     if key_bias is not None:  # per slice: (slices, 1 or group, 1, Nk)
@@ -159,6 +167,8 @@ def attention_key_mass(
             else:
                 scores.add_(future.to(acc_dtype) * math.log1p(-strength))
         scores = scores.exp_()
+        if weights is not None:
+            scores.mul_(weights[s0:s1, :, r0:r1])
         if rows == num_rows and cols == num_keys:  # the block's whole mass: summed in place
             torch.sum(scores, dim=2, out=mass[s0:s1])
         else:
