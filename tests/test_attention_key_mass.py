@@ -20,6 +20,7 @@ import math
 import pytest
 import torch
 
+import fastvl.ops
 from fastvl.ops import BackendNotSupportedError, attention, attention_key_mass
 from fastvl.testing import (
     ERROR_FLOOR,
@@ -517,3 +518,67 @@ def test_query_weights_iterate_the_attention_graph(backend):
         torch.testing.assert_close(scores.sum(-1), torch.ones(2, 4, device=DEVICE),
                                    rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(scores.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+# ---- attention_graph_rank (Zero-TPrune's importance) ---------------------------------------
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("head_reduce", ["mean", None, "max"])
+def test_attention_graph_rank_is_the_power_iteration(backend, head_reduce):
+    require_backend("attention_key_mass", backend)
+    q, k, v, _ = _make_inputs(2, 4, 2, 29, 29, 16, torch.float32, seed=23)
+    _, lse = attention(q, k, v, return_lse=True, backend=backend)
+    _, lse64 = reference_attention(q, k, v)
+    logits = q.double() @ k.double().repeat_interleave(2, dim=1).transpose(-1, -2)
+    probs = torch.exp(logits / math.sqrt(16) - lse64.unsqueeze(-1))
+    expected = torch.full((2, 4, 29), 1 / 29, dtype=torch.float64, device=DEVICE)
+    for _ in range(7):
+        expected = torch.einsum("bhi,bhij->bhj", expected, probs)
+    expected = {"mean": expected.mean(1), "max": expected.amax(1), None: expected}[head_reduce]
+    with poison_outputs():
+        rank = fastvl.ops.attention_graph_rank(q, k, lse, iterations=7, head_reduce=head_reduce,
+                                              backend=backend)
+    assert rank.dtype == torch.float32 and not rank.requires_grad
+    torch.testing.assert_close(rank.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(iterations=0), ValueError, r"iterations must be >= 1"),
+    (dict(iterations=True), TypeError, r"iterations must be an int"),
+    (dict(head_reduce="median"), ValueError, r"head_reduce must be one of"),
+    (dict(keys=6), ValueError, r"needs self-attention, .* got shapes \(2, 4, 5, 8\) and "
+                               r"\(2, 2, 6, 8\)"),
+])
+def test_attention_graph_rank_bad_inputs(kwargs, error, match):
+    q, k, _ = _bad_inputs()  # 5 queries, 6 keys
+    k = k[:, :, :kwargs.pop("keys", 5)]
+    with pytest.raises(error, match=match):
+        fastvl.ops.attention_graph_rank(q, k, torch.zeros(2, 4, 5), **kwargs)
+
+
+@pytest.mark.parametrize("block_bytes", [4 << 20, 20000, 300])  # many / one slice, row blocks
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_attention_graph_rank_torch_blocks(block_bytes, dtype, monkeypatch):
+    """The torch backend computes a block of heads' probabilities once and iterates on them;
+    a slice above 4 blocks falls back to weighted key-mass steps. Against the dense power
+    iteration in float64 (fed the same rounded inputs and lse), with a key bias and GQA."""
+    import fastvl.reference.attention_key_mass as module
+
+    monkeypatch.setattr(module, "BLOCK_BYTES", block_bytes)
+    q, k, v, key_bias = _make_inputs(3, 4, 2, 23, 23, 8, dtype, seed=25, bias="bh",
+                                     device="cpu")
+    _, lse = reference_attention(q, k, v, key_bias=key_bias)
+    lse = lse if dtype == torch.float64 else lse.float()
+    logits = q.double() @ k.double().repeat_interleave(2, dim=1).transpose(-1, -2)
+    if dtype != torch.float64:  # the logits rounded as the backend rounds them
+        logits = (q @ k.repeat_interleave(2, dim=1).transpose(-1, -2)).double()
+    probs = torch.exp(logits / math.sqrt(8) + key_bias.double().unsqueeze(2)
+                      - lse.double().unsqueeze(-1))
+    expected = torch.full((3, 4, 23), 1 / 23, dtype=torch.float64)
+    for _ in range(4):
+        expected = torch.einsum("bhi,bhij->bhj", expected, probs)
+    rank = fastvl.ops.attention_graph_rank(q, k, lse, key_bias=key_bias, iterations=4,
+                                           head_reduce=None, backend="torch")
+    tol = dict(rtol=1e-6, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(rank.double(), expected, **tol)

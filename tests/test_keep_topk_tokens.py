@@ -17,6 +17,7 @@ from fastvl import reference
 from fastvl.ops import (
     BackendNotSupportedError,
     keep_topk_tokens,
+    similarity_prune_scores,
     topk_candidate_index,
     topk_token_index,
 )
@@ -430,3 +431,39 @@ def test_gpu_no_host_sync_and_cuda_graph_capture():
     for got, want in zip(captured, fresh):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert not torch.equal(captured[1], eager[1])  # the replay saw the new scores
+
+
+# ---- similarity_prune_scores (Zero-TPrune's similarity stage) -------------------------------
+
+
+@pytest.mark.parametrize("num_tokens", [1, 2, 7, 16])
+def test_similarity_prune_scores_against_loops(num_tokens):
+    g = torch.Generator().manual_seed(num_tokens)
+    importance = torch.rand(3, num_tokens, generator=g)
+    importance[0, :2] = 0.5  # a tie: the lower index counts as more important
+    keys = torch.randn(3, num_tokens, 6, generator=g, dtype=torch.float64)
+    scores = similarity_prune_scores(importance, keys)
+    assert scores.dtype == torch.float32 and scores.shape == (3, num_tokens)
+    for b in range(3):
+        order = sorted(range(num_tokens), key=lambda j: (-float(importance[b, j]), j))
+        kept = order[:(num_tokens + 1) // 2]
+        unit = keys[b] / keys[b].norm(dim=-1, keepdim=True)
+        for j in range(num_tokens):
+            if j in kept:
+                assert scores[b, j] == float("inf")
+            else:
+                best = max(float(unit[j] @ unit[i]) for i in kept)
+                assert abs(float(scores[b, j]) + best) < 1e-6
+
+
+@pytest.mark.parametrize("args, error, match", [
+    ((torch.rand(2, 5), torch.rand(2, 4, 3)), ValueError, r"importance must be \(B, M\) and keys"),
+    ((torch.rand(2, 5), torch.rand(2, 5)), ValueError, r"keys \(B, M, D\)"),
+    ((torch.rand(2, 5), torch.ones(2, 5, 3, dtype=torch.int64)), TypeError,
+     r"keys must be a floating"),
+    ((torch.rand(2, 5), torch.rand(2, 5, 3, device="meta")), ValueError,
+     r"importance is on cpu but keys is on meta"),
+])
+def test_similarity_prune_scores_bad_inputs(args, error, match):
+    with pytest.raises(error, match=match):
+        similarity_prune_scores(*args)

@@ -27,7 +27,7 @@ import fastvl.patch.timm as fastvl_timm
 from fastvl.nn import Attention
 from fastvl.ops import tome_match
 from fastvl.testing import random_tensor
-from tests.conftest import DEVICE
+from tests.conftest import DEVICE, require_backend
 
 BATCH, IMG, PATCH, DEPTH = 2, 32, 8, 3  # 4 x 4 patches
 VARIANTS = {
@@ -465,3 +465,95 @@ def test_unsupported_models():
         fastvl_timm.apply_evit(model, 0.5, [1])
     with pytest.raises(ValueError, match="backend"):
         fastvl_timm.apply_tome(_vit(), 1, backend="cuda")
+
+
+# ---- Zero-TPrune ---------------------------------------------------------------------------
+
+
+class _ReferenceZeroTPrune:
+    """Zero-TPrune in the test's own words, on explicit probabilities: importance = the
+    per-head power iteration s <- A^T s from uniform, averaged over heads; per sample, the
+    non-prefix tokens sorted by importance (ties: lower position first), the first
+    ceil(M / 2) kept, and of the others the r whose head-averaged key is most cosine-similar
+    to a kept one dropped; the rest keep their order."""
+
+    def __init__(self, schedule, num_prefix_tokens, iterations):
+        self.schedule, self.prefix, self.iterations = schedule, num_prefix_tokens, iterations
+
+    def key_bias(self):
+        return None
+
+    def __call__(self, i, x, k, probs):
+        batch, num_tokens, _ = x.shape
+        prefix, count = self.prefix, num_tokens - self.prefix
+        r = min(self.schedule[i], count // 2)
+        if r <= 0:
+            return x
+        scores = torch.full(probs.shape[:3], 1.0 / num_tokens, dtype=probs.dtype)
+        for _ in range(self.iterations):
+            scores = torch.einsum("bhi,bhij->bhj", scores, probs)
+        importance = scores.mean(1)[:, prefix:].detach()
+        keys = k.mean(1)[:, prefix:].detach()
+        out = []
+        for b in range(batch):
+            order = sorted(range(count), key=lambda j: (-float(importance[b, j]), j))
+            kept_group, others = order[:(count + 1) // 2], order[(count + 1) // 2:]
+            unit = keys[b] / keys[b].norm(dim=-1, keepdim=True)
+            similarity = {j: max(float(unit[j] @ unit[i]) for i in kept_group) for j in others}
+            dropped = set(sorted(others, key=lambda j: -similarity[j])[:r])
+            kept = [j for j in range(count) if j not in dropped]
+            out.append(torch.cat([x[b, :prefix], x[b, prefix:][kept]]))
+        return torch.stack(out)
+
+
+def _reference_zero_tprune_logits(model, images, r, iterations):
+    x = model.norm_pre(model._pos_embed(model.patch_embed(images)))
+    reduce = _ReferenceZeroTPrune([r] * len(model.blocks), model.num_prefix_tokens, iterations)
+    return model.forward_head(model.norm(_reference_blocks(model, x, reduce)))
+
+
+@pytest.mark.parametrize("variant", ["plain", "registers", "avg_pool_no_class_token",
+                                     "res_post_block", "layerscale_qk_norm"])
+@pytest.mark.parametrize("r,iterations", [(3, 10), (8, 1)])
+def test_zero_tprune_matches_reference(variant, r, iterations):
+    model = _vit(**VARIANTS[variant])
+    images = _images()
+    expected = _reference_zero_tprune_logits(copy.deepcopy(model), images, r, iterations)
+    handle = fastvl_timm.apply_zero_tprune(model, r, iterations=iterations, backend="torch")
+    prefix = model.num_prefix_tokens
+    tokens = 16
+    for _ in range(DEPTH):  # r clamped to half of the non-prefix tokens, as ToMe's
+        tokens -= min(r, tokens // 2)
+    assert model.forward_features(images).shape[1] == prefix + tokens
+    torch.testing.assert_close(model(images), expected, **TIGHT64)
+    assert handle.remove() and not hasattr(model, "r")
+    assert type(model.blocks) is nn.Sequential
+
+
+def test_zero_tprune_triton_and_compile():
+    """The Triton kernels (interpreted on CPU) give the torch backend's tokens; the patched
+    model compiles with fullgraph=True."""
+    model = _vit(dtype=torch.float32, **VARIANTS["registers"])
+    images = _images(dtype=torch.float32)
+    fastvl_timm.apply_zero_tprune(model, 2, backend="torch")
+    expected = model(images)
+    fastvl_timm.remove_token_reduction(model)
+    require_backend("attention_key_mass", "triton")
+    fastvl_timm.apply_zero_tprune(model, 2, backend="triton")
+    torch.testing.assert_close(model(images), expected, rtol=1e-4, atol=1e-5)
+    fastvl_timm.remove_token_reduction(model)
+    fastvl_timm.apply_zero_tprune(model, 2)
+    compiler = "aot_eager" if DEVICE.type == "cpu" else "inductor"
+    compiled = torch.compile(model, fullgraph=True, backend=compiler)
+    torch.testing.assert_close(compiled(images), model(images), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(r=-1), ValueError, r"r must be >= 0|r .*negative|>= 0"),
+    (dict(r=1, iterations=0), ValueError, r"iterations must be >= 1"),
+    (dict(r=1, iterations=2.0), TypeError, r"iterations must be an int"),
+    (dict(r=1, backend="cuda-graphs"), ValueError, r"backend"),
+])
+def test_zero_tprune_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fastvl_timm.apply_zero_tprune(_vit(), **kwargs)

@@ -56,6 +56,10 @@ def _hot_paths(device):
             packed, packed, packed, cu, cu, 5, 5, causal=True, backend="triton"), packed),
         "attention_key_mass": lambda: ops.attention_key_mass(
             q, k, torch.zeros(2, 4, 9, device=device), backend="triton"),
+        "attention_graph_rank": lambda: ops.attention_graph_rank(
+            q, k, torch.zeros(2, 4, 9, device=device), iterations=3, backend="triton"),
+        "running_cell_masking": lambda: ops.running_cell_masking(
+            2, 4, 2, 2, phase=torch.tensor([0, 3], device=device)),
         "gather_tokens": lambda: grad(ops.gather_tokens(x, index, check_bounds=False), x),
         "tome_match + tome_merge": tome,
         "keep_topk_tokens": lambda: grad(ops.keep_topk_tokens(x, x[:, 1:, 0], 3), x),

@@ -5,7 +5,7 @@ cannot serve it raises :class:`BackendNotSupportedError` listing the reasons.
 """
 
 from fastvl.ops.attention import attention, varlen_attention
-from fastvl.ops.attention_key_mass import attention_key_mass
+from fastvl.ops.attention_key_mass import attention_graph_rank, attention_key_mass
 from fastvl.ops.gather import gather_tokens
 from fastvl.ops.lora import lora_linear, routed_lora_linear
 from fastvl.ops.masking import (
@@ -15,12 +15,18 @@ from fastvl.ops.masking import (
     unshuffle_with_mask_token,
 )
 from fastvl.ops.patch_embed import masked_patch_embed
-from fastvl.ops.pruning import keep_topk_tokens, topk_candidate_index, topk_token_index
+from fastvl.ops.pruning import (
+    keep_topk_tokens,
+    similarity_prune_scores,
+    topk_candidate_index,
+    topk_token_index,
+)
 from fastvl.ops.registry import BACKENDS, OPS, BackendNotSupportedError, availability
 from fastvl.ops.tome import TomePlan, tome_match, tome_merge, tome_merge_source, tome_unmerge
 
 __all__ = [
     "attention",
+    "attention_graph_rank",
     "attention_key_mass",
     "gather_tokens",
     "keep_topk_tokens",
@@ -29,6 +35,7 @@ __all__ = [
     "masked_pixel_loss",
     "random_masking",
     "routed_lora_linear",
+    "similarity_prune_scores",
     "running_cell_masking",
     "topk_candidate_index",
     "topk_token_index",

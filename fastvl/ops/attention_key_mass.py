@@ -31,9 +31,12 @@ from fastvl.ops.attention import (  # the checks and the memo key shared with at
 )
 from fastvl.ops.registry import TRITON_IMPORT_ERROR, Call, Supports, register_op
 from fastvl.reference.attention_key_mass import HEAD_REDUCTIONS
+from fastvl.reference.attention_key_mass import reduce_heads as _reduce_heads
+from fastvl.reference.attention_key_mass import attention_graph_rank as _reference_graph_rank
 from fastvl.reference.attention_key_mass import attention_key_mass as _reference_key_mass
 
-__all__ = ["attention_key_mass", "ATTENTION_KEY_MASS", "HEAD_REDUCTIONS"]
+__all__ = ["attention_key_mass", "attention_graph_rank", "ATTENTION_KEY_MASS",
+           "ATTENTION_GRAPH_RANK", "HEAD_REDUCTIONS"]
 
 
 
@@ -121,9 +124,8 @@ if TRITON_IMPORT_ERROR is None:
 
 
 def _validate(q, k, lse, causal, key_bias, scale, causal_strength, prefix_len, query_start,
-              query_end, head_reduce, query_weights):
+              query_end, head_reduce, query_weights, op="attention_key_mass"):
     # q, k and the mask arguments follow attention's rules (k stands in for v).
-    op = "attention_key_mass"
     _validate_qkv(op, q, k, k, packed=False)
     batch, heads, num_queries = q.shape[:3]
     num_keys = k.shape[2]
@@ -134,34 +136,34 @@ def _validate(q, k, lse, causal, key_bias, scale, causal_strength, prefix_len, q
     check_tensor(op, "lse", lse)
     if tuple(lse.shape) != (batch, heads, num_queries):
         raise ValueError(
-            f"attention_key_mass: lse must be (B, H, Nq) = ({batch}, {heads}, {num_queries}) "
+            f"{op}: lse must be (B, H, Nq) = ({batch}, {heads}, {num_queries}) "
             f"like the lse of attention(q, k, v, return_lse=True), got shape {tuple(lse.shape)}"
         )
     allowed = (torch.float32, torch.float64) if q.dtype == torch.float64 else (torch.float32,)
     if lse.dtype not in allowed:
         raise TypeError(
-            f"attention_key_mass: lse must be float32 (or float64 with float64 q, k), as "
+            f"{op}: lse must be float32 (or float64 with float64 q, k), as "
             f"attention(..., return_lse=True) returns it, got {lse.dtype}"
         )
     if lse.device != q.device:
-        raise ValueError(f"attention_key_mass: q is on {q.device} but lse is on {lse.device}")
+        raise ValueError(f"{op}: q is on {q.device} but lse is on {lse.device}")
     check_int(op, "query_start", query_start)
     if query_end is not None:
         check_int(op, "query_end", query_end, "an int or None")
     end = num_queries if query_end is None else query_end
     if not 0 <= query_start <= end <= num_queries:
         raise ValueError(
-            f"attention_key_mass: the query range must satisfy 0 <= query_start <= query_end "
+            f"{op}: the query range must satisfy 0 <= query_start <= query_end "
             f"<= Nq = {num_queries}, got query_start={query_start}, query_end={query_end}"
         )
     if head_reduce not in HEAD_REDUCTIONS:
         raise ValueError(
-            f"attention_key_mass: head_reduce must be one of {HEAD_REDUCTIONS}, "
+            f"{op}: head_reduce must be one of {HEAD_REDUCTIONS}, "
             f"got {head_reduce!r}"
         )
     if head_reduce is not None and heads == 0:
         raise ValueError(
-            f"attention_key_mass: head_reduce={head_reduce!r} needs at least one query head, "
+            f"{op}: head_reduce={head_reduce!r} needs at least one query head, "
             "got H = 0"
         )
     if query_weights is not None:
@@ -250,3 +252,88 @@ def attention_key_mass(
     if key is not None:
         ATTENTION_KEY_MASS.remember(key, (fn, _default_scale(q), end))
     return fn(*args)
+
+
+def attention_graph_rank(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    iterations: int = 10,
+    key_bias: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    head_reduce: Optional[str] = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Token importance as Zero-TPrune's weighted PageRank over the attention graph.
+
+    The attention probabilities ``A`` (per head, rows the queries) are the transition
+    matrix of a graph over the N tokens: from the uniform ``s = 1 / N`` it runs ``s <- A^T s``
+    ``iterations`` times per head, so a token is important when important tokens attend to
+    it; ``s`` stays a distribution (sums to 1 per head). Backends: ``triton``, one
+    :func:`attention_key_mass` kernel per step with ``query_weights=s`` (no N x N matrix);
+    ``torch``, each block of heads' probabilities computed once and iterated in cache
+    (:func:`fastvl.reference.attention_key_mass.attention_graph_rank`).
+
+    Args:
+        q, k, lse: self-attention (B, H, N, D), (B, Hkv, N, D), the (B, H, N) lse of
+            :func:`fastvl.ops.attention` on them (same ``key_bias`` and ``scale``; no mask).
+        iterations: steps of the power iteration (an int >= 1). Zero-TPrune iterates until
+            the scores settle; 10 is the default here.
+        head_reduce: "mean" (default: the heads' distributions averaged, still summing to 1),
+            "sum", "max", or None for (B, H, N).
+        backend: "auto", "triton" or "torch".
+
+    Returns:
+        float32 (B, N), or (B, H, N) for ``head_reduce=None``; never requires grad.
+    """
+    op = "attention_graph_rank"
+    if not (isinstance(iterations, int) and not isinstance(iterations, bool)):
+        raise TypeError(f"{op}: iterations must be an int, got {type(iterations).__name__}")
+    if iterations < 1:
+        raise ValueError(f"{op}: iterations must be >= 1, got {iterations}")
+    if head_reduce not in HEAD_REDUCTIONS:
+        raise ValueError(f"{op}: head_reduce must be one of {HEAD_REDUCTIONS}, got "
+                         f"{head_reduce!r}")
+    if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and (
+            q.dim() != 4 or k.dim() != 4 or q.shape[2] != k.shape[2]):
+        raise ValueError(
+            f"{op}: the attention graph needs self-attention, q (B, H, N, D) and k "
+            f"(B, Hkv, N, D) over the same N tokens, got shapes {tuple(q.shape)} and "
+            f"{tuple(k.shape)}"
+        )
+    _validate(q, k, lse, False, key_bias, scale, None, None, 0, None, None, None, op)
+    scale_value = _default_scale(q) if scale is None else float(scale)
+    fn = ATTENTION_GRAPH_RANK.select(backend, q.device, q, k, lse, key_bias, scale_value,
+                                     iterations)
+    return _reduce_heads(fn(q, k, lse, key_bias, scale_value, iterations), head_reduce)
+
+
+# ---- attention_graph_rank's implementations: fn(q, k, lse, key_bias, scale, iterations)
+# with validated arguments -> float32 (B, H, N)
+
+ATTENTION_GRAPH_RANK = register_op("attention_graph_rank", sizes=HEAD_DIM, describe=_describe)
+
+
+def _graph_rank_torch(q, k, lse, key_bias, scale, iterations):
+    q, k, lse, key_bias = _detached(q, k, lse, key_bias)
+    return _reference_graph_rank(q, k, lse, iterations=iterations, key_bias=key_bias,
+                                 scale=scale).float()
+
+
+ATTENTION_GRAPH_RANK.implement("torch", _graph_rank_torch, Supports(dtype_of="q"))
+
+if TRITON_IMPORT_ERROR is None:
+
+    def _graph_rank_triton(q, k, lse, key_bias, scale, iterations):
+        num_tokens = q.shape[2]
+        scores = torch.full(q.shape[:3], 1.0 / max(num_tokens, 1), dtype=torch.float32,
+                            device=q.device)
+        for _ in range(iterations):
+            scores = _triton_impl(q, k, lse, key_bias, None, scale, False, 1.0, 0, num_tokens,
+                                  None, scores)
+        return scores
+
+    ATTENTION_GRAPH_RANK.implement("triton", _graph_rank_triton, Supports(
+        dtypes=TRITON_SUPPORTS.dtypes, dtype_of="q", max_sizes=TRITON_SUPPORTS.max_sizes,
+    ))

@@ -25,7 +25,8 @@ from fastvl.ops._eager import call_key, memoized
 from fastvl.ops.gather import GATHER_TOKENS
 from fastvl.ops.registry import check_op_backend
 
-__all__ = ["keep_topk_tokens", "topk_token_index", "topk_candidate_index"]
+__all__ = ["keep_topk_tokens", "similarity_prune_scores", "topk_token_index",
+           "topk_candidate_index"]
 
 
 
@@ -244,3 +245,47 @@ def _resolve_keep_topk(x, scores, keep, num_prefix_tokens, fuse_rest, backend):
     if backend != "auto":
         check_op_backend(op, backend, "gather_tokens")
     return GATHER_TOKENS.select(backend, x.device, x, None)
+
+
+def similarity_prune_scores(importance: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Zero-TPrune's similarity stage as keep scores for :func:`keep_topk_tokens`.
+
+    The tokens are split by importance: the ``ceil(M / 2)`` most important form the kept
+    group (score ``+inf``), and every other token scores minus its highest cosine similarity
+    to a token of that group. Keeping the top ``M - r`` scores therefore drops the ``r``
+    tokens most redundant with an important one (``r <= M // 2``), and only those.
+
+    Args:
+        importance: (B, M) float, e.g. :func:`fastvl.ops.attention_graph_rank` of the
+            non-prefix tokens (ties: the lower index counts as more important).
+        keys: (B, M, D) float, the features compared (Zero-TPrune: the attention keys,
+            averaged over heads).
+
+    Returns:
+        float32 (B, M); no gradient.
+    """
+    op = "similarity_prune_scores"
+    check_float_tensor(op, "importance", importance)
+    check_float_tensor(op, "keys", keys)
+    if importance.dim() != 2 or keys.dim() != 3 or keys.shape[:2] != importance.shape:
+        raise ValueError(
+            f"{op}: importance must be (B, M) and keys (B, M, D) for the same tokens, got "
+            f"shapes {tuple(importance.shape)} and {tuple(keys.shape)}"
+        )
+    if keys.device != importance.device:
+        raise ValueError(f"{op}: importance is on {importance.device} but keys is on "
+                         f"{keys.device}")
+    batch, num_tokens = importance.shape
+    importance, keys = importance.detach(), keys.detach().float()
+    order = torch.argsort(importance, dim=1, descending=True, stable=True)
+    num_important = (num_tokens + 1) // 2
+    important, candidates = order[:, :num_important], order[:, num_important:]
+    scores = torch.full((batch, num_tokens), float("inf"), device=keys.device)
+    if candidates.shape[1] == 0:
+        return scores
+    unit = F.normalize(keys, dim=-1)
+    dim = unit.shape[-1]
+    group = unit.gather(1, important.unsqueeze(-1).expand(-1, -1, dim))
+    rest = unit.gather(1, candidates.unsqueeze(-1).expand(-1, -1, dim))
+    similarity = torch.bmm(rest, group.transpose(1, 2)).amax(dim=-1)  # (B, M - ceil(M / 2))
+    return scores.scatter(1, candidates, -similarity)

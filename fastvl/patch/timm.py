@@ -30,13 +30,14 @@ from fastvl.patch.timm_tome import (
     TokenReductionPatch,
     apply_evit,
     apply_tome,
+    apply_zero_tprune,
     remove_token_reduction,
     render_tome_regions,
     tome_schedule,
 )
 
 __all__ = [
-    "apply", "remove", "TimmPatch", "Skipped", "apply_tome", "apply_evit",
+    "apply", "remove", "TimmPatch", "Skipped", "apply_tome", "apply_evit", "apply_zero_tprune",
     "remove_token_reduction", "render_tome_regions", "tome_schedule", "TokenReductionPatch",
 ]
 

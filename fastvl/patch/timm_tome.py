@@ -1,4 +1,5 @@
-"""Token reduction inside timm ViTs: ToMe (:func:`apply_tome`) and EViT (:func:`apply_evit`).
+"""Token reduction inside timm ViTs: ToMe (:func:`apply_tome`), EViT (:func:`apply_evit`) and
+Zero-TPrune (:func:`apply_zero_tprune`).
 
 Both swap ``model.blocks`` (an ``nn.Sequential``) for a :class:`TokenReducingBlocks`, an
 ``nn.Sequential`` holding the *same* block modules (so parameters and state-dict keys do not
@@ -43,9 +44,9 @@ from torch import nn
 from fastvl.nn.attention import Attention, AttentionInternals
 from fastvl.ops.registry import check_op_backend
 from fastvl.ops._checks import is_int
-from fastvl.ops.attention_key_mass import attention_key_mass
+from fastvl.ops.attention_key_mass import attention_graph_rank, attention_key_mass
 from fastvl.ops.gather import gather_tokens
-from fastvl.ops.pruning import keep_topk_tokens
+from fastvl.ops.pruning import keep_topk_tokens, similarity_prune_scores
 from fastvl.ops.tome import check_token_order, tome_match, tome_merge, tome_merge_source
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
 __all__ = [
     "apply_tome",
     "apply_evit",
+    "apply_zero_tprune",
     "remove_token_reduction",
     "render_tome_regions",
     "tome_schedule",
@@ -61,6 +63,7 @@ __all__ = [
     "TokenReducingBlocks",
     "TomeBlocks",
     "EvitBlocks",
+    "ZeroTPruneBlocks",
     "TokenReductionPatch",
 ]
 
@@ -234,6 +237,38 @@ class EvitBlocks(TokenReducingBlocks):
                     x, scores[:, prefix:], keep, num_prefix_tokens=prefix, fuse_rest=True,
                     backend=self.backend,
                 )
+            x = x + _mlp_branch(block, x)
+        return ReducedTokens(x, None, None)
+
+
+class ZeroTPruneBlocks(TokenReducingBlocks):
+    """Zero-TPrune: after each block's attention, drop ``r`` tokens chosen by importance (a
+    PageRank over the attention graph) and similarity (see :func:`apply_zero_tprune`)."""
+
+    method = "zero_tprune"
+
+    def __init__(self, blocks, model, backend, iterations: int):
+        super().__init__(blocks, model, backend)
+        self.iterations = iterations
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, iterations={self.iterations}"
+
+    def forward_tokens(self, x: torch.Tensor) -> ReducedTokens:
+        """x: (B, N, C) block input -> :class:`ReducedTokens` (size and source None)."""
+        prefix = self.num_prefix_tokens
+        schedule = tome_schedule(self._model.r, len(self), x.shape[1], prefix, name="model.r")
+        for block, r in zip(self, schedule):
+            branch, internals = _attention_branch(block, x, None, return_lse=r > 0)
+            x = x + branch
+            if r > 0:
+                q, k, lse = internals
+                importance = attention_graph_rank(q, k, lse, scale=block.attn.scale,
+                                                  iterations=self.iterations,
+                                                  backend=self.backend)
+                scores = similarity_prune_scores(importance[:, prefix:], k.mean(1)[:, prefix:])
+                x, _ = keep_topk_tokens(x, scores, x.shape[1] - prefix - r,
+                                        num_prefix_tokens=prefix, backend=self.backend)
             x = x + _mlp_branch(block, x)
         return ReducedTokens(x, None, None)
 
@@ -522,8 +557,60 @@ def apply_evit(
     )
 
 
+def apply_zero_tprune(
+    model: nn.Module,
+    r: TomeR,
+    *,
+    iterations: int = 10,
+    backend: str = "auto",
+) -> TokenReductionPatch:
+    """Zero-TPrune (zero-shot token pruning) in a timm VisionTransformer, in place.
+
+    In every block, after attention, ``r`` tokens are dropped (not merged):
+
+    1. importance (I-stage): the weighted PageRank of the attention graph,
+       :func:`fastvl.ops.attention_graph_rank` (``s <- A^T s`` from uniform, per head, from
+       the attention's lse: no N x N matrix), averaged over heads;
+    2. similarity (S-stage): the non-prefix tokens are split by importance, the more
+       important half kept; of the other half the ``r`` tokens whose attention key (averaged
+       over heads) has the highest cosine similarity to a key of the important half are
+       dropped (:func:`fastvl.ops.similarity_prune_scores`); the rest keep their order
+       (:func:`fastvl.ops.keep_topk_tokens`).
+
+    Choices where the paper leaves room: heads are averaged (no head filter or informative-
+    region weighting), ``iterations`` power steps (default 10), the sequential importance
+    split into halves, keys as the similarity features, the prefix tokens part of the graph
+    but never dropped. No fine-tuning, no gradient through the selection.
+
+    Args:
+        model: a timm ``VisionTransformer`` of ``Block`` / ``ResPostBlock`` blocks.
+        r: tokens dropped per block, as :func:`apply_tome`'s ``r`` (int, per-block list or
+            ``(r, inflection)``; at most half of a block's non-prefix tokens); stored as
+            ``model.r``, read at every forward.
+        iterations: power-iteration steps of the importance (int >= 1).
+        backend: the backend of every fastvl op, fixed now.
+
+    The attention of every block then needs the fastvl op path (for the lse): attention
+    dropout in training raises. Undo with the handle's ``remove()``.
+    """
+    op = "apply_zero_tprune"
+    _check_model(op, model)
+    check_op_backend(op, backend, "attention", "attention_key_mass", "gather_tokens")
+    if not (isinstance(iterations, int) and not isinstance(iterations, bool)):
+        raise TypeError(f"{op}: iterations must be an int, got {type(iterations).__name__}")
+    if iterations < 1:
+        raise ValueError(f"{op}: iterations must be >= 1, got {iterations}")
+    _parse_r(r, len(model.blocks), f"{op}: r")
+    handle = _install(
+        model, lambda blocks: ZeroTPruneBlocks(blocks, model, backend, iterations), backend,
+    )
+    model.r = r
+    return handle
+
+
 def remove_token_reduction(model: nn.Module) -> bool:
-    """Undo :func:`apply_tome` / :func:`apply_evit` on ``model``; False if it has none.
+    """Undo :func:`apply_tome` / :func:`apply_evit` / :func:`apply_zero_tprune` on ``model``;
+    False if it has none.
 
     The original ``nn.Sequential`` comes back holding the blocks the wrapper holds now; the
     timm attention modules come back if the patch swapped them; ``model.r`` is deleted.
@@ -538,7 +625,7 @@ def remove_token_reduction(model: nn.Module) -> bool:
     model.blocks = original
     if wrapper._attention_patch is not None:
         wrapper._attention_patch.remove()
-    if isinstance(wrapper, TomeBlocks) and "r" in vars(model):
+    if isinstance(wrapper, (TomeBlocks, ZeroTPruneBlocks)) and "r" in vars(model):
         del model.r
     return True
 

@@ -25,6 +25,8 @@ from typing import Optional
 
 import torch
 
+__all__ = ["attention_key_mass", "attention_graph_rank", "reduce_heads", "HEAD_REDUCTIONS"]
+
 HEAD_REDUCTIONS = ("mean", "max", "sum", None)
 
 # Logits per block, in bytes: about a CPU's last-level cache, and few enough blocks that their
@@ -174,3 +176,67 @@ def attention_key_mass(
         else:
             mass[s0:s1, :, :cols] += scores.sum(dim=2)
     return reduce_heads(mass.view(batch, heads, num_keys), head_reduce)
+
+
+def attention_graph_rank(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    iterations: int,
+    key_bias: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Per-head power iteration ``s <- A^T s`` from ``s = 1 / N`` on the attention
+    probabilities ``A = exp(scale q k^T + bias - lse)`` of self-attention (no mask).
+
+    q (B, H, N, D), k (B, Hkv, N, D), lse (B, H, N) -> (B, H, N) float32 (float64 for float64
+    q). The probabilities of a block of (sample, kv head) slices are computed once and the
+    ``iterations`` steps run on them while they are in cache (:data:`BLOCK_BYTES` per block; a
+    slice larger than 4 blocks iterates :func:`attention_key_mass` with query weights
+    instead, one row block at a time). Rows with ``lse = -inf`` contribute nothing.
+    """
+    batch, heads, num_tokens, head_dim = q.shape
+    kv_heads = k.shape[1]
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    scores = torch.full((batch, heads, num_tokens), 1.0 / max(num_tokens, 1), dtype=acc_dtype,
+                        device=q.device)
+    element = torch.finfo(acc_dtype).bits // 8
+    group = heads // kv_heads if kv_heads else 0
+    per_slice = group * num_tokens * num_tokens * element
+    if scores.numel() == 0 or per_slice > 4 * BLOCK_BYTES:
+        for _ in range(iterations if scores.numel() else 0):
+            scores = attention_key_mass(q, k, lse, key_bias=key_bias, scale=scale,
+                                        head_reduce=None, query_weights=scores)
+        return scores
+    slices = batch * kv_heads
+    q_rows = q.reshape(slices, group * num_tokens, head_dim)
+    keys = k.reshape(slices, num_tokens, head_dim).transpose(1, 2)
+    row_lse = lse.to(acc_dtype).reshape(slices, group * num_tokens, 1)
+    shift = torch.where(torch.isneginf(row_lse), -math.inf, -row_lse)
+    bias = None
+    if key_bias is not None:  # (slices, 1 or group, 1, N)
+        bias = key_bias.to(acc_dtype)
+        if bias.dim() == 2:
+            bias = bias.view(batch, 1, 1, 1, num_tokens).expand(batch, kv_heads, 1, 1,
+                                                                num_tokens)
+        bias = bias.reshape(slices, -1, 1, num_tokens)
+    out = scores.view(slices, group, 1, num_tokens)
+    step = max(1, BLOCK_BYTES // max(per_slice, 1))
+    for s0 in range(0, slices, step):
+        s1 = min(slices, s0 + step)
+        if q.dtype == acc_dtype:
+            probs = torch.baddbmm(shift[s0:s1], q_rows[s0:s1], keys[s0:s1], alpha=scale)
+        else:
+            probs = torch.bmm(q_rows[s0:s1], keys[s0:s1]).to(acc_dtype).mul_(scale)
+            probs.add_(shift[s0:s1])
+        probs = probs.view(s1 - s0, group, num_tokens, num_tokens)
+        if bias is not None:
+            probs.add_(bias[s0:s1])
+        probs.exp_()
+        block = out[s0:s1].clone()
+        for _ in range(iterations):
+            block = torch.matmul(block, probs)
+        out[s0:s1] = block
+    return scores

@@ -1,0 +1,141 @@
+"""Zero-TPrune on end-to-end timm ViTs (op ``vit_zero_tprune``).
+
+Images/s of a timm ViT (``pretrained=False``, eval, ``torch.inference_mode``): unpatched timm
+(SDPA; the baseline), ``torch Zero-TPrune r<r>`` (the paper's plain-PyTorch formulation,
+:func:`plain_zero_tprune_vit`: each block's attention with its probability matrix written
+out, the power iteration ``s <- A^T s`` on that matrix, then the similarity stage) and
+``fastvl Zero-TPrune r<r>`` (:func:`fastvl.patch.timm.apply_zero_tprune` on a copy, backend
+"auto": the importance from the attention's lse by ``attention_key_mass`` with query
+weights, no N x N matrix). Both drop the same tokens, so fastvl's logits are checked against
+the plain ones at the same r (in half precision a near-tie may drop another token: a
+relative tolerance, as for ToMe).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from fastvl.bench.cases import FORWARD, Built, Scale, register_case, requires_module
+from fastvl.bench.suites.tome import VIT_LOGITS_RTOL, _relative_error, _vit_dtypes, vit_batch
+
+BASELINE = "timm sdpa"
+RS = (8, 16)
+ITERATIONS = 10  # apply_zero_tprune's default
+IMPLS = (BASELINE, *(f"torch Zero-TPrune r{r}" for r in RS),
+         *(f"fastvl Zero-TPrune r{r}" for r in RS))
+
+
+def plain_zero_tprune_vit(model, images: torch.Tensor, r: int,
+                          iterations: int = ITERATIONS) -> torch.Tensor:
+    """Logits of a timm ``VisionTransformer`` (pre-norm ``Block``\\ s) with Zero-TPrune as
+    plain PyTorch writes it: in every block, after attention, the importance ``s <- A^T s``
+    (from uniform, ``iterations`` steps, per head on the explicit probabilities, averaged
+    over heads), the more important half of the non-prefix tokens kept and, of the others,
+    the ``min(r, M // 2)`` whose head-averaged key is most cosine-similar to a kept one
+    dropped; the rest keep their order. images: (B, 3, H, W) -> (B, num_classes)."""
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+    prefix = model.num_prefix_tokens
+    for block in model.blocks:
+        attn = block.attn
+        batch, num_tokens, _ = x.shape
+        qkv = attn.qkv(block.norm1(x)).reshape(batch, num_tokens, 3, attn.num_heads,
+                                                attn.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(dim=-1)  # (B, H, N, N)
+        out = attn.norm((probs @ v).transpose(1, 2).reshape(batch, num_tokens, -1))
+        x = x + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(out))))
+        count = num_tokens - prefix
+        dropped = min(r, count // 2)
+        if dropped > 0:
+            scores = torch.full(probs.shape[:3], 1.0 / num_tokens, device=x.device,
+                                dtype=probs.dtype)
+            for _ in range(iterations):
+                scores = (scores.unsqueeze(-2) @ probs).squeeze(-2)
+            importance = scores.mean(dim=1)[:, prefix:].float()
+            order = importance.argsort(dim=1, descending=True, stable=True)
+            kept_group, others = order[:, :(count + 1) // 2], order[:, (count + 1) // 2:]
+            metric = F.normalize(k.mean(dim=1)[:, prefix:].float(), dim=-1)
+            dim = metric.shape[-1]
+            similarity = (metric.gather(1, others[..., None].expand(-1, -1, dim))
+                          @ metric.gather(1, kept_group[..., None].expand(-1, -1, dim))
+                          .transpose(1, 2)).amax(dim=-1)
+            drop = others.gather(1, similarity.argsort(dim=1, descending=True)[:, :dropped])
+            keep = torch.ones(batch, count, dtype=torch.bool, device=x.device)
+            keep = keep.scatter(1, drop, False)
+            kept = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :count - dropped]
+            rest = x[:, prefix:].gather(1, kept[..., None].expand(-1, -1, x.shape[-1]))
+            x = torch.cat([x[:, :prefix], rest], dim=1)
+        x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    return model.forward_head(model.norm(x))
+
+
+def _build(device, dtype, scale: Scale, mode: str, model_name: str, gpu_batch: int) -> Built:
+    import timm
+
+    from fastvl.patch.timm import apply_zero_tprune
+
+    overrides = {}
+    if scale.name == "quick":  # 50 tokens, a tiny width, 3 blocks
+        overrides = {"img_size": 112, "embed_dim": 64, "depth": 3, "num_heads": 2}
+    torch.manual_seed(0)
+    model = timm.create_model(model_name, pretrained=False, **overrides)
+    model = model.to(device=device, dtype=dtype).eval()
+    batch = vit_batch(scale, gpu_batch)
+    size = model.patch_embed.img_size
+    images = torch.randn(batch, 3, *size, device=device, dtype=dtype)
+    built = Built(
+        shapes={"images": [batch, 3, *size], "tokens": model.patch_embed.num_patches + 1,
+                "width": model.embed_dim, "depth": len(model.blocks),
+                "iterations": ITERATIONS},
+        items=batch,
+        references={f"torch Zero-TPrune r{r}": None for r in RS},
+    )
+
+    def inference(fn):
+        def run():
+            with torch.inference_mode():
+                return fn()
+
+        return run
+
+    built.add(BASELINE, inference(lambda: model(images)))
+    patched = copy.deepcopy(model)
+    apply_zero_tprune(patched, RS[0], iterations=ITERATIONS)
+    for r in RS:
+        built.add(f"torch Zero-TPrune r{r}",
+                  inference(lambda r=r: plain_zero_tprune_vit(model, images, r)))
+
+        def fastvl_run(r=r):
+            patched.r = r  # read by the patched blocks at every forward
+            return patched(images)
+
+        name = f"fastvl Zero-TPrune r{r}"
+        built.add(name, inference(fastvl_run))
+        built.references[name] = f"torch Zero-TPrune r{r}"
+        built.compare[name] = lambda actual, expected: _relative_error(
+            actual, expected, VIT_LOGITS_RTOL[dtype])
+    return built
+
+
+def _case(name: str, model_name: str, gpu_batch: int, gpu_only: bool) -> None:
+    where = "GPU only" if gpu_only else "CPU: 8 images, float32"
+    description = (
+        f"timm {model_name} images/s (pretrained=False, eval, inference_mode; batch "
+        f"{gpu_batch} float16 on GPU, {where}): unpatched (SDPA), the paper's plain-PyTorch "
+        f"Zero-TPrune and fastvl.patch.timm.apply_zero_tprune at r {', '.join(map(str, RS))} "
+        f"per block, {ITERATIONS} power iterations; fastvl logits checked against plain at the "
+        "same r"
+    )
+
+    @register_case(op="vit_zero_tprune", name=name, description=description, impls=IMPLS,
+                   baseline=BASELINE, modes=(FORWARD,), dtypes=_vit_dtypes(gpu_only))
+    def build(device, dtype, scale, mode):
+        return _build(device, dtype, scale, mode, model_name, gpu_batch)
+
+
+if requires_module("timm") is None:
+    _case("vit-b16", "vit_base_patch16_224", 256, gpu_only=False)
