@@ -66,7 +66,7 @@ KERNELS = (
     "_attn_fwd_kernel", "_key_mass_kernel", "_best_partner_kernel", "_segment_reduce_kernel",
     "_spread_kernel", "_tome_plan_kernel", "_gather_tokens_kernel", "_scatter_add_tokens_kernel",
     "_lora_fwd_kernel", "_lora_fwd_rows_kernel", "_lora_bwd_dx_kernel", "_lora_bwd_dw_kernel",
-    "_unshuffle_fwd_kernel", "_unshuffle_bwd_kernel",
+    "_unshuffle_fwd_kernel", "_unshuffle_bwd_kernel", "_pitome_energy_kernel",
 )
 # Kernels that fail the check today, per arch: strict xfails, so the check turns red (XPASS)
 # once one is fixed and must then be taken off this list. None today.

@@ -19,6 +19,7 @@ from fastvl.ops import (
     gather_tokens,
     masked_patch_embed,
     masked_pixel_loss,
+    pitome_match,
     random_masking,
     tome_match,
     tome_merge,
@@ -96,6 +97,7 @@ def _token_calls(dtype):
                                            backend="triton")
     pred = decoder_in[:, 1:, :].reshape(2, 16, 48)[..., :1].expand(2, 16, 192).contiguous()
     _backward(masked_pixel_loss(pred, imgs.detach(), mask, 8, backend="triton"))
+    pitome_match(x.detach(), 8, margin=0.5, backend="triton")
 
 
 @pytest.fixture(scope="module")
@@ -108,13 +110,13 @@ def gpu_launches():
     from fastvl import kernels, triton_aot
     from fastvl.kernels import attention as attention_kernels
     from fastvl.kernels import (
-        attention_backward, attention_key_mass, gather, masking, patch_embed, tome,
+        attention_backward, attention_key_mass, gather, masking, patch_embed, pitome, tome,
     )
 
     families = {
         "attention": ((attention_kernels, attention_backward, attention_key_mass),
                       _attention_calls),
-        "tokens": ((tome, gather, masking, patch_embed), _token_calls),
+        "tokens": ((tome, gather, masking, patch_embed, pitome), _token_calls),
     }
     recorded = {}
     for family, (modules, calls) in families.items():

@@ -15,6 +15,7 @@ from fastvl.ops.masking import (
     unshuffle_with_mask_token,
 )
 from fastvl.ops.patch_embed import masked_patch_embed
+from fastvl.ops.pitome import pitome_energy, pitome_margins, pitome_match
 from fastvl.ops.pruning import (
     keep_topk_tokens,
     similarity_prune_scores,
@@ -33,6 +34,9 @@ __all__ = [
     "lora_linear",
     "masked_patch_embed",
     "masked_pixel_loss",
+    "pitome_energy",
+    "pitome_margins",
+    "pitome_match",
     "random_masking",
     "routed_lora_linear",
     "similarity_prune_scores",

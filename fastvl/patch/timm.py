@@ -29,6 +29,7 @@ from fastvl.patch._modules import marked_slots, patched_names, swap_back, swap_c
 from fastvl.patch.timm_tome import (
     TokenReductionPatch,
     apply_evit,
+    apply_pitome,
     apply_tome,
     apply_zero_tprune,
     remove_token_reduction,
@@ -38,6 +39,7 @@ from fastvl.patch.timm_tome import (
 
 __all__ = [
     "apply", "remove", "TimmPatch", "Skipped", "apply_tome", "apply_evit", "apply_zero_tprune",
+    "apply_pitome",
     "remove_token_reduction", "render_tome_regions", "tome_schedule", "TokenReductionPatch",
 ]
 

@@ -1,5 +1,5 @@
-"""Token reduction inside timm ViTs: ToMe (:func:`apply_tome`), EViT (:func:`apply_evit`) and
-Zero-TPrune (:func:`apply_zero_tprune`).
+"""Token reduction inside timm ViTs: ToMe (:func:`apply_tome`), PiToMe (:func:`apply_pitome`),
+EViT (:func:`apply_evit`) and Zero-TPrune (:func:`apply_zero_tprune`).
 
 Both swap ``model.blocks`` (an ``nn.Sequential``) for a :class:`TokenReducingBlocks`, an
 ``nn.Sequential`` holding the *same* block modules (so parameters and state-dict keys do not
@@ -46,6 +46,7 @@ from fastvl.ops.registry import check_op_backend
 from fastvl.ops._checks import is_int
 from fastvl.ops.attention_key_mass import attention_graph_rank, attention_key_mass
 from fastvl.ops.gather import gather_tokens
+from fastvl.ops.pitome import pitome_margins, pitome_match
 from fastvl.ops.pruning import keep_topk_tokens, similarity_prune_scores
 from fastvl.ops.tome import check_token_order, tome_match, tome_merge, tome_merge_source
 
@@ -56,6 +57,7 @@ __all__ = [
     "apply_tome",
     "apply_evit",
     "apply_zero_tprune",
+    "apply_pitome",
     "remove_token_reduction",
     "render_tome_regions",
     "tome_schedule",
@@ -64,6 +66,7 @@ __all__ = [
     "TomeBlocks",
     "EvitBlocks",
     "ZeroTPruneBlocks",
+    "PitomeBlocks",
     "TokenReductionPatch",
 ]
 
@@ -178,20 +181,22 @@ class TomeBlocks(TokenReducingBlocks):
         )
         track_source = self.trace_source or self._pools_over_tokens()
         size = source = None
-        for block, r in zip(self, schedule):
+        for index, (block, r) in enumerate(zip(self, schedule)):
             key_bias = size.log() if self.prop_attn and size is not None else None
             branch, internals = _attention_branch(block, x, key_bias)
             x = x + branch
             if r > 0:
-                plan = tome_match(
-                    internals.k.mean(1), r, num_prefix_tokens=self.num_prefix_tokens,
-                    token_order=self.token_order, backend=self.backend,
-                )
-                x, size = tome_merge(plan, x, size, backend=self.backend)
+                plan = self._plan(internals.k.mean(1), r, index)
+                x, size = tome_merge(plan, x, size, backend=self.backend, check_plan=False)
                 if track_source:
                     source = tome_merge_source(plan, source)
             x = x + _mlp_branch(block, x)
         return ReducedTokens(x, size, source)
+
+    def _plan(self, metric: torch.Tensor, r: int, index: int):
+        """The merge plan of block ``index``: ToMe's bipartite matching on ``metric``."""
+        return tome_match(metric, r, num_prefix_tokens=self.num_prefix_tokens,
+                          token_order=self.token_order, backend=self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, C) -> (B, M, C) merged tokens; (B, N, C) under a size-weighted pooling."""
@@ -203,6 +208,28 @@ class TomeBlocks(TokenReducingBlocks):
             # attention pooling = proportional attention.
             x = gather_tokens(x, source, backend=self.backend, check_bounds=False)
         return x
+
+
+class PitomeBlocks(TomeBlocks):
+    """PiToMe: ToMe's blocks (sizes, proportional attention, source map, pooling) with
+    PiToMe's energy-guided merge plan (see :func:`apply_pitome`)."""
+
+    method = "pitome"
+
+    def __init__(self, blocks, model, backend, prop_attn: bool, trace_source: bool,
+                 margins: tuple[float, ...], alpha: float) -> None:
+        super().__init__(blocks, model, backend, prop_attn, trace_source, "tome")
+        self.margins = margins
+        self.alpha = alpha
+
+    def extra_repr(self) -> str:
+        margins = ", ".join(f"{m:.3g}" for m in self.margins)
+        return (f"method={self.method!r}, backend={self.backend!r}, prop_attn={self.prop_attn}, "
+                f"trace_source={self.trace_source}, margins=({margins}), alpha={self.alpha}")
+
+    def _plan(self, metric: torch.Tensor, r: int, index: int):
+        return pitome_match(metric, r, margin=self.margins[index], alpha=self.alpha,
+                            num_prefix_tokens=self.num_prefix_tokens, backend=self.backend)
 
 
 class EvitBlocks(TokenReducingBlocks):
@@ -608,9 +635,64 @@ def apply_zero_tprune(
     return handle
 
 
+def apply_pitome(
+    model: nn.Module,
+    r: TomeR,
+    *,
+    margins: Optional[Sequence[float]] = None,
+    alpha: float = 1.0,
+    prop_attn: bool = True,
+    trace_source: bool = False,
+    backend: str = "auto",
+) -> TokenReductionPatch:
+    """PiToMe (spectrum-preserving token merging) in a timm VisionTransformer, in place.
+
+    As :func:`apply_tome`, except for which tokens merge: in each block the non-prefix tokens
+    get PiToMe's energy (:func:`fastvl.ops.pitome_energy` on the keys averaged over heads,
+    tiled on the triton backend), the 2r most energetic alternate between merging tokens and
+    destinations, each merging token goes to its most similar destination, and the rest are
+    kept (:func:`fastvl.ops.pitome_match`); then the size-weighted merge, proportional
+    attention, the source map and the pooling rules of :func:`apply_tome`.
+
+    Args:
+        model: a timm ``VisionTransformer`` of ``Block`` / ``ResPostBlock`` blocks.
+        r: tokens merged per block, as :func:`apply_tome`'s (``model.r``).
+        margins: the margin of each block; default PiToMe's ``0.9 - 0.8 * i / depth``
+            (:func:`fastvl.ops.pitome_margins`).
+        alpha: the margin function's negative scale (PiToMe: 1).
+        prop_attn, trace_source, backend: as :func:`apply_tome`'s.
+    """
+    op = "apply_pitome"
+    _check_model(op, model)
+    check_op_backend(op, backend, "attention", "pitome_energy", "tome_merge", "gather_tokens")
+    for name, flag in (("prop_attn", prop_attn), ("trace_source", trace_source)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{op}: {name} must be a bool, got {type(flag).__name__}")
+    depth = len(model.blocks)
+    if margins is None:
+        margins = pitome_margins(depth)
+    if (isinstance(margins, (str, bytes)) or not isinstance(margins, Sequence)
+            or len(margins) != depth or not all(
+                isinstance(m, (int, float)) and not isinstance(m, bool) and math.isfinite(m)
+                for m in margins)):
+        raise ValueError(f"{op}: margins must be {depth} finite numbers (one per block), got "
+                         f"{margins!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise TypeError(f"{op}: alpha must be a finite number, got {alpha!r}")
+    _parse_r(r, depth, f"{op}: r")
+    handle = _install(
+        model,
+        lambda blocks: PitomeBlocks(blocks, model, backend, prop_attn, trace_source,
+                                    tuple(float(m) for m in margins), float(alpha)),
+        backend,
+    )
+    model.r = r
+    return handle
+
+
 def remove_token_reduction(model: nn.Module) -> bool:
-    """Undo :func:`apply_tome` / :func:`apply_evit` / :func:`apply_zero_tprune` on ``model``;
-    False if it has none.
+    """Undo :func:`apply_tome` / :func:`apply_pitome` / :func:`apply_evit` /
+    :func:`apply_zero_tprune` on ``model``; False if it has none.
 
     The original ``nn.Sequential`` comes back holding the blocks the wrapper holds now; the
     timm attention modules come back if the patch swapped them; ``model.r`` is deleted.
@@ -625,7 +707,7 @@ def remove_token_reduction(model: nn.Module) -> bool:
     model.blocks = original
     if wrapper._attention_patch is not None:
         wrapper._attention_patch.remove()
-    if isinstance(wrapper, (TomeBlocks, ZeroTPruneBlocks)) and "r" in vars(model):
+    if isinstance(wrapper, (TomeBlocks, ZeroTPruneBlocks)) and "r" in vars(model):  # PiToMe too
         del model.r
     return True
 

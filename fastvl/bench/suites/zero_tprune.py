@@ -1,4 +1,5 @@
-"""Zero-TPrune on end-to-end timm ViTs (op ``vit_zero_tprune``).
+"""Zero-TPrune on end-to-end timm ViTs (op ``vit_zero_tprune``), and the builder of such
+token-reduction cases (:func:`reduced_vit_case`, also used by PiToMe's).
 
 Images/s of a timm ViT (``pretrained=False``, eval, ``torch.inference_mode``): unpatched timm
 (SDPA; the baseline), ``torch Zero-TPrune r<r>`` (the paper's plain-PyTorch formulation,
@@ -21,11 +22,8 @@ import torch.nn.functional as F
 from fastvl.bench.cases import FORWARD, Built, Scale, register_case, requires_module
 from fastvl.bench.suites.tome import VIT_LOGITS_RTOL, _relative_error, _vit_dtypes, vit_batch
 
-BASELINE = "timm sdpa"
 RS = (8, 16)
 ITERATIONS = 10  # apply_zero_tprune's default
-IMPLS = (BASELINE, *(f"torch Zero-TPrune r{r}" for r in RS),
-         *(f"fastvl Zero-TPrune r{r}" for r in RS))
 
 
 def plain_zero_tprune_vit(model, images: torch.Tensor, r: int,
@@ -73,69 +71,74 @@ def plain_zero_tprune_vit(model, images: torch.Tensor, r: int,
     return model.forward_head(model.norm(x))
 
 
-def _build(device, dtype, scale: Scale, mode: str, model_name: str, gpu_batch: int) -> Built:
-    import timm
+def reduced_vit_case(op: str, name: str, model_name: str, gpu_batch: int, label: str,
+                     rs: tuple[int, ...], plain, apply, description: str) -> None:
+    """Register an images/s case of a timm ViT with token reduction (op ``op``): unpatched
+    timm (the baseline), ``torch <label> r<r>`` = ``plain(model, images, r)`` and ``fastvl
+    <label> r<r>`` = ``apply(copy of model, r)`` then a forward with ``model.r = r``, checked
+    against the plain one at the same r (relative error of the logits, as ToMe's)."""
+    baseline = "timm sdpa"
+    impls = (baseline, *(f"torch {label} r{r}" for r in rs), *(f"fastvl {label} r{r}" for r in rs))
 
+    def build(device, dtype, scale: Scale, mode: str) -> Built:
+        import timm
+
+        overrides = {}
+        if scale.name == "quick":  # 50 tokens, a tiny width, 3 blocks
+            overrides = {"img_size": 112, "embed_dim": 64, "depth": 3, "num_heads": 2}
+        torch.manual_seed(0)
+        model = timm.create_model(model_name, pretrained=False, **overrides)
+        model = model.to(device=device, dtype=dtype).eval()
+        batch = vit_batch(scale, gpu_batch)
+        size = model.patch_embed.img_size
+        images = torch.randn(batch, 3, *size, device=device, dtype=dtype)
+        built = Built(
+            shapes={"images": [batch, 3, *size], "tokens": model.patch_embed.num_patches + 1,
+                    "width": model.embed_dim, "depth": len(model.blocks)},
+            items=batch,
+            references={f"torch {label} r{r}": None for r in rs},
+        )
+
+        def inference(fn):
+            def run():
+                with torch.inference_mode():
+                    return fn()
+
+            return run
+
+        built.add(baseline, inference(lambda: model(images)))
+        patched = copy.deepcopy(model)
+        apply(patched, rs[0])
+        for r in rs:
+            built.add(f"torch {label} r{r}", inference(lambda r=r: plain(model, images, r)))
+
+            def fastvl_run(r=r):
+                patched.r = r  # read by the patched blocks at every forward
+                return patched(images)
+
+            impl = f"fastvl {label} r{r}"
+            built.add(impl, inference(fastvl_run))
+            built.references[impl] = f"torch {label} r{r}"
+            built.compare[impl] = lambda actual, expected: _relative_error(
+                actual, expected, VIT_LOGITS_RTOL[dtype])
+        return built
+
+    register_case(op=op, name=name, description=description, impls=impls, baseline=baseline,
+                  modes=(FORWARD,), dtypes=_vit_dtypes(gpu_only=False))(build)
+
+
+def _apply(model, r):
     from fastvl.patch.timm import apply_zero_tprune
 
-    overrides = {}
-    if scale.name == "quick":  # 50 tokens, a tiny width, 3 blocks
-        overrides = {"img_size": 112, "embed_dim": 64, "depth": 3, "num_heads": 2}
-    torch.manual_seed(0)
-    model = timm.create_model(model_name, pretrained=False, **overrides)
-    model = model.to(device=device, dtype=dtype).eval()
-    batch = vit_batch(scale, gpu_batch)
-    size = model.patch_embed.img_size
-    images = torch.randn(batch, 3, *size, device=device, dtype=dtype)
-    built = Built(
-        shapes={"images": [batch, 3, *size], "tokens": model.patch_embed.num_patches + 1,
-                "width": model.embed_dim, "depth": len(model.blocks),
-                "iterations": ITERATIONS},
-        items=batch,
-        references={f"torch Zero-TPrune r{r}": None for r in RS},
-    )
-
-    def inference(fn):
-        def run():
-            with torch.inference_mode():
-                return fn()
-
-        return run
-
-    built.add(BASELINE, inference(lambda: model(images)))
-    patched = copy.deepcopy(model)
-    apply_zero_tprune(patched, RS[0], iterations=ITERATIONS)
-    for r in RS:
-        built.add(f"torch Zero-TPrune r{r}",
-                  inference(lambda r=r: plain_zero_tprune_vit(model, images, r)))
-
-        def fastvl_run(r=r):
-            patched.r = r  # read by the patched blocks at every forward
-            return patched(images)
-
-        name = f"fastvl Zero-TPrune r{r}"
-        built.add(name, inference(fastvl_run))
-        built.references[name] = f"torch Zero-TPrune r{r}"
-        built.compare[name] = lambda actual, expected: _relative_error(
-            actual, expected, VIT_LOGITS_RTOL[dtype])
-    return built
-
-
-def _case(name: str, model_name: str, gpu_batch: int, gpu_only: bool) -> None:
-    where = "GPU only" if gpu_only else "CPU: 8 images, float32"
-    description = (
-        f"timm {model_name} images/s (pretrained=False, eval, inference_mode; batch "
-        f"{gpu_batch} float16 on GPU, {where}): unpatched (SDPA), the paper's plain-PyTorch "
-        f"Zero-TPrune and fastvl.patch.timm.apply_zero_tprune at r {', '.join(map(str, RS))} "
-        f"per block, {ITERATIONS} power iterations; fastvl logits checked against plain at the "
-        "same r"
-    )
-
-    @register_case(op="vit_zero_tprune", name=name, description=description, impls=IMPLS,
-                   baseline=BASELINE, modes=(FORWARD,), dtypes=_vit_dtypes(gpu_only))
-    def build(device, dtype, scale, mode):
-        return _build(device, dtype, scale, mode, model_name, gpu_batch)
+    apply_zero_tprune(model, r, iterations=ITERATIONS)
 
 
 if requires_module("timm") is None:
-    _case("vit-b16", "vit_base_patch16_224", 256, gpu_only=False)
+    reduced_vit_case(
+        "vit_zero_tprune", "vit-b16", "vit_base_patch16_224", 256, "Zero-TPrune", RS,
+        plain_zero_tprune_vit, _apply,
+        "timm vit_base_patch16_224 images/s (pretrained=False, eval, inference_mode; batch 256 "
+        "float16 on GPU, CPU: 8 images, float32): unpatched (SDPA), the paper's plain-PyTorch "
+        f"Zero-TPrune and fastvl.patch.timm.apply_zero_tprune at r {', '.join(map(str, RS))} per "
+        f"block, {ITERATIONS} power iterations; fastvl logits checked against plain at the same r",
+    )
