@@ -96,6 +96,7 @@ __all__ = [
     "is_registered",
     "apply_fastv",
     "apply_mm_lora",
+    "apply_pitome",
 ]
 
 ATTN_IMPLEMENTATION = "fastvl"
@@ -258,9 +259,10 @@ def is_registered() -> bool:
 
 
 def __getattr__(name: str):
-    # ``apply_fastv`` lives in fastvl.patch.fastv, which builds on this module, and
-    # ``apply_mm_lora`` in fastvl.patch.mm_lora: imported on first use so that either module
-    # can be imported first.
+    # ``apply_fastv`` lives in fastvl.patch.fastv, which builds on this module,
+    # ``apply_mm_lora`` in fastvl.patch.mm_lora and ``apply_pitome`` in
+    # fastvl.patch.vision_tower: imported on first use so that either module can be imported
+    # first.
     if name == "apply_fastv":
         from fastvl.patch.fastv import apply_fastv
 
@@ -269,4 +271,8 @@ def __getattr__(name: str):
         from fastvl.patch.mm_lora import apply_mm_lora
 
         return apply_mm_lora
+    if name == "apply_pitome":  # the CLIP / SigLIP vision towers
+        from fastvl.patch.vision_tower import apply_pitome
+
+        return apply_pitome
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
