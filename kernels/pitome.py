@@ -1,8 +1,8 @@
 """PiToMe energy scores in Triton (the definition: :mod:`fastvl.reference.pitome`).
 
-One program per (block of BLOCK_M tokens, sample): the block's rows are loaded once and their
-norms taken, then the tokens stream by in blocks of BLOCK_N (channels BLOCK_C at a time):
-``tl.dot`` gives the dot products (float32 accumulation, IEEE precision for float32 metrics),
+One program per (block of BLOCK_M tokens, sample): the block's norms are taken, then the
+tokens stream by in blocks of BLOCK_N (channels BLOCK_C at a time, the tile loop of ToMe's
+best-partner kernel): ``tl.dot`` gives the dot products (float32 accumulation, IEEE precision for float32 metrics),
 divided by both norms they are the cosine similarities, the margin function is applied and
 summed per row in registers. The T x T similarity matrix is never stored.
 """
@@ -15,31 +15,9 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from fastvl._outputs import empty_output
-from fastvl.kernels import cdiv, gpu_sizes, launchable, next_power_of_2
+from fastvl.kernels import cdiv, launchable
+from fastvl.kernels.tome import _match_blocks, _row_norms, _tile_dots
 from fastvl.reference.tome import NORM_EPS
-
-
-def _blocks(channels: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_C, num_warps); small blocks when interpreted."""
-    block_c = min(64, max(16, next_power_of_2(channels)))
-    if not gpu_sizes(device):
-        return 16, 16, 16, 4
-    return 64, 64, block_c, 4
-
-
-@triton.jit
-def _row_norms(rows_ptr, valid, channels, stride_c, BLOCK: tl.constexpr,
-               BLOCK_C: tl.constexpr, eps):
-    """max(|row|, eps) of BLOCK rows (float32)."""
-    offs_c0 = tl.arange(0, BLOCK_C)
-    squares = tl.zeros([BLOCK], tl.float32)
-    for start_c in range(0, channels, BLOCK_C):
-        offs_c = start_c + offs_c0
-        x = tl.load(rows_ptr[:, None] + offs_c[None, :] * stride_c,
-                    mask=valid[:, None] & (offs_c < channels)[None, :], other=0.0)
-        x = x.to(tl.float32)
-        squares += tl.sum(x * x, 1)
-    return tl.maximum(tl.sqrt_rn(squares), eps)
 
 
 @triton.jit
@@ -60,25 +38,14 @@ def _pitome_energy_kernel(
     base = metric_ptr + sample * stride_mb
     m_rows = base + offs_m.to(tl.int64) * stride_mn
     m_norm = _row_norms(m_rows, m_valid, channels, stride_mc, BLOCK_M, BLOCK_C, eps)
-    offs_c0 = tl.arange(0, BLOCK_C)
     offs_n0 = tl.arange(0, BLOCK_N)
     total = tl.zeros([BLOCK_M], tl.float32)
     for start_n in range(0, num_tokens, BLOCK_N):
         offs_n = start_n + offs_n0
         n_valid = offs_n < num_tokens
         n_rows = base + offs_n.to(tl.int64) * stride_mn
-        dots = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        n_squares = tl.zeros([BLOCK_N], tl.float32)
-        for start_c in range(0, channels, BLOCK_C):
-            offs_c = start_c + offs_c0
-            c_valid = offs_c < channels
-            a = tl.load(m_rows[:, None] + offs_c[None, :] * stride_mc,
-                        mask=m_valid[:, None] & c_valid[None, :], other=0.0)
-            bt = tl.load(n_rows[None, :] + offs_c[:, None] * stride_mc,
-                         mask=c_valid[:, None] & n_valid[None, :], other=0.0)
-            dots = tl.dot(a, bt, dots, input_precision=DOT_PRECISION)
-            bt = bt.to(tl.float32)
-            n_squares += tl.sum(bt * bt, 0)
+        dots, n_squares = _tile_dots(m_rows, m_valid, n_rows, n_valid, channels, stride_mc,
+                                     BLOCK_M, BLOCK_N, BLOCK_C, DOT_PRECISION)
         n_norm = tl.maximum(tl.sqrt_rn(n_squares), eps)
         shifted = dots / m_norm[:, None] / n_norm[None, :] - margin
         value = tl.where(shifted >= 0, shifted, alpha * (tl.exp(tl.minimum(shifted, 0.0)) - 1.0))
@@ -92,7 +59,7 @@ def pitome_energy(metric: torch.Tensor, margin: float, alpha: float) -> torch.Te
     energy = empty_output((batch, num_tokens), dtype=torch.float32, device=metric.device)
     if energy.numel() == 0:
         return energy
-    block_m, block_n, block_c, warps = _blocks(channels, metric.device)
+    block_m, block_n, block_c, warps = _match_blocks(channels, metric.device)  # ToMe's tiles
     grid = (cdiv(num_tokens, block_m), batch)
     launchable(_pitome_energy_kernel, wrap_triton)[grid](
         metric, energy, num_tokens, channels, *metric.stride(),

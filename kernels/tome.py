@@ -50,6 +50,43 @@ def _match_blocks(channels: int, device: torch.device) -> tuple[int, int, int, i
 
 
 @triton.jit
+def _row_norms(rows_ptr, valid, channels, stride_c, BLOCK: tl.constexpr,
+               BLOCK_C: tl.constexpr, eps):
+    """max(|row|, eps) of BLOCK rows (pointers ``rows_ptr``), in float32."""
+    offs_c0 = tl.arange(0, BLOCK_C)
+    squares = tl.zeros([BLOCK], tl.float32)
+    for start_c in range(0, channels, BLOCK_C):
+        offs_c = start_c + offs_c0
+        x = tl.load(rows_ptr[:, None] + offs_c[None, :] * stride_c,
+                    mask=valid[:, None] & (offs_c < channels)[None, :], other=0.0)
+        x = x.to(tl.float32)
+        squares += tl.sum(x * x, 1)
+    return tl.maximum(tl.sqrt_rn(squares), eps)
+
+
+@triton.jit
+def _tile_dots(a_rows, a_valid, b_rows, b_valid, channels, stride_c,
+               BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    """The (BLOCK_A, BLOCK_B) float32 dot products of two blocks of rows (channels BLOCK_C at
+    a time) and the B rows' squared norms."""
+    offs_c0 = tl.arange(0, BLOCK_C)
+    dots = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
+    b_squares = tl.zeros([BLOCK_B], tl.float32)
+    for start_c in range(0, channels, BLOCK_C):
+        offs_c = start_c + offs_c0
+        c_valid = offs_c < channels
+        a = tl.load(a_rows[:, None] + offs_c[None, :] * stride_c,
+                    mask=a_valid[:, None] & c_valid[None, :], other=0.0)
+        bt = tl.load(b_rows[None, :] + offs_c[:, None] * stride_c,
+                     mask=c_valid[:, None] & b_valid[None, :], other=0.0)
+        dots = tl.dot(a, bt, dots, input_precision=DOT_PRECISION)
+        bt = bt.to(tl.float32)
+        b_squares += tl.sum(bt * bt, 0)
+    return dots, b_squares
+
+
+@triton.jit
 def _best_partner_kernel(
     metric_ptr, score_ptr, partner_ptr,
     num_a, num_b, a_first, b_first, channels,
@@ -64,15 +101,7 @@ def _best_partner_kernel(
     a_valid = offs_a < num_a
     base = metric_ptr + sample * stride_mb
     a_rows = base + (a_first + 2 * offs_a.to(tl.int64)) * stride_mn
-    offs_c0 = tl.arange(0, BLOCK_C)
-
-    a_sq = tl.zeros([BLOCK_A], tl.float32)
-    for start_c in range(0, channels, BLOCK_C):
-        offs_c = start_c + offs_c0
-        a = tl.load(a_rows[:, None] + offs_c[None, :] * stride_mc,
-                    mask=a_valid[:, None] & (offs_c < channels)[None, :], other=0.0)
-        a = a.to(tl.float32)
-        a_sq += tl.sum(a * a, 1)
+    a_norm = _row_norms(a_rows, a_valid, channels, stride_mc, BLOCK_A, BLOCK_C, eps)
 
     best = tl.full([BLOCK_A], float("-inf"), tl.float32)
     best_b = tl.zeros([BLOCK_A], tl.int32)
@@ -81,18 +110,8 @@ def _best_partner_kernel(
         offs_b = start_b + offs_b0
         b_valid = offs_b < num_b
         b_rows = base + (b_first + 2 * offs_b.to(tl.int64)) * stride_mn
-        dots = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
-        b_sq = tl.zeros([BLOCK_B], tl.float32)
-        for start_c in range(0, channels, BLOCK_C):
-            offs_c = start_c + offs_c0
-            c_valid = offs_c < channels
-            a = tl.load(a_rows[:, None] + offs_c[None, :] * stride_mc,
-                        mask=a_valid[:, None] & c_valid[None, :], other=0.0)
-            bt = tl.load(b_rows[None, :] + offs_c[:, None] * stride_mc,
-                         mask=c_valid[:, None] & b_valid[None, :], other=0.0)
-            dots = tl.dot(a, bt, dots, input_precision=DOT_PRECISION)
-            bt = bt.to(tl.float32)
-            b_sq += tl.sum(bt * bt, 0)
+        dots, b_sq = _tile_dots(a_rows, a_valid, b_rows, b_valid, channels, stride_mc,
+                                BLOCK_A, BLOCK_B, BLOCK_C, DOT_PRECISION)
         b_norm = tl.maximum(tl.sqrt_rn(b_sq), eps)
         scaled = tl.where(b_valid[None, :], dots / b_norm[None, :], float("-inf"))
         tile_best = tl.max(scaled, 1)
@@ -101,7 +120,7 @@ def _best_partner_kernel(
         best_b = tl.where(better, tile_b, best_b)
         best = tl.where(better, tile_best, best)
 
-    score = best / tl.maximum(tl.sqrt_rn(a_sq), eps)
+    score = best / a_norm
     out = sample * num_a + offs_a
     tl.store(score_ptr + out, score, mask=a_valid)
     tl.store(partner_ptr + out, b_first + 2 * best_b.to(tl.int64), mask=a_valid)

@@ -25,7 +25,6 @@ same parameters, same function, for comparison and as the test's second path.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F

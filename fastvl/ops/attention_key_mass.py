@@ -18,7 +18,7 @@ from typing import Optional, Union
 
 import torch
 
-from fastvl.ops._checks import check_int, check_tensor
+from fastvl.ops._checks import check_float_tensor, check_int, check_tensor
 from fastvl.ops._eager import can_launch_directly
 from fastvl.ops.attention import HEAD_DIM, TRITON_SUPPORTS
 from fastvl.ops.attention import (  # the checks and the memo key shared with attention
@@ -167,10 +167,7 @@ def _validate(q, k, lse, causal, key_bias, scale, causal_strength, prefix_len, q
             "got H = 0"
         )
     if query_weights is not None:
-        check_tensor(op, "query_weights", query_weights)
-        if not query_weights.is_floating_point():
-            raise TypeError(f"{op}: query_weights must be a floating-point tensor, got "
-                            f"{query_weights.dtype}")
+        check_float_tensor(op, "query_weights", query_weights)
         if tuple(query_weights.shape) not in ((batch, num_queries), (batch, heads, num_queries)):
             raise ValueError(
                 f"{op}: query_weights must be (B, Nq) = ({batch}, {num_queries}) or (B, H, Nq) "

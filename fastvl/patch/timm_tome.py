@@ -444,6 +444,13 @@ def _check_model(op: str, model) -> None:
         raise ValueError(f"{op}: unsupported model structure: " + "; ".join(problems))
 
 
+def _check_flags(op: str, **flags) -> None:
+    """TypeError unless every flag is a bool."""
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise TypeError(f"{op}: {name} must be a bool, got {type(flag).__name__}")
+
+
 def _install(model: VisionTransformer, make_wrapper, backend: str) -> TokenReductionPatch:
     """Swap fastvl attention into the blocks if needed, then ``model.blocks`` for the wrapper."""
     # Imported here: fastvl.patch.timm re-exports this module.
@@ -512,9 +519,7 @@ def apply_tome(
     op = "apply_tome"
     _check_model(op, model)
     check_op_backend(op, backend, "attention", "tome_match", "tome_merge", "gather_tokens")
-    for name, flag in (("prop_attn", prop_attn), ("trace_source", trace_source)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{op}: {name} must be a bool, got {type(flag).__name__}")
+    _check_flags(op, prop_attn=prop_attn, trace_source=trace_source)
     check_token_order(op, token_order)
     _parse_r(r, len(model.blocks), f"{op}: r")
     handle = _install(
@@ -665,9 +670,7 @@ def apply_pitome(
     op = "apply_pitome"
     _check_model(op, model)
     check_op_backend(op, backend, "attention", "pitome_energy", "tome_merge", "gather_tokens")
-    for name, flag in (("prop_attn", prop_attn), ("trace_source", trace_source)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{op}: {name} must be a bool, got {type(flag).__name__}")
+    _check_flags(op, prop_attn=prop_attn, trace_source=trace_source)
     depth = len(model.blocks)
     if margins is None:
         margins = pitome_margins(depth)

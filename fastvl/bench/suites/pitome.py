@@ -23,8 +23,7 @@ from fastvl.bench.cases import (
     register_case,
     requires_module,
 )
-from fastvl.bench.suites.tome import _plain_attention
-from fastvl.bench.suites.zero_tprune import reduced_vit_case
+from fastvl.bench.suites.tome import _plain_attention, reduced_vit_case
 
 RS = (8, 16)
 ENERGY_BASELINE = "PiToMe (dense)"

@@ -15,7 +15,8 @@ paired tokens must match. The backward is order-independent too: the gradient fl
 is the merged output itself (the gradient of ``sum(merged^2) / 2``), and the gradients w.r.t.
 x (in input order for both) must match elementwise.
 
-``vit_tome``: images/s of a timm ViT (``pretrained=False``, eval, ``torch.inference_mode``):
+``vit_tome``: images/s of a timm ViT (cases built by :func:`reduced_vit_case`, which the
+other token-reduction suites share) (``pretrained=False``, eval, ``torch.inference_mode``):
 unpatched timm (its attention is SDPA; the baseline), ``torch ToMe r<r>`` (the model run block
 by block with :func:`plain_tome_step` after each attention and proportional attention through
 an SDPA float mask, see :func:`plain_tome_vit`) and ``fastvl ToMe r<r>``
@@ -50,13 +51,7 @@ STEP_BASELINE = "torch ToMe"
 STEP_IMPLS = (*FASTVL_IMPLS, STEP_BASELINE)
 METRIC_DIM = 64  # ToMe's metric: the keys averaged over heads, head dim 64 in ViT-B/L/16
 
-VIT_BASELINE = "timm sdpa"
 VIT_RS = (8, 13, 16)
-VIT_IMPLS = (
-    VIT_BASELINE,
-    *(f"torch ToMe r{r}" for r in VIT_RS),
-    *(f"fastvl ToMe r{r}" for r in VIT_RS),
-)
 # Relative error ||a - e|| / ||e|| allowed between the logits of fastvl ToMe and plain ToMe:
 # the two run different (equally valid) attention kernels and similarity arithmetic, so in
 # half precision a near-tie in the matching can occasionally merge a different pair.
@@ -246,60 +241,6 @@ def vit_batch(scale: Scale, gpu_batch: int) -> int:
     return {"full": gpu_batch, "cpu": 8}.get(scale.name, 2)
 
 
-def _build_vit(device, dtype, scale: Scale, mode: str, model_name: str, gpu_batch: int):
-    import timm
-
-    overrides = {}
-    if scale.name == "quick":  # 50 tokens (r up to 16 stays valid), a tiny width, 3 blocks
-        overrides = {"img_size": 112, "embed_dim": 64, "depth": 3, "num_heads": 2}
-    torch.manual_seed(0)
-    model = timm.create_model(model_name, pretrained=False, **overrides)
-    model = model.to(device=device, dtype=dtype).eval()
-    B = vit_batch(scale, gpu_batch)
-    size = model.patch_embed.img_size
-    images = torch.randn(B, 3, *size, device=device, dtype=dtype)
-    built = Built(
-        shapes={"images": [B, 3, *size], "tokens": model.patch_embed.num_patches + 1,
-                "width": model.embed_dim, "depth": len(model.blocks)},
-        items=B,
-        references={f"torch ToMe r{r}": None for r in VIT_RS},
-    )
-
-    def inference(fn):
-        def run():
-            with torch.inference_mode():
-                return fn()
-
-        return run
-
-    built.add(VIT_BASELINE, inference(lambda: model(images)))
-    for r in VIT_RS:
-        built.add(f"torch ToMe r{r}", inference(lambda r=r: plain_tome_vit(model, images, r)))
-    try:
-        from fastvl.patch.timm import apply_tome
-    except ImportError as exc:
-        for r in VIT_RS:
-            built.skip(f"fastvl ToMe r{r}", f"fastvl.patch.timm.apply_tome is unavailable: {exc}")
-        return built
-    patched = copy.deepcopy(model)
-    apply_tome(patched, VIT_RS[0])
-
-    def fastvl_tome(r):
-        def run():
-            patched.r = r  # read by the patched blocks at every forward
-            return patched(images)
-
-        return inference(run)
-
-    for r in VIT_RS:
-        built.add(f"fastvl ToMe r{r}", fastvl_tome(r))
-        built.references[f"fastvl ToMe r{r}"] = f"torch ToMe r{r}"
-        built.compare[f"fastvl ToMe r{r}"] = lambda actual, expected: _relative_error(
-            actual, expected, VIT_LOGITS_RTOL[dtype]
-        )
-    return built
-
-
 def _vit_dtypes(gpu_only: bool):
     def dtypes(device: torch.device) -> tuple[torch.dtype, ...]:
         if device.type == "cuda":
@@ -309,28 +250,84 @@ def _vit_dtypes(gpu_only: bool):
     return dtypes
 
 
-def _vit_case(name: str, model_name: str, gpu_batch: int, gpu_only: bool) -> None:
+def reduced_vit_case(op: str, name: str, model_name: str, gpu_batch: int, label: str,
+                     rs: tuple[int, ...], plain, apply, description: str,
+                     gpu_only: bool = False) -> None:
+    """Register an images/s case of a timm ViT with token reduction (op ``op``): unpatched
+    timm (the baseline), ``torch <label> r<r>`` = ``plain(model, images, r)`` and ``fastvl
+    <label> r<r>`` = ``apply(copy of model, r)`` then a forward with ``model.r = r``, checked
+    against the plain one at the same r (relative error of the logits, as ToMe's)."""
+    baseline = "timm sdpa"
+    impls = (baseline, *(f"torch {label} r{r}" for r in rs), *(f"fastvl {label} r{r}" for r in rs))
+
+    def build(device, dtype, scale: Scale, mode: str) -> Built:
+        import timm
+
+        overrides = {}
+        if scale.name == "quick":  # 50 tokens, a tiny width, 3 blocks
+            overrides = {"img_size": 112, "embed_dim": 64, "depth": 3, "num_heads": 2}
+        torch.manual_seed(0)
+        model = timm.create_model(model_name, pretrained=False, **overrides)
+        model = model.to(device=device, dtype=dtype).eval()
+        batch = vit_batch(scale, gpu_batch)
+        size = model.patch_embed.img_size
+        images = torch.randn(batch, 3, *size, device=device, dtype=dtype)
+        built = Built(
+            shapes={"images": [batch, 3, *size], "tokens": model.patch_embed.num_patches + 1,
+                    "width": model.embed_dim, "depth": len(model.blocks)},
+            items=batch,
+            references={f"torch {label} r{r}": None for r in rs},
+        )
+
+        def inference(fn):
+            def run():
+                with torch.inference_mode():
+                    return fn()
+
+            return run
+
+        built.add(baseline, inference(lambda: model(images)))
+        patched = copy.deepcopy(model)
+        apply(patched, rs[0])
+        for r in rs:
+            built.add(f"torch {label} r{r}", inference(lambda r=r: plain(model, images, r)))
+
+            def fastvl_run(r=r):
+                patched.r = r  # read by the patched blocks at every forward
+                return patched(images)
+
+            impl = f"fastvl {label} r{r}"
+            built.add(impl, inference(fastvl_run))
+            built.references[impl] = f"torch {label} r{r}"
+            built.compare[impl] = lambda actual, expected: _relative_error(
+                actual, expected, VIT_LOGITS_RTOL[dtype])
+        return built
+
+    register_case(op=op, name=name, description=description, impls=impls, baseline=baseline,
+                  modes=(FORWARD,), dtypes=_vit_dtypes(gpu_only))(build)
+
+
+
+
+def _apply_tome(model, r):
+    from fastvl.patch.timm import apply_tome
+
+    apply_tome(model, r)
+
+
+def _vit_tome_description(model_name: str, gpu_batch: int, gpu_only: bool) -> str:
     where = "GPU only" if gpu_only else "CPU: 8 images, float32"
-    description = (
+    return (
         f"timm {model_name} images/s (pretrained=False, eval, inference_mode; batch "
         f"{gpu_batch} float16 on GPU, {where}): unpatched (SDPA), plain-PyTorch ToMe and "
         f"fastvl.patch.timm.apply_tome at r {', '.join(map(str, VIT_RS))} (proportional "
         "attention); fastvl ToMe logits checked against plain ToMe at the same r"
     )
 
-    @register_case(
-        op="vit_tome",
-        name=name,
-        description=description,
-        impls=VIT_IMPLS,
-        baseline=VIT_BASELINE,
-        modes=(FORWARD,),
-        dtypes=_vit_dtypes(gpu_only),
-    )
-    def build(device, dtype, scale, mode):
-        return _build_vit(device, dtype, scale, mode, model_name, gpu_batch)
-
 
 if requires_module("timm") is None:
-    _vit_case("vit-b16", "vit_base_patch16_224", 256, gpu_only=False)
-    _vit_case("vit-l16", "vit_large_patch16_224", 256, gpu_only=True)
+    for _name, _model, _batch, _gpu_only in (("vit-b16", "vit_base_patch16_224", 256, False),
+                                             ("vit-l16", "vit_large_patch16_224", 256, True)):
+        reduced_vit_case("vit_tome", _name, _model, _batch, "ToMe", VIT_RS, plain_tome_vit,
+                         _apply_tome, _vit_tome_description(_model, _batch, _gpu_only),
+                         gpu_only=_gpu_only)

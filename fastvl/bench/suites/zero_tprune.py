@@ -1,5 +1,5 @@
-"""Zero-TPrune on end-to-end timm ViTs (op ``vit_zero_tprune``), and the builder of such
-token-reduction cases (:func:`reduced_vit_case`, also used by PiToMe's).
+"""Zero-TPrune on end-to-end timm ViTs (op ``vit_zero_tprune``, built by
+:func:`fastvl.bench.suites.tome.reduced_vit_case`).
 
 Images/s of a timm ViT (``pretrained=False``, eval, ``torch.inference_mode``): unpatched timm
 (SDPA; the baseline), ``torch Zero-TPrune r<r>`` (the paper's plain-PyTorch formulation,
@@ -14,13 +14,11 @@ relative tolerance, as for ToMe).
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 
-from fastvl.bench.cases import FORWARD, Built, Scale, register_case, requires_module
-from fastvl.bench.suites.tome import VIT_LOGITS_RTOL, _relative_error, _vit_dtypes, vit_batch
+from fastvl.bench.cases import requires_module
+from fastvl.bench.suites.tome import reduced_vit_case
 
 RS = (8, 16)
 ITERATIONS = 10  # apply_zero_tprune's default
@@ -69,62 +67,6 @@ def plain_zero_tprune_vit(model, images: torch.Tensor, r: int,
             x = torch.cat([x[:, :prefix], rest], dim=1)
         x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
     return model.forward_head(model.norm(x))
-
-
-def reduced_vit_case(op: str, name: str, model_name: str, gpu_batch: int, label: str,
-                     rs: tuple[int, ...], plain, apply, description: str) -> None:
-    """Register an images/s case of a timm ViT with token reduction (op ``op``): unpatched
-    timm (the baseline), ``torch <label> r<r>`` = ``plain(model, images, r)`` and ``fastvl
-    <label> r<r>`` = ``apply(copy of model, r)`` then a forward with ``model.r = r``, checked
-    against the plain one at the same r (relative error of the logits, as ToMe's)."""
-    baseline = "timm sdpa"
-    impls = (baseline, *(f"torch {label} r{r}" for r in rs), *(f"fastvl {label} r{r}" for r in rs))
-
-    def build(device, dtype, scale: Scale, mode: str) -> Built:
-        import timm
-
-        overrides = {}
-        if scale.name == "quick":  # 50 tokens, a tiny width, 3 blocks
-            overrides = {"img_size": 112, "embed_dim": 64, "depth": 3, "num_heads": 2}
-        torch.manual_seed(0)
-        model = timm.create_model(model_name, pretrained=False, **overrides)
-        model = model.to(device=device, dtype=dtype).eval()
-        batch = vit_batch(scale, gpu_batch)
-        size = model.patch_embed.img_size
-        images = torch.randn(batch, 3, *size, device=device, dtype=dtype)
-        built = Built(
-            shapes={"images": [batch, 3, *size], "tokens": model.patch_embed.num_patches + 1,
-                    "width": model.embed_dim, "depth": len(model.blocks)},
-            items=batch,
-            references={f"torch {label} r{r}": None for r in rs},
-        )
-
-        def inference(fn):
-            def run():
-                with torch.inference_mode():
-                    return fn()
-
-            return run
-
-        built.add(baseline, inference(lambda: model(images)))
-        patched = copy.deepcopy(model)
-        apply(patched, rs[0])
-        for r in rs:
-            built.add(f"torch {label} r{r}", inference(lambda r=r: plain(model, images, r)))
-
-            def fastvl_run(r=r):
-                patched.r = r  # read by the patched blocks at every forward
-                return patched(images)
-
-            impl = f"fastvl {label} r{r}"
-            built.add(impl, inference(fastvl_run))
-            built.references[impl] = f"torch {label} r{r}"
-            built.compare[impl] = lambda actual, expected: _relative_error(
-                actual, expected, VIT_LOGITS_RTOL[dtype])
-        return built
-
-    register_case(op=op, name=name, description=description, impls=impls, baseline=baseline,
-                  modes=(FORWARD,), dtypes=_vit_dtypes(gpu_only=False))(build)
 
 
 def _apply(model, r):
