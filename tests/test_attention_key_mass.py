@@ -582,3 +582,23 @@ def test_attention_graph_rank_torch_blocks(block_bytes, dtype, monkeypatch):
                                            head_reduce=None, backend="torch")
     tol = dict(rtol=1e-6, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(rank.double(), expected, **tol)
+
+
+@pytest.mark.parametrize("bias", [None, "b", "bh"])
+def test_attention_graph_rank_without_lse(bias):
+    """lse=None: the torch backend normalises the rows itself, the same result; auto takes it
+    (the triton backend needs the lse and says so)."""
+    q, k, v, key_bias = _make_inputs(2, 4, 2, 21, 21, 8, torch.float64, seed=27, bias=bias,
+                                     device="cpu")
+    if key_bias is not None:
+        key_bias[1, ..., :] = -math.inf  # sample 1: every key hidden, its rows contribute 0
+    _, lse = reference_attention(q, k, v, key_bias=key_bias)
+    with_lse = fastvl.ops.attention_graph_rank(q, k, lse, key_bias=key_bias, iterations=3,
+                                               head_reduce=None, backend="torch")
+    own = fastvl.ops.attention_graph_rank(q, k, None, key_bias=key_bias, iterations=3,
+                                          head_reduce=None)
+    torch.testing.assert_close(own, with_lse, rtol=1e-6, atol=1e-9)
+    assert fastvl.ops.graph_rank_reads_lse(torch.device("cpu"), torch.float32, 8) is False
+    if "triton" in fastvl.ops.OPS["attention_graph_rank"].impls:
+        with pytest.raises(fastvl.ops.BackendNotSupportedError, match="lse=None"):
+            fastvl.ops.attention_graph_rank(q.float(), k.float(), None, backend="triton")

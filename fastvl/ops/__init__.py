@@ -5,7 +5,11 @@ cannot serve it raises :class:`BackendNotSupportedError` listing the reasons.
 """
 
 from fastvl.ops.attention import attention, varlen_attention
-from fastvl.ops.attention_key_mass import attention_graph_rank, attention_key_mass
+from fastvl.ops.attention_key_mass import (
+    attention_graph_rank,
+    attention_key_mass,
+    graph_rank_reads_lse,
+)
 from fastvl.ops.gather import gather_tokens
 from fastvl.ops.lora import lora_linear, routed_lora_linear
 from fastvl.ops.masking import (
@@ -30,6 +34,7 @@ __all__ = [
     "attention_graph_rank",
     "attention_key_mass",
     "gather_tokens",
+    "graph_rank_reads_lse",
     "keep_topk_tokens",
     "lora_linear",
     "masked_patch_embed",

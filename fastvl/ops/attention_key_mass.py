@@ -14,6 +14,7 @@ mode the launcher is called directly). No gradient: the output never requires gr
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Optional, Union
 
 import torch
@@ -35,8 +36,8 @@ from fastvl.reference.attention_key_mass import reduce_heads as _reduce_heads
 from fastvl.reference.attention_key_mass import attention_graph_rank as _reference_graph_rank
 from fastvl.reference.attention_key_mass import attention_key_mass as _reference_key_mass
 
-__all__ = ["attention_key_mass", "attention_graph_rank", "ATTENTION_KEY_MASS",
-           "ATTENTION_GRAPH_RANK", "HEAD_REDUCTIONS"]
+__all__ = ["attention_key_mass", "attention_graph_rank", "graph_rank_reads_lse",
+           "ATTENTION_KEY_MASS", "ATTENTION_GRAPH_RANK", "HEAD_REDUCTIONS"]
 
 
 
@@ -254,7 +255,7 @@ def attention_key_mass(
 def attention_graph_rank(
     q: torch.Tensor,
     k: torch.Tensor,
-    lse: torch.Tensor,
+    lse: Optional[torch.Tensor],
     *,
     iterations: int = 10,
     key_bias: Optional[torch.Tensor] = None,
@@ -274,7 +275,10 @@ def attention_graph_rank(
 
     Args:
         q, k, lse: self-attention (B, H, N, D), (B, Hkv, N, D), the (B, H, N) lse of
-            :func:`fastvl.ops.attention` on them (same ``key_bias`` and ``scale``; no mask).
+            :func:`fastvl.ops.attention` on them (same ``key_bias`` and ``scale``; no mask),
+            or ``lse=None``: the op normalises the rows itself (the torch backend only; so
+            the attention can take a path that returns no lse, e.g. SDPA on a CPU; see
+            :func:`graph_rank_reads_lse`).
         iterations: steps of the power iteration (an int >= 1). Zero-TPrune iterates until
             the scores settle; 10 is the default here.
         head_reduce: "mean" (default: the heads' distributions averaged, still summing to 1),
@@ -299,7 +303,8 @@ def attention_graph_rank(
             f"(B, Hkv, N, D) over the same N tokens, got shapes {tuple(q.shape)} and "
             f"{tuple(k.shape)}"
         )
-    _validate(q, k, lse, False, key_bias, scale, None, None, 0, None, None, None, op)
+    lse_or_stand_in = q.new_empty(q.shape[:3], dtype=_lse_dtype(q)) if lse is None else lse
+    _validate(q, k, lse_or_stand_in, False, key_bias, scale, None, None, 0, None, None, None, op)
     scale_value = _default_scale(q) if scale is None else float(scale)
     fn = ATTENTION_GRAPH_RANK.select(backend, q.device, q, k, lse, key_bias, scale_value,
                                      iterations)
@@ -309,16 +314,25 @@ def attention_graph_rank(
 # ---- attention_graph_rank's implementations: fn(q, k, lse, key_bias, scale, iterations)
 # with validated arguments -> float32 (B, H, N)
 
-ATTENTION_GRAPH_RANK = register_op("attention_graph_rank", sizes=HEAD_DIM, describe=_describe)
+def _describe_graph_rank(q, k, lse, *other_args) -> Call:
+    features = ("own_lse",) if lse is None else ()
+    return Call(q.device, q.dtype, features=features, sizes=(("head_dim", int(q.shape[-1])),))
+
+
+ATTENTION_GRAPH_RANK = register_op(
+    "attention_graph_rank", sizes=HEAD_DIM, describe=_describe_graph_rank,
+    features={"own_lse": "the softmax normalisation computed by the op (lse=None)"},
+)
 
 
 def _graph_rank_torch(q, k, lse, key_bias, scale, iterations):
-    q, k, lse, key_bias = _detached(q, k, lse, key_bias)
+    q, k, lse, key_bias = _detached(q, k, lse, key_bias)  # lse may be None
     return _reference_graph_rank(q, k, lse, iterations=iterations, key_bias=key_bias,
                                  scale=scale).float()
 
 
-ATTENTION_GRAPH_RANK.implement("torch", _graph_rank_torch, Supports(dtype_of="q"))
+ATTENTION_GRAPH_RANK.implement("torch", _graph_rank_torch,
+                                Supports(dtype_of="q", features=frozenset({"own_lse"})))
 
 if TRITON_IMPORT_ERROR is None:
 
@@ -334,3 +348,17 @@ if TRITON_IMPORT_ERROR is None:
     ATTENTION_GRAPH_RANK.implement("triton", _graph_rank_triton, Supports(
         dtypes=TRITON_SUPPORTS.dtypes, dtype_of="q", max_sizes=TRITON_SUPPORTS.max_sizes,
     ))
+
+
+def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def graph_rank_reads_lse(device: torch.device, dtype: torch.dtype, head_dim: int,
+                         backend: str = "auto") -> bool:
+    """Whether :func:`attention_graph_rank` on such q would run an implementation that reads
+    the attention's lse (the triton one); if not (the torch one normalises the rows itself),
+    the attention need not return one and can take its fastest path."""
+    q_like = SimpleNamespace(device=torch.device(device), dtype=dtype, shape=(0, 0, 0, head_dim))
+    chosen = ATTENTION_GRAPH_RANK.select(backend, q_like.device, q_like, q_like, q_like)
+    return chosen is not _graph_rank_torch

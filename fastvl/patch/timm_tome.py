@@ -44,7 +44,11 @@ from torch import nn
 from fastvl.nn.attention import Attention, AttentionInternals
 from fastvl.ops.registry import check_op_backend
 from fastvl.ops._checks import is_int
-from fastvl.ops.attention_key_mass import attention_graph_rank, attention_key_mass
+from fastvl.ops.attention_key_mass import (
+    attention_graph_rank,
+    attention_key_mass,
+    graph_rank_reads_lse,
+)
 from fastvl.ops.gather import gather_tokens
 from fastvl.ops.pitome import pitome_margins, pitome_match
 from fastvl.ops.pruning import keep_topk_tokens, similarity_prune_scores
@@ -286,7 +290,12 @@ class ZeroTPruneBlocks(TokenReducingBlocks):
         prefix = self.num_prefix_tokens
         schedule = tome_schedule(self._model.r, len(self), x.shape[1], prefix, name="model.r")
         for block, r in zip(self, schedule):
-            branch, internals = _attention_branch(block, x, None, return_lse=r > 0)
+            # the lse only where the importance's implementation reads it (the torch one
+            # normalises itself, so the attention keeps its fastest path); always while
+            # torch.compile traces (the registry's choice is not traced)
+            reads_lse = r > 0 and (torch.compiler.is_compiling() or graph_rank_reads_lse(
+                x.device, x.dtype, block.attn.head_dim, self.backend))
+            branch, internals = _attention_branch(block, x, None, return_lse=reads_lse)
             x = x + branch
             if r > 0:
                 q, k, lse = internals

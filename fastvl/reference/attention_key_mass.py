@@ -181,7 +181,7 @@ def attention_key_mass(
 def attention_graph_rank(
     q: torch.Tensor,
     k: torch.Tensor,
-    lse: torch.Tensor,
+    lse: Optional[torch.Tensor],
     *,
     iterations: int,
     key_bias: Optional[torch.Tensor] = None,
@@ -190,8 +190,8 @@ def attention_graph_rank(
     """Per-head power iteration ``s <- A^T s`` from ``s = 1 / N`` on the attention
     probabilities ``A = exp(scale q k^T + bias - lse)`` of self-attention (no mask).
 
-    q (B, H, N, D), k (B, Hkv, N, D), lse (B, H, N) -> (B, H, N) float32 (float64 for float64
-    q). The probabilities of a block of (sample, kv head) slices are computed once and the
+    q (B, H, N, D), k (B, Hkv, N, D), lse (B, H, N) or None (each row's log-sum-exp then
+    computed here) -> (B, H, N) float32 (float64 for float64 q). The probabilities of a block of (sample, kv head) slices are computed once and the
     ``iterations`` steps run on them while they are in cache (:data:`BLOCK_BYTES` per block; a
     slice larger than 4 blocks iterates :func:`attention_key_mass` with query weights
     instead, one row block at a time). Rows with ``lse = -inf`` contribute nothing.
@@ -206,6 +206,8 @@ def attention_graph_rank(
     group = heads // kv_heads if kv_heads else 0
     per_slice = group * num_tokens * num_tokens * element
     if scores.numel() == 0 or per_slice > 4 * BLOCK_BYTES:
+        if lse is None and scores.numel():  # the row normalisation, a row block at a time
+            lse = _row_lse(q, k, key_bias, scale, acc_dtype)
         for _ in range(iterations if scores.numel() else 0):
             scores = attention_key_mass(q, k, lse, key_bias=key_bias, scale=scale,
                                         head_reduce=None, query_weights=scores)
@@ -213,8 +215,10 @@ def attention_graph_rank(
     slices = batch * kv_heads
     q_rows = q.reshape(slices, group * num_tokens, head_dim)
     keys = k.reshape(slices, num_tokens, head_dim).transpose(1, 2)
-    row_lse = lse.to(acc_dtype).reshape(slices, group * num_tokens, 1)
-    shift = torch.where(torch.isneginf(row_lse), -math.inf, -row_lse)
+    shift = None
+    if lse is not None:
+        row_lse = lse.to(acc_dtype).reshape(slices, group * num_tokens, 1)
+        shift = torch.where(torch.isneginf(row_lse), -math.inf, -row_lse)
     bias = None
     if key_bias is not None:  # (slices, 1 or group, 1, N)
         bias = key_bias.to(acc_dtype)
@@ -226,17 +230,32 @@ def attention_graph_rank(
     step = max(1, BLOCK_BYTES // max(per_slice, 1))
     for s0 in range(0, slices, step):
         s1 = min(slices, s0 + step)
-        if q.dtype == acc_dtype:
-            probs = torch.baddbmm(shift[s0:s1], q_rows[s0:s1], keys[s0:s1], alpha=scale)
-        else:
-            probs = torch.bmm(q_rows[s0:s1], keys[s0:s1]).to(acc_dtype).mul_(scale)
+        probs = torch.bmm(q_rows[s0:s1], keys[s0:s1]).to(acc_dtype).mul_(scale)
+        if shift is not None:
             probs.add_(shift[s0:s1])
         probs = probs.view(s1 - s0, group, num_tokens, num_tokens)
         if bias is not None:
             probs.add_(bias[s0:s1])
-        probs.exp_()
+        if shift is not None:
+            probs.exp_()
+        else:  # rows whose keys are all hidden (a -inf bias) contribute nothing
+            probs = probs.softmax(dim=-1).nan_to_num_(0.0)
         block = out[s0:s1].clone()
         for _ in range(iterations):
             block = torch.matmul(block, probs)
         out[s0:s1] = block
     return scores
+
+
+def _row_lse(q, k, key_bias, scale, acc_dtype):
+    """(B, H, N) log-sum-exp of each row of ``scale q k^T + bias`` (one head at a time)."""
+    batch, heads, num_tokens, _ = q.shape
+    group = heads // k.shape[1]
+    out = torch.empty(batch, heads, num_tokens, dtype=acc_dtype, device=q.device)
+    for h in range(heads):
+        logits = (q[:, h] @ k[:, h // group].transpose(1, 2)).to(acc_dtype) * scale
+        if key_bias is not None:
+            bias = key_bias if key_bias.dim() == 2 else key_bias[:, h]
+            logits = logits + bias.to(acc_dtype).unsqueeze(1)
+        out[:, h] = torch.logsumexp(logits, dim=-1)
+    return out
