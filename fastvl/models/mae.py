@@ -280,7 +280,8 @@ class MaskedAutoencoderViT(nn.Module):
         self._fused = value
 
     def extra_repr(self) -> str:
-        return (f"fused={self.fused}, backend={self.backend!r}, norm_pix_loss={self.norm_pix_loss}, "
+        return (f"fused={self.fused}, backend={self.backend!r}, "
+                f"norm_pix_loss={self.norm_pix_loss}, "
                 f"decoder_mask_ratio={self.decoder_mask_ratio}")
 
     # ---- forward -------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
@@ -19,6 +21,11 @@ def check_tensor(op: str, name: str, value) -> None:
 def is_int(value) -> bool:
     """A Python (or symbolic) int, not a bool."""
     return isinstance(value, INT_TYPES) and not isinstance(value, bool)
+
+
+def is_finite_number(value) -> bool:
+    """Whether value is a finite int or float (bools rejected)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def check_int(op: str, name: str, value, what: str = "an int") -> None:

@@ -125,7 +125,8 @@ if TRITON_IMPORT_ERROR is None:
 
 
 def _validate(q, k, lse, causal, key_bias, scale, causal_strength, prefix_len, query_start,
-              query_end, head_reduce, query_weights, op="attention_key_mass"):
+              query_end, head_reduce, query_weights, op="attention_key_mass",
+              lse_optional=False):
     # q, k and the mask arguments follow attention's rules (k stands in for v).
     _validate_qkv(op, q, k, k, packed=False)
     batch, heads, num_queries = q.shape[:3]
@@ -134,20 +135,22 @@ def _validate(q, k, lse, causal, key_bias, scale, causal_strength, prefix_len, q
         op, key_bias, q, {"(B, Nk)": (batch, num_keys), "(B, H, Nk)": (batch, heads, num_keys)}
     )
     _validate_options(op, q, batch, causal, scale, causal_strength, prefix_len, False)
-    check_tensor(op, "lse", lse)
-    if tuple(lse.shape) != (batch, heads, num_queries):
-        raise ValueError(
-            f"{op}: lse must be (B, H, Nq) = ({batch}, {heads}, {num_queries}) "
-            f"like the lse of attention(q, k, v, return_lse=True), got shape {tuple(lse.shape)}"
-        )
-    allowed = (torch.float32, torch.float64) if q.dtype == torch.float64 else (torch.float32,)
-    if lse.dtype not in allowed:
-        raise TypeError(
-            f"{op}: lse must be float32 (or float64 with float64 q, k), as "
-            f"attention(..., return_lse=True) returns it, got {lse.dtype}"
-        )
-    if lse.device != q.device:
-        raise ValueError(f"{op}: q is on {q.device} but lse is on {lse.device}")
+    if lse is not None or not lse_optional:  # (attention_graph_rank may normalise itself)
+        check_tensor(op, "lse", lse)
+        if tuple(lse.shape) != (batch, heads, num_queries):
+            raise ValueError(
+                f"{op}: lse must be (B, H, Nq) = ({batch}, {heads}, {num_queries}) "
+                f"like the lse of attention(q, k, v, return_lse=True), got shape "
+                f"{tuple(lse.shape)}"
+            )
+        allowed = (torch.float32, torch.float64) if q.dtype == torch.float64 else (torch.float32,)
+        if lse.dtype not in allowed:
+            raise TypeError(
+                f"{op}: lse must be float32 (or float64 with float64 q, k), as "
+                f"attention(..., return_lse=True) returns it, got {lse.dtype}"
+            )
+        if lse.device != q.device:
+            raise ValueError(f"{op}: q is on {q.device} but lse is on {lse.device}")
     check_int(op, "query_start", query_start)
     if query_end is not None:
         check_int(op, "query_end", query_end, "an int or None")
@@ -303,8 +306,8 @@ def attention_graph_rank(
             f"(B, Hkv, N, D) over the same N tokens, got shapes {tuple(q.shape)} and "
             f"{tuple(k.shape)}"
         )
-    lse_or_stand_in = q.new_empty(q.shape[:3], dtype=_lse_dtype(q)) if lse is None else lse
-    _validate(q, k, lse_or_stand_in, False, key_bias, scale, None, None, 0, None, None, None, op)
+    _validate(q, k, lse, False, key_bias, scale, None, None, 0, None, None, None, op,
+              lse_optional=True)
     scale_value = _default_scale(q) if scale is None else float(scale)
     fn = ATTENTION_GRAPH_RANK.select(backend, q.device, q, k, lse, key_bias, scale_value,
                                      iterations)
@@ -348,10 +351,6 @@ if TRITON_IMPORT_ERROR is None:
     ATTENTION_GRAPH_RANK.implement("triton", _graph_rank_triton, Supports(
         dtypes=TRITON_SUPPORTS.dtypes, dtype_of="q", max_sizes=TRITON_SUPPORTS.max_sizes,
     ))
-
-
-def _lse_dtype(q: torch.Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 def graph_rank_reads_lse(device: torch.device, dtype: torch.dtype, head_dim: int,

@@ -23,17 +23,18 @@ here is differentiable (PiToMe's choices are constants, as ToMe's).
 
 from __future__ import annotations
 
-import math
+from typing import Sequence
 
 import torch
 
-from fastvl.ops._checks import check_float_tensor, check_int
+from fastvl.ops._checks import check_float_tensor, check_int, is_finite_number
 from fastvl.ops._eager import can_launch_directly, launch_directly
 from fastvl.ops.registry import KERNEL_DTYPES, TRITON_IMPORT_ERROR, Call, Supports, register_op
 from fastvl.reference import pitome as _reference
 from fastvl.reference.tome import TomePlan
 
-__all__ = ["pitome_energy", "pitome_match", "pitome_margins", "PITOME_ENERGY"]
+__all__ = ["check_pitome_options", "pitome_energy", "pitome_match", "pitome_margins",
+           "PITOME_ENERGY"]
 
 PITOME_ENERGY = register_op("pitome_energy",
                             describe=lambda metric, *args: Call(metric.device, metric.dtype))
@@ -68,9 +69,21 @@ if TRITON_IMPORT_ERROR is None:
 
 
 def _check_number(op: str, name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_finite_number(value):
         raise TypeError(f"{op}: {name} must be a finite number, got {value!r}")
     return float(value)
+
+
+def check_pitome_options(op: str, margins, alpha, depth: int) -> tuple[tuple[float, ...], float]:
+    """A PiToMe patch's (margins, alpha), checked: ``margins`` None (PiToMe's defaults,
+    :func:`pitome_margins`) or ``depth`` finite numbers, ``alpha`` a finite number."""
+    if margins is None:
+        margins = pitome_margins(depth)
+    if (isinstance(margins, (str, bytes)) or not isinstance(margins, Sequence)
+            or len(margins) != depth or not all(map(is_finite_number, margins))):
+        raise ValueError(f"{op}: margins must be {depth} finite numbers (one per block), got "
+                         f"{margins!r}")
+    return tuple(float(m) for m in margins), _check_number(op, "alpha", alpha)
 
 
 def _check_metric(op: str, metric) -> None:

@@ -50,7 +50,7 @@ from fastvl.ops.attention_key_mass import (
     graph_rank_reads_lse,
 )
 from fastvl.ops.gather import gather_tokens
-from fastvl.ops.pitome import pitome_margins, pitome_match
+from fastvl.ops.pitome import check_pitome_options, pitome_match
 from fastvl.ops.pruning import keep_topk_tokens, similarity_prune_scores
 from fastvl.ops.tome import check_token_order, tome_match, tome_merge, tome_merge_source
 
@@ -289,13 +289,13 @@ class ZeroTPruneBlocks(TokenReducingBlocks):
         """x: (B, N, C) block input -> :class:`ReducedTokens` (size and source None)."""
         prefix = self.num_prefix_tokens
         schedule = tome_schedule(self._model.r, len(self), x.shape[1], prefix, name="model.r")
+        # the lse only where the importance's implementation reads it (the torch one
+        # normalises itself, so the attention keeps its fastest path); always while
+        # torch.compile traces (the registry's choice is not traced)
+        reads_lse = torch.compiler.is_compiling() or graph_rank_reads_lse(
+            x.device, x.dtype, self[0].attn.head_dim, self.backend)
         for block, r in zip(self, schedule):
-            # the lse only where the importance's implementation reads it (the torch one
-            # normalises itself, so the attention keeps its fastest path); always while
-            # torch.compile traces (the registry's choice is not traced)
-            reads_lse = r > 0 and (torch.compiler.is_compiling() or graph_rank_reads_lse(
-                x.device, x.dtype, block.attn.head_dim, self.backend))
-            branch, internals = _attention_branch(block, x, None, return_lse=reads_lse)
+            branch, internals = _attention_branch(block, x, None, return_lse=r > 0 and reads_lse)
             x = x + branch
             if r > 0:
                 q, k, lse = internals
@@ -681,21 +681,12 @@ def apply_pitome(
     check_op_backend(op, backend, "attention", "pitome_energy", "tome_merge", "gather_tokens")
     _check_flags(op, prop_attn=prop_attn, trace_source=trace_source)
     depth = len(model.blocks)
-    if margins is None:
-        margins = pitome_margins(depth)
-    if (isinstance(margins, (str, bytes)) or not isinstance(margins, Sequence)
-            or len(margins) != depth or not all(
-                isinstance(m, (int, float)) and not isinstance(m, bool) and math.isfinite(m)
-                for m in margins)):
-        raise ValueError(f"{op}: margins must be {depth} finite numbers (one per block), got "
-                         f"{margins!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise TypeError(f"{op}: alpha must be a finite number, got {alpha!r}")
+    margins, alpha = check_pitome_options(op, margins, alpha, depth)
     _parse_r(r, depth, f"{op}: r")
     handle = _install(
         model,
-        lambda blocks: PitomeBlocks(blocks, model, backend, prop_attn, trace_source,
-                                    tuple(float(m) for m in margins), float(alpha)),
+        lambda blocks: PitomeBlocks(blocks, model, backend, prop_attn, trace_source, margins,
+                                    alpha),
         backend,
     )
     model.r = r

@@ -16,7 +16,6 @@ fewer image tokens: its processor must expect that many (not done here).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
-from fastvl.ops.pitome import pitome_margins, pitome_match
+from fastvl.ops.pitome import check_pitome_options, pitome_match
 from fastvl.ops.registry import check_op_backend
 from fastvl.ops.tome import tome_merge
 
@@ -123,13 +122,8 @@ def apply_pitome(model: nn.Module, r, *, margins: Optional[Sequence[float]] = No
     schedule = [r] * depth if isinstance(r, int) else list(r)
     if any(v < 0 for v in schedule):
         raise ValueError(f"{op}: r must be >= 0, got {r!r}")
-    margins = pitome_margins(depth) if margins is None else margins
-    if (not isinstance(margins, Sequence) or len(margins) != depth or not all(
-            isinstance(m, (int, float)) and not isinstance(m, bool) and math.isfinite(m)
-            for m in margins)):
-        raise ValueError(f"{op}: margins must be {depth} finite numbers, got {margins!r}")
+    margins, alpha = check_pitome_options(op, margins, alpha, depth)
     prefix = 1 if hasattr(vision.embeddings, "class_embedding") else 0
-    wrapper = PitomeVisionEncoder(vision.encoder, schedule, [float(m) for m in margins],
-                                  float(alpha), prefix, backend)
+    wrapper = PitomeVisionEncoder(vision.encoder, schedule, margins, alpha, prefix, backend)
     vision.encoder = wrapper
     return VisionTowerPatch(vision, wrapper)

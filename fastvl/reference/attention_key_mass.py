@@ -3,9 +3,11 @@
 The ``torch`` backend of :func:`fastvl.ops.attention_key_mass` and the test oracle (run it
 in float64). For batch b, query head h and key j::
 
-    mass[b, h, j] = sum_{i in [query_start, query_end)} w[b, h, i] exp(s[b, h, i, j] - lse[b, h, i])
+    mass[b, h, j] = sum_{i in [query_start, query_end)}
+                        w[b, h, i] exp(s[b, h, i, j] - lse[b, h, i])
 
-(w = 1 unless ``query_weights`` are given) with the logits ``s`` of :mod:`fastvl.reference.attention` (same scale, key bias and masks)
+(w = 1 unless ``query_weights`` are given) with the logits ``s`` of
+:mod:`fastvl.reference.attention` (same scale, key bias and masks)
 and ``lse`` the row log-sum-exp that :func:`fastvl.ops.attention` returned; a row whose
 ``lse`` is ``-inf`` (no visible key) contributes 0. The head reduction ``"mean"``, ``"sum"``
 or ``"max"`` then runs over the H query heads.
@@ -79,9 +81,10 @@ def attention_key_mass(
     """Per-key attention mass of queries ``[query_start, query_end)``.
 
     q (B, H, Nq, D), k (B, Hkv, Nk, D), lse (B, H, Nq); query_weights None, (B, Nq) or
-    (B, H, Nq): each query row's probabilities weighted before the sum. Returns (B, Nk), or (B, H, Nk) with
-    ``head_reduce=None``, in float32 (float64 for float64 q). The logits are ``q k^T`` in q's
-    dtype, then the scale, bias, exponentials and sums in the accumulation dtype, as in
+    (B, H, Nq): each query row's probabilities weighted before the sum. Returns (B, Nk), or
+    (B, H, Nk) with ``head_reduce=None``, in float32 (float64 for float64 q). The logits are
+    ``q k^T`` in q's dtype, then the scale, bias, exponentials and sums in the accumulation
+    dtype, as in
     :func:`fastvl.reference.attention.attention_math`. Materialises one block of the
     selected rows' probabilities at a time (see the module docstring).
     """
@@ -191,7 +194,8 @@ def attention_graph_rank(
     probabilities ``A = exp(scale q k^T + bias - lse)`` of self-attention (no mask).
 
     q (B, H, N, D), k (B, Hkv, N, D), lse (B, H, N) or None (each row's log-sum-exp then
-    computed here) -> (B, H, N) float32 (float64 for float64 q). The probabilities of a block of (sample, kv head) slices are computed once and the
+    computed here) -> (B, H, N) float32 (float64 for float64 q). The probabilities of a
+    block of (sample, kv head) slices are computed once and the
     ``iterations`` steps run on them while they are in cache (:data:`BLOCK_BYTES` per block; a
     slice larger than 4 blocks iterates :func:`attention_key_mass` with query weights
     instead, one row block at a time). Rows with ``lse = -inf`` contribute nothing.
